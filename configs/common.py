@@ -1,0 +1,60 @@
+"""Pieces shared by the config files: argument parsing and the model size table."""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+# CogVideoX sizes (2b/5b exact) and small ones for tests, the demo and single-GPU experiments.
+MODEL_SIZES = {
+    #        layers heads head_dim time_dim  pos      text_dim
+    "tiny": dict(num_layers=2, num_heads=4, head_dim=16, time_embed_dim=64, pos_embed="sincos"),
+    "small": dict(num_layers=8, num_heads=8, head_dim=64, time_embed_dim=256, pos_embed="sincos"),
+    "2b": dict(num_layers=30, num_heads=30, head_dim=64, time_embed_dim=512, pos_embed="sincos"),
+    "5b": dict(num_layers=42, num_heads=48, head_dim=64, time_embed_dim=512, pos_embed="rope"),
+}
+
+
+def model_config(size: str) -> mlc.ConfigDict:
+  if size not in MODEL_SIZES:
+    raise ValueError(f"model size {size!r} unknown; expected one of {sorted(MODEL_SIZES)}")
+  m = mlc.ConfigDict()
+  m.size = size
+  m.update(MODEL_SIZES[size])
+  m.patch_size = 2
+  m.mlp_ratio = 4
+  m.norm_eps = 1e-5
+  m.qk_norm_eps = 1e-6
+  m.spatial_interpolation_scale = 1.875
+  m.temporal_interpolation_scale = 1.0
+  m.layer_embed = "text"  # "none" | "text" (official) | "text+video"
+  m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
+  m.param_dtype = "float32"
+  m.scan_layers = True
+  m.remat = "none"  # "none" | "full" | "save_attention" | "dots"
+  m.attention = "xla"  # implementation for jax.nn.dot_product_attention: "xla" | "cudnn"
+  return m
+
+
+def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:
+  """Parses ``"a=1,b=x,flag"`` into a ConfigDict over typed defaults (unknown keys refused)."""
+  out = mlc.ConfigDict(defaults)
+  if not arg:
+    return out
+  for item in arg.split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, _, value = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      raise ValueError(f"config argument {key!r} unknown; expected one of {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      out[key] = value.strip().lower() in ("", "1", "true", "yes", "on")
+    elif isinstance(default, int):
+      out[key] = int(value)
+    elif isinstance(default, float):
+      out[key] = float(value)
+    else:
+      out[key] = value.strip()
+  return out

@@ -1,0 +1,90 @@
+"""LayerFlow base config: every stage, size and variant is a few lines over this file.
+
+Usage (argument = comma-separated ``key=value`` variants, big_vision style)::
+
+  layerflow train --config configs/default.py:size=tiny --workdir runs/tiny
+  layerflow train --config configs/default.py:size=2b,layout=rgba --config.train.steps=1000 --workdir runs/2b
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  args = common.parse_arg(arg, size="tiny", layout="rgba", runlocal=False)
+  c = mlc.ConfigDict()
+  c.seed = 0
+  c.layout = args.layout  # "rgba": [fg, alpha, bg, blend]; "rgb": [fg, bg, blend]
+
+  # ---------------------------------------------------------------- data
+  c.data = mlc.ConfigDict()
+  c.data.name = "layerflow_synthetic"  # TFDS builder
+  c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the current directory)
+  c.data.frames = 8  # frames per sub-clip
+  c.data.height = 32
+  c.data.width = 32
+  c.data.num_train = 512
+  c.data.num_validation = 32
+  c.data.builder_seed = 0
+  c.data.batch_size = 8  # global batch
+  c.data.shuffle_seed = 0
+  c.data.worker_count = 0  # Grain worker processes (0 = in-process)
+  c.data.num_epochs = None  # None = repeat forever
+
+  # ---------------------------------------------------------------- encoders
+  c.text_encoder = mlc.ConfigDict(dict(kind="byte", max_length=32, dim=64, seed=0))
+  c.autoencoder = mlc.ConfigDict(dict(kind="pixel", spatial=4, temporal=2, scaling_factor=1.0))
+
+  # ---------------------------------------------------------------- model
+  c.model = common.model_config(args.size)
+
+  # ---------------------------------------------------------------- diffusion
+  c.diffusion = mlc.ConfigDict()
+  c.diffusion.num_train_timesteps = 1000
+  c.diffusion.beta_start = 0.00085
+  c.diffusion.beta_end = 0.012
+  c.diffusion.snr_shift = 3.0
+  c.diffusion.zero_terminal_snr = True
+  # Each example's task is drawn from these weights (the demo trains one model for all four tasks).
+  c.diffusion.task_weights = mlc.ConfigDict(dict(generate=1.0, decompose=1.0, fg2bg=1.0, bg2fg=1.0))
+  c.diffusion.prompt_dropout = 0.1  # p of replacing an example's prompts by the zero embedding
+
+  # ---------------------------------------------------------------- sampling
+  c.sampling = mlc.ConfigDict()
+  c.sampling.sampler = "ddim"  # "ddim" (trailing) | "dpmpp_2m"
+  c.sampling.num_steps = 50
+  c.sampling.guidance_scale = 6.0
+  c.sampling.dynamic_cfg = False
+  c.sampling.eta = 0.0
+
+  # ---------------------------------------------------------------- training
+  c.train = mlc.ConfigDict()
+  c.train.steps = 1000
+  c.train.lr = 1e-4
+  c.train.warmup_steps = 50
+  c.train.lr_schedule = "cosine"  # "cosine" | "constant"
+  c.train.min_lr_ratio = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.weight_decay = 1e-4
+  c.train.grad_clip = 1.0
+  c.train.grad_accum = 1
+  c.train.ema_decay = 0.0  # 0 = no EMA; otherwise sampling uses the EMA parameters
+  c.train.trainable = "all"  # "all" | "official_base" | "adapters"
+  c.train.log_every = 10
+  c.train.eval_every = 0  # 0 = only at the end
+  c.train.sample_every = 0
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 2
+  c.train.init_from = ""  # a checkpoint dir to start the parameters from (fresh optimizer)
+
+  # ---------------------------------------------------------------- mesh
+  c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+
+  if args.runlocal:
+    c.train.steps = 4
+    c.data.num_train, c.data.num_validation, c.data.batch_size = 16, 4, 2
+  return c

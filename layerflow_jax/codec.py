@@ -1,0 +1,89 @@
+"""Autoencoders between pixels and latents: the interface, and a parameter-free pixel codec.
+
+CogVideoX encodes video with a 3D causal VAE (8× spatial, 4× temporal, 16 channels, scaling factor
+1.15258426). The demo uses :class:`PixelCodec`: space-to-depth over ``spatial × spatial`` pixels and
+``temporal`` frames, which is lossless, has no parameters and keeps the same
+``[N, frames, height, width, channels]`` contract, so the VAE plugs in behind the same interface.
+
+Each LayerFlow sub-clip is encoded on its own (``encode_clips``), then the latent clips are packed on the
+time axis again.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import einops
+
+from layerflow_jax import layers
+
+
+@runtime_checkable
+class Autoencoder(Protocol):
+  spatial_factor: int
+  temporal_factor: int
+  latent_channels: int
+
+  def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    """(latent frames, latent height, latent width, channels) for a clip; clear error if not divisible."""
+
+  def encode(self, video):
+    """[N, T, H, W, 3] in [-1, 1] → scaled latents [N, t, h, w, c]."""
+
+  def decode(self, latents):
+    """Scaled latents [N, t, h, w, c] → [N, T, H, W, 3]."""
+
+
+class PixelCodec:
+  """Space-to-depth codec: ``c = 3 · temporal · spatial²`` latent channels, multiplied by ``scaling_factor``."""
+
+  def __init__(self, spatial: int = 4, temporal: int = 2, scaling_factor: float = 1.0):
+    if spatial < 1 or temporal < 1:
+      raise ValueError(f"PixelCodec factors must be >= 1, got spatial={spatial}, temporal={temporal}")
+    self.spatial_factor = int(spatial)
+    self.temporal_factor = int(temporal)
+    self.latent_channels = 3 * self.spatial_factor**2 * self.temporal_factor
+    self.scaling_factor = float(scaling_factor)
+
+  def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    s, t = self.spatial_factor, self.temporal_factor
+    for name, value, factor in (("frames", frames, t), ("height", height, s), ("width", width, s)):
+      if value % factor:
+        raise ValueError(f"clip {name} {value} is not divisible by the codec's compression factor {factor}")
+    return frames // t, height // s, width // s, self.latent_channels
+
+  def encode(self, video):
+    self.latent_shape(*video.shape[1:4])
+    z = einops.rearrange(
+        video, "n (t dt) (h dh) (w dw) c -> n t h w (dt dh dw c)",
+        dt=self.temporal_factor, dh=self.spatial_factor, dw=self.spatial_factor)
+    return z * self.scaling_factor
+
+  def decode(self, latents):
+    x = einops.rearrange(
+        latents / self.scaling_factor, "n t h w (dt dh dw c) -> n (t dt) (h dh) (w dw) c",
+        dt=self.temporal_factor, dh=self.spatial_factor, dw=self.spatial_factor, c=3)
+    return x
+
+
+def encode_clips(codec: Autoencoder, video, num_clips: int):
+  """Packed pixels [B, num_clips·T, H, W, 3] → packed latents [B, num_clips·t, h, w, c], one clip at a time."""
+  clips = layers.unpack(video, num_clips)
+  b, n = clips.shape[:2]
+  z = codec.encode(clips.reshape((b * n,) + tuple(clips.shape[2:])))
+  return layers.pack(z.reshape((b, n) + tuple(z.shape[1:])))
+
+
+def decode_clips(codec: Autoencoder, latents, num_clips: int):
+  """Packed latents → packed pixels, one clip at a time."""
+  clips = layers.unpack(latents, num_clips)
+  b, n = clips.shape[:2]
+  x = codec.decode(clips.reshape((b * n,) + tuple(clips.shape[2:])))
+  return layers.pack(x.reshape((b, n) + tuple(x.shape[1:])))
+
+
+def make_codec(cfg) -> Autoencoder:
+  """Builds the autoencoder named by ``cfg.kind``."""
+  if cfg.kind == "pixel":
+    return PixelCodec(spatial=cfg.spatial, temporal=cfg.temporal, scaling_factor=cfg.scaling_factor)
+  raise ValueError(f"autoencoder.kind: unknown autoencoder {cfg.kind!r}; expected 'pixel'")
