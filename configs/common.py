@@ -32,6 +32,8 @@ def model_config(size: str) -> mlc.ConfigDict:
   m.scan_layers = True
   m.remat = "none"  # "none" | "full" | "save_attention" | "dots"
   m.attention = "xla"  # implementation for jax.nn.dot_product_attention: "xla" | "cudnn"
+  # LoRA adapters: name → {rank, alpha, targets ("q,k,v,out[,ff_in,ff_out]"), blocks ("all"|"every:K"|[i, …])}
+  m.adapters = mlc.ConfigDict()
   return m
 
 

@@ -33,6 +33,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.worker_count = 0  # Grain worker processes (0 = in-process)
   c.data.num_epochs = None  # None = repeat forever
+  # Stage mixtures (data_pipelines/mixture.py): [{name, weight, transform: video|static, motion_scale}].
+  c.data.mixture = []
 
   # ---------------------------------------------------------------- encoders
   c.text_encoder = mlc.ConfigDict(dict(kind="byte", max_length=32, dim=64, seed=0))
@@ -59,6 +61,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.sampling.guidance_scale = 6.0
   c.sampling.dynamic_cfg = False
   c.sampling.eta = 0.0
+  c.sampling.remove_adapters = ()  # adapters removed before sampling (stage 3: the motion LoRA)
+  c.sampling.adapter_scales = mlc.ConfigDict()  # fixed scales for the adapters kept
+
+  # ---------------------------------------------------------------- evaluation
+  c.eval = mlc.ConfigDict(dict(num_batches=2))
 
   # ---------------------------------------------------------------- training
   c.train = mlc.ConfigDict()
@@ -74,6 +81,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.grad_accum = 1
   c.train.ema_decay = 0.0  # 0 = no EMA; otherwise sampling uses the EMA parameters
   c.train.trainable = "all"  # "all" | "official_base" | "adapters"
+  c.train.trainable_adapters = ()  # with trainable="adapters": which ones (empty = all)
+  c.train.adapter_scale_keys = mlc.ConfigDict()  # adapter → batch key of its per-sample scale
+  c.train.max_consecutive_nonfinite = 20
   c.train.log_every = 10
   c.train.eval_every = 0  # 0 = only at the end
   c.train.sample_every = 0

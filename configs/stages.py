@@ -1,0 +1,81 @@
+"""LayerFlow's three training stages as variants of one base config (``configs/default.py``).
+
+  stage1_base          layered video (low-quality in the paper); official trainable subset for 2b/5b
+  stage2_motion_lora   a motion LoRA (rank 8, lr 1e-3) alone, on static clips (one frame repeated)
+  stage3_content_lora  a content LoRA (rank 256, lr 5e-3) on static clips (motion scale 1) mixed with
+                       video clips (motion scale 0); the motion LoRA frozen; sampling removes it
+
+Run one stage:   layerflow train --config configs/stages.py:stage=stage2_motion_lora,size=2b --workdir W
+                 (with --config.train.init_from=<stage-1 work dir>)
+Run all three:   layerflow train-stages --config configs/stages.py:size=tiny --workdir runs/stages
+Demo variant:    configs/stages.py:demo   (tiny, CPU-sized steps, smaller ranks; used by `make demo`)
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from configs import common, default
+
+STAGES = ("stage1_base", "stage2_motion_lora", "stage3_content_lora")
+
+
+def _adapter(rank: int, num_layers: int) -> dict:
+  # Official placement: fused QKV (separate q, k, v) and attention out, in the trainable (every 6th) blocks.
+  return dict(rank=rank, alpha=1.0, targets="q,k,v,out", blocks="every:6" if num_layers >= 6 else "all")
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  a = common.parse_arg(arg, stage="stage1_base", size="tiny", layout="rgba", demo=False, runlocal=False,
+                       motion_rank=8, content_rank=256, image_weight=0.5)
+  if a.stage not in STAGES:
+    raise ValueError(f"stage {a.stage!r} unknown; expected one of {STAGES}")
+  c = default.get_config(f"size={a.size},layout={a.layout},runlocal={a.runlocal}")
+  c.stage = a.stage
+  c.stages = STAGES
+  n = c.model.num_layers
+  c.model.adapters = mlc.ConfigDict()
+  c.train.trainable_adapters = ()
+  c.train.adapter_scale_keys = mlc.ConfigDict()
+  c.sampling.remove_adapters = ()
+  c.sampling.adapter_scales = mlc.ConfigDict()
+  c.data.mixture = [dict(name=c.data.name, weight=1.0, transform="video", motion_scale=0.0)]
+  # Pretrained sizes train the official subset; small ones train from scratch, so everything trains.
+  c.train.trainable = "official_base" if a.size in ("2b", "5b") else "all"
+  c.train.lr = 1e-4
+
+  if a.stage in ("stage2_motion_lora", "stage3_content_lora"):
+    c.model.adapters.motion = _adapter(a.motion_rank, n)
+    c.train.adapter_scale_keys.motion = "motion_scale"
+    c.train.trainable = "adapters"
+  if a.stage == "stage2_motion_lora":
+    c.train.init_from = "stage1_base"
+    c.train.trainable_adapters = ("motion",)
+    c.train.lr = 1e-3
+    c.data.mixture = [dict(name=c.data.name, weight=1.0, transform="static", motion_scale=1.0)]
+  if a.stage == "stage3_content_lora":
+    c.train.init_from = "stage2_motion_lora"
+    c.model.adapters.content = _adapter(a.content_rank, n)
+    c.train.trainable_adapters = ("content",)
+    c.train.lr = 5e-3
+    c.data.mixture = [
+        dict(name=c.data.name, weight=a.image_weight, transform="static", motion_scale=1.0),
+        dict(name=c.data.name, weight=1.0 - a.image_weight, transform="video", motion_scale=0.0),
+    ]
+    c.sampling.remove_adapters = ("motion",)  # inference drops the motion LoRA
+
+  if a.demo:  # `make demo`: a 2-core CPU finishes all three stages in a few minutes
+    c.data.num_train, c.data.num_validation, c.data.batch_size = 512, 16, 8
+    c.sampling.num_steps = 20
+    c.train.log_every = 20
+    c.train.checkpoint_every = 100
+    c.train.warmup_steps = 20
+    steps = {"stage1_base": 500, "stage2_motion_lora": 100, "stage3_content_lora": 100}
+    c.train.steps = steps[a.stage]
+    if a.stage == "stage1_base":
+      c.train.lr = 2e-3
+    if a.stage != "stage1_base":
+      c.model.adapters.motion.rank = min(a.motion_rank, 8)
+    if a.stage == "stage3_content_lora":
+      c.model.adapters.content.rank = min(a.content_rank, 32)
+  return c

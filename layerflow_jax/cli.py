@@ -1,0 +1,264 @@
+"""``layerflow`` command line: train, train-stages, sample, evaluate, data build, demo.
+
+Config overrides follow ml_collections style: ``--config configs/default.py:size=tiny --config.train.steps=100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import pathlib
+import sys
+from typing import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates ``--config.KEY=VALUE`` / ``--config.KEY VALUE`` from the other arguments."""
+  rest, overrides = [], []
+  it = iter(range(len(argv)))
+  argv = list(argv)
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config."):
+      body = a[len("--config."):]
+      if "=" in body:
+        overrides.append(body)
+      else:
+        if i + 1 >= len(argv):
+          raise SystemExit(f"error: {a} needs a value")
+        overrides.append(f"{body}={argv[i + 1]}")
+        i += 1
+    else:
+      rest.append(a)
+    i += 1
+  del it
+  return rest, overrides
+
+
+def _load(spec: str, overrides: Sequence[str]):
+  from layerflow_jax.config import load_config
+
+  return load_config(spec, overrides)
+
+
+def _print(obj) -> None:
+  print(json.dumps(obj, indent=2, default=str))
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def cmd_train(args, overrides) -> int:
+  from layerflow_jax.train import trainer
+
+  config = _load(args.config, overrides)
+  summary = trainer.train(config, args.workdir, stop_after=args.stop_after, progress=not args.no_progress)
+  _print({k: v for k, v in summary.items() if k != "last"})
+  return 0
+
+
+def cmd_train_stages(args, overrides) -> int:
+  from layerflow_jax import stages
+
+  results = stages.train_stages(args.config, args.workdir, overrides, progress=not args.no_progress,
+                                only=args.only)
+  _print(results)
+  return 0
+
+
+def cmd_data_build(args, overrides) -> int:
+  from data_pipelines import registry
+
+  config = _load(args.config, overrides)
+  if args.data_dir:
+    config.data.data_dir = args.data_dir
+  if args.name != config.data.name:
+    config.data.name = args.name
+  path = registry.build(config.data)
+  print(f"built {args.name} in {path}")
+  return 0
+
+
+def _prompts_required(args):
+  missing = [n for n in ("fg_prompt", "bg_prompt", "blend_prompt") if not getattr(args, n)]
+  if missing:
+    flags = ", ".join("--" + m.replace("_", "-") for m in missing)
+    raise SystemExit(f"error: prompts missing for layer(s): {flags} (every layer needs a prompt)")
+
+
+def cmd_sample(args, overrides) -> int:
+  import numpy as np
+
+  from layerflow_jax import layers, media
+  from layerflow_jax.config import apply_overrides
+  from layerflow_jax.sampling import LayeredSampler
+  from layerflow_jax.train import trainer
+
+  try:
+    layers.check_task(args.task)
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  params, config = trainer.load_params(args.checkpoint)
+  apply_overrides(config, overrides)
+  sampler = LayeredSampler(config, params, keep_adapters=("motion",) if args.keep_motion_adapter else ())
+  d = config.data
+  layout = sampler.layout
+  n, t = layout.num_clips, d.frames
+  given = np.zeros((1, n * t, d.height, d.width, 3), np.float32)
+
+  def put(clip: str, video: np.ndarray):
+    i = layout.index(clip)
+    given[0, i * t:(i + 1) * t] = video
+
+  if args.from_validation is not None:
+    from data_pipelines import pipeline
+
+    ds = pipeline.layer_dataset(config, "validation")
+    ds = pipeline.to_model_inputs(ds, config)
+    ex = ds[int(args.from_validation)]
+    given[0] = ex["video"]
+    tokens = ex["tokens"][None]
+  else:
+    _prompts_required(args)
+    tokens = sampler.tokenize(args.fg_prompt, args.bg_prompt, args.blend_prompt)
+    read = lambda p: media.read_video(p, frames=t, height=d.height, width=d.width)
+    needs = {"decompose": ["video"], "fg2bg": ["fg_video"] + (["alpha_video"] if layout.has_alpha else []),
+             "bg2fg": ["bg_video"], "generate": []}[args.task]
+    missing = [f"--{k.replace('_', '-')}" for k in needs if not getattr(args, k)]
+    if missing:
+      raise SystemExit(f"error: task {args.task!r} needs {', '.join(missing)}")
+    try:
+      if args.video:
+        put(layers.BLEND, read(args.video))
+      if args.bg_video:
+        put(layers.BG, read(args.bg_video))
+      if args.fg_video:
+        fg = read(args.fg_video)
+        if layout.has_alpha:
+          alpha = layers.clip_to_alpha(read(args.alpha_video))
+          put(layers.ALPHA, layers.alpha_to_clip(alpha))
+          fg = layers.premultiply(fg, alpha)
+        put(layers.FG, fg)
+    except (ValueError, FileNotFoundError) as e:
+      raise SystemExit(f"error: {e}") from None
+  video = sampler.sample(tokens, args.task, given_video=given, seed=args.seed, num_steps=args.steps,
+                         guidance_scale=args.guidance)
+  written = media.write_layers(args.out, sampler.split_layers(video)[0], fps=args.fps)
+  print(f"task {args.task}: wrote {len(written)} outputs to {args.out}")
+  for k, v in written.items():
+    print(f"  {k}: {v}")
+  return 0
+
+
+def cmd_evaluate(args, overrides) -> int:
+  from layerflow_jax import evaluate as eval_lib
+  from layerflow_jax.config import apply_overrides
+  from layerflow_jax.sampling import LayeredSampler
+  from layerflow_jax.train import trainer
+  from data_pipelines import pipeline
+
+  params, config = trainer.load_params(args.checkpoint)
+  apply_overrides(config, overrides)
+  sampler = LayeredSampler(config, params)
+  ds = pipeline.make_dataset(config, args.split)
+  batches = [ds[i] for i in range(min(args.num_batches, len(ds)))]
+  result, _ = eval_lib.evaluate(sampler, batches, num_steps=args.steps)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "metrics.json").write_text(json.dumps(result, indent=2))
+  _print(result)
+  return 0
+
+
+def cmd_demo(args, overrides) -> int:
+  from layerflow_jax import demo
+
+  return demo.run(args.workdir, overrides, config_spec=args.config)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="layerflow", description=__doc__.splitlines()[0])
+  sub = p.add_subparsers(dest="command", required=True)
+
+  t = sub.add_parser("train", help="train one stage from a config (auto-resumes from --workdir)")
+  t.add_argument("--config", required=True, help="configs/FILE.py[:ARG]")
+  t.add_argument("--workdir", required=True)
+  t.add_argument("--stop-after", type=int, default=None, help="stop after this many more steps (for tests)")
+  t.add_argument("--no-progress", action="store_true")
+  t.set_defaults(fn=cmd_train)
+
+  s = sub.add_parser("train-stages", help="run stage 1 → 2 → 3, each from the previous one's parameters")
+  s.add_argument("--config", default="configs/stages.py", help="a stages config file[:ARG]")
+  s.add_argument("--workdir", required=True)
+  s.add_argument("--only", default=None, help="comma-separated stage names to run (default: all)")
+  s.add_argument("--no-progress", action="store_true")
+  s.set_defaults(fn=cmd_train_stages)
+
+  sm = sub.add_parser("sample", help="sample a task with a trained checkpoint")
+  sm.add_argument("--checkpoint", required=True, help="a work dir with checkpoints/")
+  sm.add_argument("--task", required=True, help="generate | decompose | fg2bg | bg2fg")
+  sm.add_argument("--fg-prompt")
+  sm.add_argument("--bg-prompt")
+  sm.add_argument("--blend-prompt")
+  sm.add_argument("--video", help="decompose: the blended video (mp4/gif/webp or a folder of frames)")
+  sm.add_argument("--fg-video", help="fg2bg: the straight-colour foreground video")
+  sm.add_argument("--alpha-video", help="fg2bg: the matte video (grayscale)")
+  sm.add_argument("--bg-video", help="bg2fg: the background video")
+  sm.add_argument("--from-validation", type=int, default=None, help="take prompts and given clips from "
+                  "validation example N instead")
+  sm.add_argument("--out", required=True)
+  sm.add_argument("--steps", type=int, default=None)
+  sm.add_argument("--guidance", type=float, default=None)
+  sm.add_argument("--seed", type=int, default=0)
+  sm.add_argument("--fps", type=int, default=8)
+  sm.add_argument("--keep-motion-adapter", action="store_true", help="do not remove the motion LoRA")
+  sm.set_defaults(fn=cmd_sample)
+
+  e = sub.add_parser("evaluate", help="layer metrics of a checkpoint on held-out clips")
+  e.add_argument("--checkpoint", required=True)
+  e.add_argument("--split", default="validation")
+  e.add_argument("--out", required=True)
+  e.add_argument("--num-batches", type=int, default=2)
+  e.add_argument("--steps", type=int, default=None)
+  e.set_defaults(fn=cmd_evaluate)
+
+  d = sub.add_parser("data", help="datasets")
+  dsub = d.add_subparsers(dest="data_command", required=True)
+  b = dsub.add_parser("build", help="build a TFDS dataset (array_record)")
+  b.add_argument("name", help="layerflow_synthetic")
+  b.add_argument("--config", default="configs/default.py")
+  b.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None)
+  b.set_defaults(fn=cmd_data_build)
+
+  dm = sub.add_parser("demo", help="the whole path on a tiny config: data, three stages, samples, table")
+  dm.add_argument("--workdir", default="demo_out")
+  dm.add_argument("--config", default="configs/stages.py:demo")
+  dm.set_defaults(fn=cmd_demo)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  rest, overrides = _split_overrides(argv)
+  args = build_parser().parse_args(rest)
+  logging.basicConfig(level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,
+                      format="%(levelname)s %(name)s: %(message)s")
+  from layerflow_jax.config import ConfigError
+
+  try:
+    return int(args.fn(args, overrides) or 0)
+  except ConfigError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

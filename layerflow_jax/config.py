@@ -1,0 +1,104 @@
+"""Loading ml_collections configs: ``configs/FILE.py[:ARG]`` plus ``--config.KEY=VALUE`` overrides.
+
+A config file defines ``get_config(arg: str | None) -> ConfigDict`` (big_vision style). Overrides are typed:
+a value is parsed as a Python literal where possible and must match the existing key's type; an unknown key
+or a wrong type is refused with a one-line error naming the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import pathlib
+import sys
+from typing import Any, Sequence
+
+import ml_collections as mlc
+
+
+class ConfigError(ValueError):
+  """A config that cannot be used (the message names the key, the value and what was expected)."""
+
+
+def load_module(path: str):
+  file = pathlib.Path(path)
+  if not file.is_file():
+    raise ConfigError(f"config file {path!r} does not exist")
+  name = f"_layerflow_config_{abs(hash(str(file.resolve())))}"
+  spec = importlib.util.spec_from_file_location(name, file)
+  module = importlib.util.module_from_spec(spec)
+  repo = str(file.resolve().parent.parent)
+  if repo not in sys.path:  # so config files can `from configs import common`
+    sys.path.insert(0, repo)
+  spec.loader.exec_module(module)
+  return module
+
+
+def split_spec(spec: str) -> tuple[str, str | None]:
+  path, sep, arg = spec.partition(":")
+  return path, (arg if sep else None)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+  """``"configs/default.py:size=tiny"`` + ``["train.steps=10", ...]`` → a locked ConfigDict."""
+  path, arg = split_spec(spec)
+  module = load_module(path)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} defines no get_config(arg)")
+  try:
+    config = module.get_config(arg)
+  except ValueError as e:
+    raise ConfigError(f"{spec}: {e}") from None
+  apply_overrides(config, overrides)
+  return config
+
+
+def parse_value(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def apply_overrides(config: mlc.ConfigDict, overrides: Sequence[str]) -> mlc.ConfigDict:
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ConfigError(f"override {item!r} is not KEY=VALUE")
+    set_key(config, key.strip(), parse_value(raw.strip()))
+  return config
+
+
+def set_key(config: mlc.ConfigDict, key: str, value: Any) -> None:
+  *parents, leaf = key.split(".")
+  node = config
+  for i, part in enumerate(parents):
+    if not isinstance(node, mlc.ConfigDict) or part not in node:
+      raise ConfigError(f"config key {'.'.join(parents[:i + 1])!r} does not exist (while setting {key}={value!r})")
+    node = node[part]
+  if not isinstance(node, mlc.ConfigDict):
+    raise ConfigError(f"config key {'.'.join(parents)!r} is not a group (while setting {key}={value!r})")
+  if leaf not in node:
+    known = ", ".join(sorted(node.keys()))
+    raise ConfigError(f"config key {key!r} does not exist; keys here: {known}")
+  old = node[leaf]
+  if isinstance(old, mlc.ConfigDict) and isinstance(value, dict):
+    for k, v in value.items():
+      set_key(config, f"{key}.{k}", v)
+    return
+  if isinstance(old, bool) and not isinstance(value, bool):
+    raise ConfigError(f"config key {key!r}: {value!r} is not a bool")
+  if isinstance(old, (int, float)) and not isinstance(old, bool):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f"config key {key!r}: {value!r} is not a number (expected {type(old).__name__})")
+    if isinstance(old, int) and isinstance(value, float) and not value.is_integer():
+      raise ConfigError(f"config key {key!r}: {value!r} is not an integer")
+    value = type(old)(value)
+  try:
+    node[leaf] = value
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config key {key!r}: cannot set {value!r} ({e})") from None
+
+
+def to_yaml_dict(config: mlc.ConfigDict) -> dict:
+  return config.to_dict()

@@ -1,0 +1,360 @@
+"""The LayerFlow diffusion transformer: CogVideoX's DiT in Flax NNX, with layer embeddings and LoRA adapters.
+
+Structure (diffusers ``CogVideoXTransformer3DModel``): patch embed (Conv2d per latent frame) + text projection →
+joint sequence [text; video] → N expert-adaLN-zero blocks (modulation chunks ``shift, scale, gate, enc_shift,
+enc_scale, enc_gate``; joint attention with per-head q/k LayerNorm; tanh-GELU feed-forward on the joint
+sequence) → final LayerNorm → AdaLayerNorm (``shift, scale``) → projection → unpatchify.
+
+LayerFlow additions: a layer embedding per prompt (``text``: Linear(1 → hidden) + LayerNorm of the prompt index,
+added to that prompt's tokens) and optionally per clip (``text+video``: a learned vector added to the clip's
+video tokens); LoRA adapters (see :mod:`layerflow_jax.model.lora`) with a per-sample scale.
+
+Arrays are channels-last: latents ``[B, F, h, w, c]``. Parameters carry logical axis names
+(:mod:`layerflow_jax.sharding` maps them); the blocks are stacked on a ``layers`` axis and run by ``lax.scan``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from layerflow_jax import sharding as shd
+from layerflow_jax.model import embeddings as emb
+from layerflow_jax.model import lora as lora_lib
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+  """Static description of a model (derived from ``config.model`` plus data shapes, see ``from_config``)."""
+
+  num_layers: int = 2
+  num_heads: int = 4
+  head_dim: int = 16
+  time_embed_dim: int = 64
+  in_channels: int = 16
+  out_channels: int = 16
+  text_embed_dim: int = 64
+  patch_size: int = 2
+  mlp_ratio: int = 4
+  norm_eps: float = 1e-5
+  qk_norm_eps: float = 1e-6
+  pos_embed: str = "sincos"  # "sincos" | "rope" | "none"
+  spatial_interpolation_scale: float = 1.875
+  temporal_interpolation_scale: float = 1.0
+  layer_embed: str = "text"  # "none" | "text" | "text+video"
+  num_prompts: int = 3
+  num_clips: int = 4
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = True
+  remat: str = "none"  # "none" | "full" | "dots" | "save_attention"
+  attention: str = "xla"  # "xla" | "cudnn"
+  adapters: tuple[lora_lib.AdapterSpec, ...] = ()
+
+  @property
+  def hidden(self) -> int:
+    return self.num_heads * self.head_dim
+
+  @classmethod
+  def from_config(cls, config) -> "DiTConfig":
+    """Builds the model description from the full experiment config (model, layout, encoders)."""
+    from layerflow_jax import codec as codec_lib
+    from layerflow_jax import layers
+
+    m = config.model
+    layout = layers.get_layout(config.layout)
+    latent_c = codec_lib.make_codec(config.autoencoder).latent_channels
+    if m.layer_embed not in ("none", "text", "text+video"):
+      raise ValueError(f"model.layer_embed: {m.layer_embed!r} unknown; expected 'none', 'text' or 'text+video'")
+    if m.pos_embed not in ("sincos", "rope", "none"):
+      raise ValueError(f"model.pos_embed: {m.pos_embed!r} unknown; expected 'sincos', 'rope' or 'none'")
+    if m.remat not in REMAT_POLICIES:
+      raise ValueError(f"model.remat: {m.remat!r} unknown; expected one of {sorted(REMAT_POLICIES)}")
+    for key in ("dtype", "param_dtype"):
+      if m[key] not in _DTYPES:
+        raise ValueError(f"model.{key}: {m[key]!r} unknown; expected one of {sorted(_DTYPES)}")
+    adapters = lora_lib.specs_from_config(m.get("adapters", {}), m.num_layers)
+    return cls(
+        num_layers=m.num_layers, num_heads=m.num_heads, head_dim=m.head_dim, time_embed_dim=m.time_embed_dim,
+        in_channels=latent_c, out_channels=latent_c, text_embed_dim=config.text_encoder.dim,
+        patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, norm_eps=m.norm_eps, qk_norm_eps=m.qk_norm_eps,
+        pos_embed=m.pos_embed, spatial_interpolation_scale=m.spatial_interpolation_scale,
+        temporal_interpolation_scale=m.temporal_interpolation_scale, layer_embed=m.layer_embed,
+        num_prompts=3, num_clips=layout.num_clips, dtype=m.dtype, param_dtype=m.param_dtype,
+        scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, adapters=adapters)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+_normal = nnx.initializers.normal
+_zeros = nnx.initializers.zeros_init()
+_ones = nnx.initializers.ones_init()
+_xavier = nnx.initializers.xavier_uniform()
+
+
+def _linear(cfg: DiTConfig, din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, *,
+            kernel_init=_xavier, bias_init=_zeros) -> nnx.Linear:
+  return nnx.Linear(
+      din, dout, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype],
+      kernel_init=shd.param(kernel_init, names), bias_init=shd.param(bias_init, (names[1],)), rngs=rngs)
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm computed in float32 (the statistics), returned in the input dtype."""
+
+  def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, *, affine: bool = True):
+    self.norm = nnx.LayerNorm(
+        dim, epsilon=eps, use_bias=affine, use_scale=affine, dtype=jnp.float32,
+        scale_init=shd.param(_ones, ("norm",)), bias_init=shd.param(_zeros, ("norm",)), rngs=rngs)
+
+  def __call__(self, x):
+    return self.norm(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNormZero(nnx.Module):
+  """CogVideoX expert adaLN-zero: one LayerNorm, separate modulation for video and text tokens."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    # adaLN-zero: modulation starts at zero (identity norms, closed gates); diffusers weights overwrite it.
+    self.linear = _linear(cfg, cfg.time_embed_dim, 6 * cfg.hidden, ("time_embed", "modulation"), rngs,
+                          kernel_init=_zeros)
+    self.norm = LayerNorm(cfg.hidden, cfg.norm_eps, rngs)
+
+  def __call__(self, x, enc, temb):
+    mod = self.linear(jax.nn.silu(temb))
+    shift, scale, gate, enc_shift, enc_scale, enc_gate = jnp.split(mod, 6, axis=-1)
+    x = self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+    enc = self.norm(enc) * (1 + enc_scale[:, None]) + enc_shift[:, None]
+    return x, enc, gate[:, None], enc_gate[:, None]
+
+
+class Attention(nnx.Module):
+  """Joint attention over [text; video] with per-head q/k LayerNorm and optional RoPE on video tokens."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d = cfg.hidden
+    self.to_q = _linear(cfg, d, d, ("embed", "heads"), rngs)
+    self.to_k = _linear(cfg, d, d, ("embed", "heads"), rngs)
+    self.to_v = _linear(cfg, d, d, ("embed", "heads"), rngs)
+    self.norm_q = LayerNorm(cfg.head_dim, cfg.qk_norm_eps, rngs)
+    self.norm_k = LayerNorm(cfg.head_dim, cfg.qk_norm_eps, rngs)
+    self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs)
+
+  def __call__(self, x, num_text: int, rope, lora: lora_lib.BlockLora | None):
+    cfg = self.cfg
+    b, n, _ = x.shape
+    q = lora_lib.project(self.to_q, x, lora, "q")
+    k = lora_lib.project(self.to_k, x, lora, "k")
+    v = lora_lib.project(self.to_v, x, lora, "v")
+    heads = lambda t: shd.constrain(t.reshape(b, n, cfg.num_heads, cfg.head_dim),
+                                    ("batch", None, "act_heads", "act_kv"))
+    q, k, v = heads(q), heads(k), heads(v)
+    q, k = self.norm_q(q), self.norm_k(k)
+    if rope is not None:
+      cos, sin = rope
+      q = jnp.concatenate([q[:, :num_text], emb.apply_rope(q[:, num_text:], cos, sin)], axis=1)
+      k = jnp.concatenate([k[:, :num_text], emb.apply_rope(k[:, num_text:], cos, sin)], axis=1)
+    impl = None if cfg.attention == "xla" else cfg.attention
+    out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    out = checkpoint_name(out, "attention_out")
+    out = out.reshape(b, n, cfg.hidden)
+    return lora_lib.project(self.to_out, out, lora, "out")
+
+
+class FeedForward(nnx.Module):
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    inner = cfg.mlp_ratio * cfg.hidden
+    self.proj_in = _linear(cfg, cfg.hidden, inner, ("embed", "mlp"), rngs)
+    self.proj_out = _linear(cfg, inner, cfg.hidden, ("mlp", "embed"), rngs)
+
+  def __call__(self, x, lora: lora_lib.BlockLora | None):
+    h = jax.nn.gelu(lora_lib.project(self.proj_in, x, lora, "ff_in"), approximate=True)
+    h = shd.constrain(h, ("batch", None, "act_mlp"))
+    return lora_lib.project(self.proj_out, h, lora, "ff_out")
+
+
+class Block(nnx.Module):
+  """One CogVideoX block on separate text [B, T, D] and video [B, N, D] streams."""
+
+  def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    self.norm1 = LayerNormZero(cfg, rngs)
+    self.attn1 = Attention(cfg, rngs)
+    self.norm2 = LayerNormZero(cfg, rngs)
+    self.ff = FeedForward(cfg, rngs)
+
+  def __call__(self, x, enc, temb, rope, lora: lora_lib.BlockLora | None = None):
+    num_text = enc.shape[1]
+    nx, nenc, gate, enc_gate = self.norm1(x, enc, temb)
+    attn = self.attn1(jnp.concatenate([nenc, nx], axis=1), num_text, rope, lora)
+    x = x + gate * attn[:, num_text:]
+    enc = enc + enc_gate * attn[:, :num_text]
+    nx, nenc, gate, enc_gate = self.norm2(x, enc, temb)
+    ff = self.ff(jnp.concatenate([nenc, nx], axis=1), lora)
+    x = x + gate * ff[:, num_text:]
+    enc = enc + enc_gate * ff[:, :num_text]
+    x = shd.constrain(x, ("batch", "video_tokens", "act_embed"))
+    enc = shd.constrain(enc, ("batch", "text_tokens", "act_embed"))
+    return x, enc
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
+}
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class LayerFlowDiT(nnx.Module):
+  """CogVideoX-compatible DiT over packed layered latents.
+
+  Call: ``model(latents [B, F, h, w, c], timesteps [B], text [B, P·L, text_dim], adapter_scales=None)``
+  → velocity ``[B, F, h, w, c]`` (float32). ``F`` must be divisible by ``num_clips``; ``P = num_prompts``.
+  ``adapter_scales`` maps an adapter name to a per-sample scale [B] (default 1 for every adapter).
+  """
+
+  def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    d, p = cfg.hidden, cfg.patch_size
+    pd = _DTYPES[cfg.param_dtype]
+    self.patch_proj = nnx.Conv(
+        cfg.in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=_DTYPES[cfg.dtype],
+        param_dtype=pd, kernel_init=shd.param(_xavier, ("patch", "patch", "channels", "embed")),
+        bias_init=shd.param(_zeros, ("embed",)), rngs=rngs)
+    self.text_proj = _linear(cfg, cfg.text_embed_dim, d, ("text_embed", "embed"), rngs)
+    self.time_linear_1 = _linear(cfg, d, cfg.time_embed_dim, ("embed", "time_embed"), rngs)
+    self.time_linear_2 = _linear(cfg, cfg.time_embed_dim, cfg.time_embed_dim, ("time_embed", None), rngs)
+    if cfg.layer_embed in ("text", "text+video"):
+      self.layer_embed_linear = _linear(cfg, 1, d, (None, "embed"), rngs)
+      self.layer_embed_norm = LayerNorm(d, cfg.norm_eps, rngs)
+    if cfg.layer_embed == "text+video":
+      self.clip_embed = nnx.Param(shd.param(_normal(0.02), ("clips", "embed"))(rngs.params(), (cfg.num_clips, d), pd))
+
+    @nnx.split_rngs(splits=cfg.num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make_blocks(rngs):
+      return Block(cfg, rngs)
+
+    self.blocks = make_blocks(rngs)
+    self.norm_final = LayerNorm(d, cfg.norm_eps, rngs)
+    self.norm_out_linear = _linear(cfg, cfg.time_embed_dim, 2 * d, ("time_embed", "modulation"), rngs,
+                                   kernel_init=_zeros)
+    self.norm_out = LayerNorm(d, cfg.norm_eps, rngs)
+    self.proj_out = _linear(cfg, d, p * p * cfg.out_channels, ("embed", "channels"), rngs, kernel_init=_zeros)
+    self.adapters = nnx.Dict({a.name: lora_lib.Adapter(a, cfg.hidden, cfg.mlp_ratio * cfg.hidden, pd, rngs)
+                              for a in cfg.adapters})
+
+  # -------------------------------------------------------------------------- pieces
+
+  def embed_text(self, text):
+    """Text embeddings [B, P·L, text_dim] → projected tokens [B, P·L, hidden] with layer embeddings."""
+    cfg = self.cfg
+    enc = self.text_proj(text.astype(_DTYPES[cfg.dtype]))
+    if cfg.layer_embed in ("text", "text+video"):
+      b, total, d = enc.shape
+      if total % cfg.num_prompts:
+        raise ValueError(f"{total} text tokens cannot be split into {cfg.num_prompts} prompts")
+      index = jnp.arange(cfg.num_prompts, dtype=jnp.float32)[:, None]  # the prompt's scalar index
+      layer = self.layer_embed_norm(self.layer_embed_linear(index.astype(enc.dtype)))  # [P, D]
+      enc = (enc.reshape(b, cfg.num_prompts, total // cfg.num_prompts, d) + layer[None, :, None]).reshape(b, total, d)
+    return shd.constrain(enc, ("batch", "text_tokens", "act_embed"))
+
+  def embed_video(self, latents):
+    cfg = self.cfg
+    b, f, h, w, c = latents.shape
+    p = cfg.patch_size
+    if c != cfg.in_channels:
+      raise ValueError(f"latents have {c} channels, the model expects {cfg.in_channels}")
+    if h % p or w % p:
+      raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
+    if f % cfg.num_clips:
+      raise ValueError(f"{f} latent frames cannot be split into {cfg.num_clips} sub-clips")
+    x = self.patch_proj(latents.reshape(b * f, h, w, c).astype(_DTYPES[cfg.dtype]))
+    x = x.reshape(b, f * (h // p) * (w // p), cfg.hidden)
+    if cfg.pos_embed == "sincos":
+      table = emb.sincos_3d(cfg.hidden, f, h // p, w // p, cfg.spatial_interpolation_scale,
+                            cfg.temporal_interpolation_scale)
+      x = x + jnp.asarray(table, x.dtype)[None]
+    if cfg.layer_embed == "text+video":
+      per_clip = (f // cfg.num_clips) * (h // p) * (w // p)
+      x = x + jnp.repeat(self.clip_embed[...].astype(x.dtype), per_clip, axis=0)[None]
+    return shd.constrain(x, ("batch", "video_tokens", "act_embed"))
+
+  def embed_time(self, timesteps):
+    t = emb.timestep_embedding(timesteps, self.cfg.hidden)
+    return self.time_linear_2(jax.nn.silu(self.time_linear_1(t.astype(_DTYPES[self.cfg.dtype]))))
+
+  def run_blocks(self, x, enc, temb, rope, adapter_scales: Mapping[str, Any] | None):
+    cfg = self.cfg
+    graphdef, stacked = nnx.split(self.blocks)
+    scales = lora_lib.resolve_scales(cfg.adapters, adapter_scales, x.shape[0])
+    adapters = {name: self.adapters[name] for name in self.adapters}
+    policy = REMAT_POLICIES[cfg.remat]
+
+    def body(carry, xs):
+      layer_state, layer_lora = xs
+      block = nnx.merge(graphdef, layer_state)
+      lora = lora_lib.BlockLora(layer_lora, scales) if layer_lora else None
+      return block(carry[0], carry[1], temb, rope, lora), None
+
+    if cfg.remat != "none":
+      body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
+
+    carry = (x, enc)
+    for seg in lora_lib.segments(cfg.adapters, cfg.num_layers):
+      seg_state = jax.tree.map(lambda a: a[seg.start:seg.stop], stacked)
+      seg_lora = lora_lib.segment_lora(seg, adapters, cfg.adapters)
+      if cfg.scan_layers:
+        carry, _ = jax.lax.scan(body, carry, (seg_state, seg_lora))
+      else:
+        for i in range(seg.stop - seg.start):
+          carry, _ = body(carry, jax.tree.map(lambda a: a[i], (seg_state, seg_lora)))
+    return carry
+
+  def __call__(self, latents, timesteps, text, adapter_scales: Mapping[str, Any] | None = None):
+    cfg = self.cfg
+    b, f, h, w, c = latents.shape
+    p = cfg.patch_size
+    x = self.embed_video(latents)
+    enc = self.embed_text(text)
+    temb = self.embed_time(timesteps)
+    rope = None
+    if cfg.pos_embed == "rope":
+      cos, sin = emb.rope_3d(cfg.head_dim, f, h // p, w // p)
+      rope = (jnp.asarray(cos), jnp.asarray(sin))
+    x, enc = self.run_blocks(x, enc, temb, rope, adapter_scales)
+    x = self.norm_final(x)
+    shift, scale = jnp.split(self.norm_out_linear(jax.nn.silu(temb)), 2, axis=-1)
+    x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]
+    x = self.proj_out(x).astype(jnp.float32)
+    x = x.reshape(b, f, h // p, w // p, cfg.out_channels, p, p)
+    x = jnp.transpose(x, (0, 1, 2, 5, 3, 6, 4)).reshape(b, f, h, w, cfg.out_channels)
+    return x
+
+
+def create_model(cfg: DiTConfig, seed: int = 0) -> LayerFlowDiT:
+  """Builds a model eagerly on the default device (parameters unsharded; see ``train.state`` for sharded init)."""
+  with nnx.use_eager_sharding(False):
+    return LayerFlowDiT(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: DiTConfig) -> LayerFlowDiT:
+  with nnx.use_eager_sharding(False):
+    return nnx.eval_shape(lambda: LayerFlowDiT(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(state) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(state)))

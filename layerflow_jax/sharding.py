@@ -1,0 +1,137 @@
+"""Logical axes → mesh axes: the one rules table, the mesh from config, and activation constraints.
+
+Model code names logical axes only (``batch``, ``video_tokens``, ``embed``, ``heads``, ``mlp``, ``layers`` …).
+This module is the only place that knows mesh axes (``data``, ``fsdp``, ``tensor``, ``sequence``).
+
+Parameters and activations use separate names so they can be mapped differently (as in levanter): parameter
+``embed`` is sharded over ``fsdp`` (ZeRO-3 style), while activation ``act_embed`` stays replicated.
+
+The mesh uses ``AxisType.Auto`` on purpose: the model states its intent with sharding constraints and GSPMD
+propagates the rest; ``jax.make_mesh``'s Explicit default (jax ≥ 0.9) would make every op's sharding part of
+its type, which the scanned NNX model does not need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Iterator, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as core_spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# The one rules table. A logical axis maps to a mesh axis, a tuple of mesh axes, or None (replicated).
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("video_tokens", "sequence"),
+    ("text_tokens", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_kv", None),
+    # parameters
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("time_embed", None),
+    ("text_embed", None),
+    ("patch", None),
+    ("channels", None),
+    ("modulation", "tensor"),
+    ("norm", None),
+    ("lora_rank", None),
+    ("clips", None),
+)
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
+  """Resolves a ``{data, fsdp, tensor, sequence}`` config (one entry may be -1) against the device count."""
+  shape = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
+  unknown = [k for k in mesh_cfg.keys() if k not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"mesh: unknown axis {unknown[0]!r}; expected axes {MESH_AXES}")
+  wild = [a for a, n in shape.items() if n == -1]
+  if len(wild) > 1:
+    raise ValueError(f"mesh: only one axis may be -1, got {wild}")
+  for a, n in shape.items():
+    if n == 0 or n < -1:
+      raise ValueError(f"mesh.{a}: size {n} is invalid; expected a positive size or -1")
+  fixed = math.prod(n for n in shape.values() if n != -1)
+  if wild:
+    if num_devices % fixed:
+      raise ValueError(f"mesh: fixed axes use {fixed} devices, which does not divide the {num_devices} available")
+    shape[wild[0]] = num_devices // fixed
+  total = math.prod(shape.values())
+  if total != num_devices:
+    raise ValueError(f"mesh: {shape} uses {total} devices but {num_devices} are available")
+  return shape
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  dims = tuple(shape[a] for a in MESH_AXES)
+  return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh, rules=LOGICAL_AXIS_RULES) -> Iterator[Mesh]:
+  """Activates the mesh and the logical rules (for parameter specs and activation constraints)."""
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    yield mesh
+
+
+def logical_to_spec(names: Sequence[str | None], rules=None) -> P:
+  rules = rules if rules is not None else (core_spmd.get_logical_axis_rules() or LOGICAL_AXIS_RULES)
+  return P(*core_spmd.from_sharding_rules(tuple(names), rules))
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+  """``with_sharding_constraint`` by logical names; a no-op outside a mesh (single-device code paths)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None or mesh.empty or math.prod(mesh.shape.values()) == 1:
+    return x
+  if len(names) != x.ndim:
+    raise ValueError(f"constrain: {len(names)} names {tuple(names)} for an array of rank {x.ndim}")
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names))
+
+
+def param(init, names: Sequence[str | None]):
+  """An initializer carrying logical axis names as NNX sharding metadata."""
+  return nnx.with_partitioning(init, tuple(names))
+
+
+def state_shardings(abstract_state, mesh: Mesh):
+  """NamedShardings for an NNX state (by its variables' logical names) under the active rules."""
+  return nnx.get_named_sharding(abstract_state, mesh)
+
+
+def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+  """Batch-leading inputs: batch over (data, fsdp), everything else replicated."""
+  return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), LOGICAL_AXIS_RULES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def spec_table(state) -> dict[str, P]:
+  """Flattened ``path → PartitionSpec`` of an NNX state (for golden files and printing)."""
+  specs = nnx.get_partition_spec(state)
+  flat = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
+    key = ".".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
+    flat[key] = leaf
+  return flat
+
+
+def _np_prod(xs) -> int:
+  return int(np.prod(xs)) if len(xs) else 1

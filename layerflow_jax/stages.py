@@ -1,0 +1,71 @@
+"""``layerflow train-stages``: run the stages of a stages config in order, each from the previous one.
+
+Each stage trains in ``WORKDIR/<stage>``; a stage's ``train.init_from`` names the previous stage, resolved
+inside ``WORKDIR``. Finished stages are skipped and an interrupted one resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Sequence
+
+from layerflow_jax.config import ConfigError, load_config, split_spec
+from layerflow_jax.train import checkpoint as ckpt_lib
+
+
+def stage_spec(spec: str, stage: str) -> str:
+  path, arg = split_spec(spec)
+  parts = [p for p in (arg or "").split(",") if p and not p.startswith("stage=")]
+  return f"{path}:{','.join(parts + [f'stage={stage}'])}"
+
+
+def stage_names(spec: str) -> tuple[str, ...]:
+  return tuple(load_config(spec).get("stages", ()))
+
+
+def _finished(workdir: pathlib.Path, steps: int) -> bool:
+  try:
+    ck = ckpt_lib.Checkpointer(workdir)
+    done = bool(ck.steps()) and ck.steps()[-1] >= steps
+    ck.close()
+    return done
+  except FileNotFoundError:
+    return False
+
+
+def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, progress: bool = True,
+                 only: str | None = None) -> dict:
+  from layerflow_jax.train import trainer
+
+  root = pathlib.Path(workdir)
+  root.mkdir(parents=True, exist_ok=True)
+  names = stage_names(spec)
+  if not names:
+    raise ConfigError(f"{spec}: the config lists no stages (config.stages)")
+  wanted = names if not only else tuple(s.strip() for s in only.split(","))
+  unknown = [s for s in wanted if s not in names]
+  if unknown:
+    raise ConfigError(f"--only: unknown stage(s) {unknown}; stages: {list(names)}")
+  results = {}
+  for name in names:
+    if name not in wanted:
+      continue
+    config = load_config(stage_spec(spec, name), overrides)
+    stage_dir = root / name
+    if config.train.init_from and not pathlib.Path(config.train.init_from).is_absolute():
+      src = root / config.train.init_from
+      if not (src / "checkpoints").is_dir():
+        raise ConfigError(f"stage {name}: train.init_from={config.train.init_from!r} has no checkpoint "
+                          f"(expected {src}/checkpoints; run that stage first)")
+      config.train.init_from = str(src)
+    if _finished(stage_dir, int(config.train.steps)):
+      results[name] = {"skipped": "already finished"}
+      continue
+    t0 = time.time()
+    summary = trainer.train(config, stage_dir, progress=progress)
+    summary["wall_seconds"] = time.time() - t0
+    results[name] = {k: v for k, v in summary.items() if k != "last"}
+    (stage_dir / "summary.json").write_text(json.dumps(results[name], indent=2, default=str))
+  return results

@@ -1,0 +1,59 @@
+"""Metrics to JSONL and TensorBoard, written by process 0 only."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Mapping
+
+import jax
+import numpy as np
+
+
+def _scalar(v):
+  v = np.asarray(v)
+  return v.item() if v.size == 1 else v.tolist()
+
+
+class MetricWriter:
+  def __init__(self, workdir: str | pathlib.Path, *, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = pathlib.Path(workdir) / "metrics.jsonl"
+    self._tb = None
+    if self.enabled:
+      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if tensorboard:
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
+
+  def write(self, step: int, metrics: Mapping, prefix: str = "") -> dict:
+    row = {"step": int(step), "time": time.time(), **{prefix + k: _scalar(v) for k, v in metrics.items()}}
+    if self.enabled:
+      with self.path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+      if self._tb is not None:
+        for k, v in row.items():
+          if k not in ("step", "time") and isinstance(v, (int, float)):
+            self._tb.add_scalar(k, v, int(step))
+    return row
+
+  def image(self, step: int, name: str, image_hwc_uint8: np.ndarray) -> None:
+    if self.enabled and self._tb is not None:
+      self._tb.add_image(name, image_hwc_uint8, int(step), dataformats="HWC")
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict]:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  if not path.exists():
+    return []
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

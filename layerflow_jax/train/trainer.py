@@ -1,0 +1,213 @@
+"""The one trainer: every stage (base, motion LoRA, content LoRA) is this loop with another config.
+
+Resumes automatically from ``WORKDIR/checkpoints`` (state, RNG and data-iterator position); starts from
+``config.train.init_from`` (a previous stage's work dir: parameters only, fresh optimizer) otherwise. SIGTERM and
+SIGINT finish the current step, save and return.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+from tqdm import tqdm
+
+from layerflow_jax import sharding as shd
+from layerflow_jax.train import checkpoint as ckpt_lib
+from layerflow_jax.train import logging as log_lib
+from layerflow_jax.train import step as step_lib
+from layerflow_jax.train.experiment import Experiment, TrainState
+
+log = logging.getLogger(__name__)
+
+BATCH_KEYS = ("video", "tokens", "clip_valid", "motion_scale")
+
+
+def global_batch(exp: Experiment, local: dict) -> dict:
+  """Process-local NumPy batch → global jax.Arrays sharded over the batch axes of the mesh."""
+  out = {}
+  for k in BATCH_KEYS:
+    if k in local:
+      x = np.asarray(local[k])
+      out[k] = jax.make_array_from_process_local_data(shd.data_sharding(exp.mesh, x.ndim), x)
+  return out
+
+
+def check_batch(exp: Experiment) -> None:
+  shape = exp.mesh.shape
+  dp = shape["data"] * shape["fsdp"]
+  b = int(exp.config.data.batch_size)
+  if b % dp:
+    raise ValueError(f"data.batch_size {b} is not divisible by the data-parallel size {dp} "
+                     f"(mesh data={shape['data']} × fsdp={shape['fsdp']})")
+  k = int(exp.config.train.grad_accum)
+  if k < 1 or (b // jax.process_count()) % k:
+    raise ValueError(f"train.grad_accum {k} must divide the per-process batch {b // jax.process_count()}")
+
+
+def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None) -> tuple[dict, Any]:
+  """Full flat parameters (EMA when the run used it) and the config of the newest checkpoint under ``path``."""
+  workdir = ckpt_lib.find_checkpoint_dir(path)
+  ck = ckpt_lib.Checkpointer(workdir)
+  try:
+    meta = ck.read_meta()
+    config = ckpt_lib.config_from_meta(meta["config"])
+    exp = Experiment(config, mesh)
+    abstract = exp.abstract_state()
+    state, _, step = ck.restore_latest(abstract, exp.state_shardings(abstract))
+    if state is None:
+      raise FileNotFoundError(f"{path}: no readable checkpoint")
+    return exp.full_params(state, use_ema), config
+  finally:
+    ck.close()
+
+
+class _StopFlag:
+  """Set by SIGTERM/SIGINT; the loop saves and exits after the current step."""
+
+  def __init__(self):
+    self.signal = None
+    self._old = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._old[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    self.signal = signum
+
+  def __exit__(self, *exc):
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+
+def _meta(exp: Experiment, state_step: int, extra: dict | None = None) -> dict:
+  return {"config": ckpt_lib.config_to_meta(exp.config), "step": int(state_step), **(extra or {})}
+
+
+def _validation_batches(exp: Experiment, num_batches: int) -> list[dict]:
+  from data_pipelines import pipeline
+
+  ds = pipeline.make_dataset(exp.config, "validation", shard_index=jax.process_index(),
+                             shard_count=jax.process_count())
+  out = []
+  for i in range(min(num_batches, len(ds))):
+    out.append(global_batch(exp, ds[i]))
+  return out
+
+
+def evaluate_loss(exp: Experiment, eval_fn, params: dict, batches: list[dict], seed: int = 1234) -> dict:
+  totals: dict[str, float] = {}
+  for i, b in enumerate(batches):
+    m = eval_fn(params, b, jax.random.key(seed + i))
+    for k, v in m.items():
+      totals[k] = totals.get(k, 0.0) + float(v) / len(batches)
+  return totals
+
+
+def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, stop_after: int | None = None,
+          progress: bool = True) -> dict:
+  """Trains to ``config.train.steps`` (or ``stop_after`` more steps); returns a summary dict."""
+  from data_pipelines import mixture
+
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  exp = Experiment(config, mesh)
+  check_batch(exp)
+  tc = config.train
+  writer = log_lib.MetricWriter(workdir)
+  ck = ckpt_lib.Checkpointer(workdir, keep=int(tc.keep_checkpoints))
+  iterator = mixture.make_train_iterator(config, shard_index=jax.process_index(),
+                                         shard_count=jax.process_count())
+
+  # ------------------------------------------------------------------ state: resume, chain or init
+  abstract = exp.abstract_state()
+  shardings = exp.state_shardings(abstract)
+  state, meta, resumed = ck.restore_latest(abstract, shardings, iterator=iterator)
+  if state is not None:
+    log.info("resumed from %s at step %d", ck.directory, resumed)
+  elif tc.init_from:
+    params, _ = load_params(tc.init_from, exp.mesh)
+    state = exp.init_state(params=params)
+    log.info("initialised parameters from %s", tc.init_from)
+  else:
+    state = exp.init_state()
+  start = int(state.step)
+  from layerflow_jax.train import partition
+
+  n_trainable = partition.count(state.trainable)
+  n_total = sum(int(np.prod(v.shape)) for v in exp.abstract_params.values())
+  n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
+
+  train_fn = step_lib.compile_train_step(exp, shardings, None)
+  eval_fn = step_lib.compile_eval(exp)
+  val_batches = _validation_batches(exp, int(config.get("eval", {}).get("num_batches", 2)))
+  summary = {"workdir": str(workdir), "start_step": start, "trainable_params": n_trainable,
+             "total_params": n_total, "optimizer_state_values": n_opt,
+             "trainable_selection": partition.describe(exp.selection)}
+
+  def run_eval(step):
+    if not val_batches:
+      return {}
+    with shd.use_mesh(exp.mesh):
+      m = evaluate_loss(exp, eval_fn, exp.full_params(state), val_batches)
+    writer.write(step, m)
+    return m
+
+  if start == 0:
+    summary["initial"] = run_eval(0)
+  total = int(tc.steps) if stop_after is None else min(int(tc.steps), start + int(stop_after))
+  last_metrics: dict = {}
+  t0, steps_done = time.time(), 0
+  bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0, desc="train",
+             dynamic_ncols=True)
+  step = start
+  with _StopFlag() as stop:
+    while step < total:
+      batch = global_batch(exp, next(iterator))
+      with shd.use_mesh(exp.mesh):
+        state, metrics = train_fn(state, batch)
+      step += 1
+      steps_done += 1
+      bar.update(1)
+      if step % int(tc.log_every) == 0 or step == total:
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m["steps_per_s"] = steps_done / max(time.time() - t0, 1e-9)
+        if not np.isfinite(m["loss"]):
+          log.warning("step %d: non-finite loss (update skipped; %d skipped so far)", step,
+                      int(m["skipped_nonfinite"]))
+        max_bad = int(tc.get("max_consecutive_nonfinite", 20))
+        if m["nonfinite_in_a_row"] >= max_bad:
+          raise FloatingPointError(f"{int(m['nonfinite_in_a_row'])} consecutive non-finite updates at step {step} "
+                                   f"(limit train.max_consecutive_nonfinite={max_bad}); stopping")
+        last_metrics = writer.write(step, m)
+        bar.set_postfix(loss=f"{m['loss']:.4f}")
+      if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step != total:
+        run_eval(step)
+      if (int(tc.checkpoint_every) and step % int(tc.checkpoint_every) == 0) or step == total or stop.signal:
+        ck.save(step, state, iterator=iterator, meta=_meta(exp, step))
+      if stop.signal:
+        log.warning("signal %d: saved step %d, exiting", stop.signal, step)
+        summary["interrupted_by_signal"] = int(stop.signal)
+        break
+  bar.close()
+  ck.wait()
+  if step == int(tc.steps):
+    summary["final"] = run_eval(step)
+  summary.update(end_step=step, seconds=time.time() - t0, steps_per_s=steps_done / max(time.time() - t0, 1e-9),
+                 last=last_metrics)
+  writer.flush()
+  writer.close()
+  ck.close()
+  return summary
