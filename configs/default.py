@@ -24,8 +24,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.name = "layerflow_synthetic"  # TFDS builder
   c.data.data_dir = "data/tfds"  # TFDS data_dir (relative to the current directory)
   c.data.frames = 8  # frames per sub-clip
-  c.data.height = 32
-  c.data.width = 32
+  c.data.height = 16
+  c.data.width = 16
   c.data.num_train = 512
   c.data.num_validation = 32
   c.data.builder_seed = 0
@@ -37,8 +37,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.mixture = []
 
   # ---------------------------------------------------------------- encoders
+  # The pixel codec is lossless (space-to-depth), so a token carries 3·spatial²·temporal·patch² values; keep that
+  # at or below the model width (24 channels × 2×2 patch = 96 ≤ 128 for tiny), or the model cannot even
+  # reproduce its input at low noise.
   c.text_encoder = mlc.ConfigDict(dict(kind="byte", max_length=32, dim=64, seed=0))
-  c.autoencoder = mlc.ConfigDict(dict(kind="pixel", spatial=4, temporal=2, scaling_factor=1.0))
+  c.autoencoder = mlc.ConfigDict(dict(kind="pixel", spatial=2, temporal=2, scaling_factor=1.0))
 
   # ---------------------------------------------------------------- model
   c.model = common.model_config(args.size)

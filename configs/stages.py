@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.train.log_every = 20
     c.train.checkpoint_every = 100
     c.train.warmup_steps = 20
-    steps = {"stage1_base": 500, "stage2_motion_lora": 100, "stage3_content_lora": 100}
+    steps = {"stage1_base": 900, "stage2_motion_lora": 80, "stage3_content_lora": 80}
     c.train.steps = steps[a.stage]
     if a.stage == "stage1_base":
       c.train.lr = 2e-3
