@@ -79,7 +79,9 @@ def test_train_resume_sample_through_cli(data_dir, tmp_path, capsys):
 
 def test_three_stages_chain_and_freeze(data_dir, tmp_path):
   work = tmp_path / "stages"
-  steps = ["train.steps=2", "train.checkpoint_every=2"]
+  # adaLN-zero: the first update moves only the output projection, the next ones open the gates; a stage 1 of
+  # at least 3 steps is needed before any gradient reaches a LoRA in the blocks.
+  steps = ["train.steps=4", "train.checkpoint_every=4"]
   assert cli.main(["train-stages", "--config", "configs/stages.py:size=tiny,motion_rank=2,content_rank=4",
                    "--workdir", str(work), "--no-progress"] + _flags(data_dir, steps)) == 0
   p1, _ = trainer.load_params(work / "stage1_base")
