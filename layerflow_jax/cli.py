@@ -19,7 +19,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Separates ``--config.KEY=VALUE`` / ``--config.KEY VALUE`` from the other arguments."""
   rest, overrides = [], []
-  it = iter(range(len(argv)))
   argv = list(argv)
   i = 0
   while i < len(argv):
@@ -36,7 +35,6 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     else:
       rest.append(a)
     i += 1
-  del it
   return rest, overrides
 
 

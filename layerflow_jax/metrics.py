@@ -13,21 +13,15 @@ from typing import Mapping
 import numpy as np
 
 from layerflow_jax import layers as L
+from data_pipelines import synthetic as _synthetic
 
 PSNR_CAP_DB = 100.0
 EXAMPLE_NDIM = 4
 
-# Named colours in 0..255 RGB. The first eight mirror ``data_pipelines.synthetic.COLORS`` (the names used in
-# the synthetic prompts); magenta, gray and black catch desaturated or wrong-hue generations.
+# Named colours in 0..255 RGB: the synthetic prompts' colours (one definition, in data_pipelines.synthetic) plus
+# magenta, gray and black, which catch desaturated or wrong-hue generations.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    "red": (225, 30, 30),
-    "green": (30, 200, 60),
-    "blue": (40, 70, 235),
-    "yellow": (245, 220, 40),
-    "white": (245, 245, 245),
-    "purple": (150, 50, 210),
-    "orange": (250, 140, 20),
-    "cyan": (40, 215, 225),
+    **_synthetic.COLORS,
     "magenta": (230, 40, 200),
     "gray": (128, 128, 128),
     "black": (15, 15, 15),

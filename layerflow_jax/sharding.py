@@ -18,7 +18,6 @@ import math
 from typing import Iterator, Sequence
 
 import jax
-import numpy as np
 from flax import nnx
 from flax.core import spmd as core_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
@@ -132,6 +131,3 @@ def spec_table(state) -> dict[str, P]:
     flat[key] = leaf
   return flat
 
-
-def _np_prod(xs) -> int:
-  return int(np.prod(xs)) if len(xs) else 1
