@@ -1,0 +1,198 @@
+"""TFDS builder ``layerflow_images``: layered images (RGBA foreground, background, composite, three prompts).
+
+The official image schema (``data.manual_dirs.layerflow_images`` = ROOT; every ``ROOT/*.json`` is a split named
+after it, as for :mod:`data_pipelines.layerflow_folder`)::
+
+  {ID: {"prompt_fg": str, "prompt_bg": str, "prompt": str,
+        "images": "composite.png", "images_bg": "bg.png", "images_fg": "fg_rgba.png"}}
+
+Paths are relative to the JSON file (or absolute); a value may also be a one-element list. ``images_fg`` must
+carry an alpha channel (the matte). Without ``images_bg`` the background is marked missing (``has_bg`` False);
+without ``images`` the composite is computed from fg, alpha and bg; without both the record is bad.
+Records are stored as one-frame clips of the layered-record schema (``importing.layered_features``), so the
+pipeline repeats them into static clips (stage 3's layered images, motion scale 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import pathlib
+from typing import Any, Iterator
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data_pipelines import importing
+from data_pipelines.importing import BadRecord, LayoutError
+
+NAME = "layerflow_images"
+
+
+@dataclasses.dataclass(eq=False)
+class LayerflowImagesConfig(tfds.core.BuilderConfig):
+  height: int = 480
+  width: int = 720
+  resize: str = "crop"
+  num_validation: int = 0
+  max_bad_fraction: float = 0.05
+  threads: int = 4
+
+
+def make_config(height: int = 480, width: int = 720, resize: str = "crop", num_validation: int = 0,
+                max_bad_fraction: float = 0.05, threads: int = 4) -> LayerflowImagesConfig:
+  if resize not in importing.RESIZE_MODES:
+    raise ValueError(f"resize {resize!r} unknown; expected one of {importing.RESIZE_MODES}")
+  return LayerflowImagesConfig(
+      name=f"h{height}_w{width}_{resize}_v{num_validation}", description="layered images", height=int(height),
+      width=int(width), resize=resize, num_validation=int(num_validation),
+      max_bad_fraction=float(max_bad_fraction), threads=int(threads))
+
+
+def _path(base: pathlib.Path, value: Any, key: str, where: str) -> pathlib.Path | None:
+  if value is None or value == "" or value == []:
+    return None
+  if isinstance(value, list):
+    if len(value) != 1 or not isinstance(value[0], str):
+      raise BadRecord(f"{where}: {key!r} must be a path or a one-element list of paths, got {value!r}")
+    value = value[0]
+  if not isinstance(value, str):
+    raise BadRecord(f"{where}: {key!r} must be a path, got {type(value).__name__}")
+  p = pathlib.Path(value)
+  return p if p.is_absolute() else base / p
+
+
+def _read(path: pathlib.Path, mode: str) -> np.ndarray:
+  if not path.is_file():
+    raise BadRecord(f"{path}: no such file")
+  return importing.read_image(path, mode)
+
+
+def load_image(meta_file: pathlib.Path, key: str, entry: Any, c: LayerflowImagesConfig) -> dict[str, Any]:
+  where = f"{meta_file} [{key!r}]"
+  if not isinstance(entry, dict):
+    raise BadRecord(f"{where}: expected an object, got {type(entry).__name__}")
+  prompts = {}
+  for ours, theirs in (("fg_prompt", "prompt_fg"), ("bg_prompt", "prompt_bg"), ("blend_prompt", "prompt")):
+    v = entry.get(theirs)
+    if not isinstance(v, str) or not v.strip():
+      raise BadRecord(f"{where}: {theirs!r} is missing or empty")
+    prompts[ours] = v.strip()
+  base = meta_file.parent
+  paths = {k: _path(base, entry.get(k), k, where) for k in ("images", "images_bg", "images_fg")}
+  if paths["images_fg"] is None:
+    raise BadRecord(f"{where}: 'images_fg' (the RGBA foreground) is missing")
+  rgba = _read(paths["images_fg"], "RGBA")
+  size = rgba.shape[:2]
+  others = {}
+  for k in ("images", "images_bg"):
+    if paths[k] is not None:
+      img = _read(paths[k], "RGB")
+      if img.shape[:2] != size:
+        raise BadRecord(f"{paths[k]}: wrong size {img.shape[1]}x{img.shape[0]} (WxH); the foreground "
+                        f"{paths['images_fg']} is {size[1]}x{size[0]}")
+      others[k] = img
+  if "images" not in others and "images_bg" not in others:
+    raise BadRecord(f"{where}: neither 'images' (composite) nor 'images_bg' is given")
+  fit = lambda x: importing.resize(x[None], c.height, c.width, mode=c.resize)
+  fg, alpha = fit(rgba[..., :3]), fit(rgba[..., 3:])
+  bg = fit(others["images_bg"]) if "images_bg" in others else importing.empty_frames(c.height, c.width)
+  if "images" in others:
+    blend = fit(others["images"])
+  else:  # composite from the resized layers: blend = α·fg + (1 − α)·bg
+    a = alpha.astype(np.float32) / 255.0
+    blend = np.clip(np.rint(a * fg + (1.0 - a) * bg), 0, 255).astype(np.uint8)
+  return {"id": key, "fg": fg, "alpha": alpha, "bg": bg, "blend": blend, "has_fg": True,
+          "has_bg": "images_bg" in others, **prompts}
+
+
+def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[tuple[pathlib.Path, str, Any]]]:
+  if not root.is_dir():
+    raise LayoutError(f"{root}: no such folder (the layered-image root: data.manual_dirs.{NAME})")
+  metas = sorted(root.glob("*.json"))
+  if not metas:
+    raise LayoutError(f"{root}: no meta JSON file (expected ROOT/<split>.json with {{ID: {{prompt_fg, …}}}})")
+  splits: dict[str, list] = {}
+  for meta in metas:
+    data = importing.read_json(meta)
+    if not isinstance(data, dict) or not data:
+      raise LayoutError(f"{meta}: expected a non-empty object ID → {{prompt_fg, prompt_bg, prompt, images, "
+                        f"images_bg, images_fg}}, got {type(data).__name__}")
+    split = importing.split_name(meta)
+    if split in splits:
+      raise LayoutError(f"{meta}: a second meta file for split {split!r}")
+    splits[split] = [(meta, str(k), v) for k, v in sorted(data.items())]
+  if "validation" not in splits and num_validation > 0 and "train" in splits:
+    if len(splits["train"]) <= num_validation:
+      raise LayoutError(f"{root}: train has {len(splits['train'])} images, too few to hold out {num_validation}")
+    splits["train"], splits["validation"] = splits["train"][:-num_validation], splits["train"][-num_validation:]
+  return splits
+
+
+class LayerflowImages(tfds.core.GeneratorBasedBuilder):
+  """Layered images as one-frame layered records."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "Initial release."}
+  BUILDER_CONFIGS = [make_config()]
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> epath.Path:
+    return epath.Path(inspect.getfile(cls))
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    c = self.builder_config
+    return tfds.core.DatasetInfo(builder=self, description=__doc__,
+                                 features=importing.layered_features(1, c.height, c.width),
+                                 metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    splits = read_layout(pathlib.Path(dl_manager.manual_dir), self.builder_config.num_validation)
+    self.info.metadata["skipped"] = {}
+    return {split: self._generate_examples(split, items) for split, items in splits.items()}
+
+  def _generate_examples(self, split, items) -> Iterator[tuple[str, dict[str, Any]]]:
+    c = self.builder_config
+    skips = importing.SkipLog(f"{NAME} split {split!r}", len(items), c.max_bad_fraction)
+
+    def load(item):
+      meta, key, entry = item
+      try:
+        return key, load_image(meta, key, entry, c), None
+      except BadRecord as e:
+        return key, None, str(e)
+
+    for key, record, error in importing.imap_ordered(load, items, c.threads):
+      if error is not None:
+        skips.bad(key, error)
+        continue
+      skips.ok()
+      yield key, record
+    self.info.metadata["skipped"][split] = skips.finish()
+
+
+def make_builder(data_cfg) -> LayerflowImages:
+  config = make_config(data_cfg.height, data_cfg.width, data_cfg.get("resize", "crop"),
+                       data_cfg.get("num_validation", 0), data_cfg.get("max_bad_fraction", 0.05))
+  arg = config.name if config.name in LayerflowImages.builder_configs else config
+  return LayerflowImages(config=arg, data_dir=str(data_cfg.data_dir), file_format="array_record")
+
+
+def build(data_cfg) -> LayerflowImages:
+  from data_pipelines.layerflow_folder import manual_dir
+
+  builder = make_builder(data_cfg)
+  if not builder.is_prepared():
+    root = manual_dir(data_cfg, NAME)
+    read_layout(pathlib.Path(root), builder.builder_config.num_validation)
+    builder.download_and_prepare(file_format="array_record",
+                                 download_config=tfds.download.DownloadConfig(manual_dir=root))
+  return builder
+
+
+def load_source(data_cfg, split: str):
+  return importing.prepared_source(make_builder(data_cfg), NAME, split,
+                                   f"run `layerflow data import {NAME} --manual_dir ROOT` first")
