@@ -3,7 +3,8 @@
 CogVideoX encodes video with a 3D causal VAE (8× spatial, 4× temporal, 16 channels, scaling factor
 1.15258426). The demo uses :class:`PixelCodec`: space-to-depth over ``spatial × spatial`` pixels and
 ``temporal`` frames, which is lossless, has no parameters and keeps the same
-``[N, frames, height, width, channels]`` contract, so the VAE plugs in behind the same interface.
+``[N, frames, height, width, channels]`` contract, so the VAE (``kind = "cogvideox"``,
+:class:`layerflow_jax.encoders.vae.CogVideoXCodec`) plugs in behind the same interface.
 
 Each LayerFlow sub-clip is encoded on its own (``encode_clips``), then the latent clips are packed on the
 time axis again.
@@ -83,7 +84,23 @@ def decode_clips(codec: Autoencoder, latents, num_clips: int):
 
 
 def make_codec(cfg) -> Autoencoder:
-  """Builds the autoencoder named by ``cfg.kind``."""
+  """Builds the autoencoder named by ``cfg.kind`` (a ConfigDict, ``autoencoder`` in the configs).
+
+  * ``pixel``: :class:`PixelCodec` (``spatial``, ``temporal``, ``scaling_factor``).
+  * ``cogvideox``: CogVideoX's 3D causal VAE (:mod:`layerflow_jax.encoders.vae`) from ``path`` (a diffusers
+    ``AutoencoderKLCogVideoX`` directory; its ``config.json`` gives the scaling factor), ``dtype``, ``tiling``
+    with ``tile_height`` / ``tile_width`` (0 = diffusers' defaults, 240 × 360). Weights load on first use.
+  """
   if cfg.kind == "pixel":
     return PixelCodec(spatial=cfg.spatial, temporal=cfg.temporal, scaling_factor=cfg.scaling_factor)
-  raise ValueError(f"autoencoder.kind: unknown autoencoder {cfg.kind!r}; expected 'pixel'")
+  if cfg.kind == "cogvideox":
+    from layerflow_jax.encoders import vae, weights
+
+    if not cfg.get("path"):
+      raise ValueError("autoencoder.path: required for kind 'cogvideox' (an AutoencoderKLCogVideoX directory)")
+    codec = vae.CogVideoXCodec.from_pretrained(
+        cfg.path, dtype=cfg.get("dtype", "float32"), tiling=cfg.get("tiling", True),
+        tile_height=cfg.get("tile_height", 0), tile_width=cfg.get("tile_width", 0))
+    weights.hoist_closed_over_weights()
+    return codec
+  raise ValueError(f"autoencoder.kind: unknown autoencoder {cfg.kind!r}; expected 'pixel' or 'cogvideox'")

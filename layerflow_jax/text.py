@@ -6,7 +6,8 @@ the demo uses :class:`ByteTextEncoder`, which needs no download: bytes → fixed
 random causal-free 1-D convolutions (character n-gram features) + a sinusoidal position code. It is frozen and
 deterministic from its seed, like a pretrained encoder, and behaves like one for the trainer (no parameters).
 
-Any encoder implementing :class:`TextEncoder` plugs in (the T5 encoder of the encoders issue does).
+Any encoder implementing :class:`TextEncoder` plugs in: ``kind = "t5"`` selects CogVideoX's T5-v1.1
+(:class:`layerflow_jax.encoders.t5.T5TextEncoder`).
 """
 
 from __future__ import annotations
@@ -93,7 +94,27 @@ class ByteTextEncoder:
 
 
 def make_text_encoder(cfg) -> TextEncoder:
-  """Builds the encoder named by ``cfg.kind`` (a ConfigDict with ``kind``, ``max_length``, ``dim``, ``seed``)."""
+  """Builds the encoder named by ``cfg.kind`` (a ConfigDict, ``text_encoder`` in the configs).
+
+  * ``byte``: :class:`ByteTextEncoder` (``max_length``, ``dim``, ``seed``).
+  * ``t5``: T5-v1.1 (:mod:`layerflow_jax.encoders.t5`) from ``path`` (a transformers ``T5EncoderModel``
+    directory: ``config.json`` + safetensors) and ``tokenizer`` (a ``spiece.model``; empty = found next to
+    ``path``); ``max_length`` (CogVideoX: 226), ``dim`` (must equal the checkpoint's ``d_model``), ``dtype``,
+    ``attention_mask`` (False, as CogVideoX). Weights load on the first ``encode``.
+  """
   if cfg.kind == "byte":
     return ByteTextEncoder(max_length=cfg.max_length, dim=cfg.dim, seed=cfg.get("seed", 0))
-  raise ValueError(f"text_encoder.kind: unknown encoder {cfg.kind!r}; expected 'byte'")
+  if cfg.kind == "t5":
+    from layerflow_jax.encoders import t5, weights
+
+    if not cfg.get("path"):
+      raise ValueError("text_encoder.path: required for kind 't5' (a T5EncoderModel checkpoint directory)")
+    enc = t5.T5TextEncoder.from_pretrained(
+        cfg.path, tokenizer=cfg.get("tokenizer", ""), max_length=cfg.max_length,
+        dtype=cfg.get("dtype", "float32"), use_attention_mask=cfg.get("attention_mask", False))
+    if enc.dim != cfg.dim:
+      raise ValueError(f"text_encoder.dim {cfg.dim} does not match the T5 checkpoint's d_model {enc.dim} "
+                       f"({cfg.path})")
+    weights.hoist_closed_over_weights()
+    return enc
+  raise ValueError(f"text_encoder.kind: unknown encoder {cfg.kind!r}; expected 'byte' or 't5'")
