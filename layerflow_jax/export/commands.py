@@ -1,0 +1,94 @@
+"""``layerflow import-diffusers`` and ``layerflow export`` (PyTorch interop; see :mod:`.convert`).
+
+Nothing heavy is imported here at module level (the CLI imports this module for every command).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+DEFAULT_BASE_CONFIG = "configs/default.py"
+
+
+def _print(obj) -> None:
+  print(json.dumps(obj, indent=2, default=str))
+
+
+def _fail(e: Exception) -> int:
+  print(f"error: {e}", file=sys.stderr)
+  return 2
+
+
+def _config_spec(spec: str) -> str:
+  """A config spec relative to the current directory, else to the repository root of this package."""
+  from layerflow_jax.config import split_spec
+
+  path, arg = split_spec(spec)
+  if not pathlib.Path(path).is_file():
+    repo = pathlib.Path(__file__).resolve().parents[2] / path
+    if repo.is_file():
+      path = str(repo)
+  return path if arg is None else f"{path}:{arg}"
+
+
+# ----------------------------------------------------------------------------- import-diffusers
+
+
+def add_import_arguments(p) -> None:
+  p.add_argument("src", help="a diffusers CogVideoXTransformer3DModel folder (config.json + safetensors, sharded "
+                 "or not)")
+  p.add_argument("--out", required=True, help="the work dir to create (OUT/checkpoints/0)")
+  p.add_argument("--config", default=DEFAULT_BASE_CONFIG,
+                 help="base config whose data, encoders, layout and LayerFlow options are kept (model sizes come "
+                 "from config.json); configs/FILE.py[:ARG]")
+
+
+def run_import(args, overrides) -> int:
+  from layerflow_jax.config import load_config
+  from layerflow_jax.export import convert, diffusers_folder
+
+  base = load_config(_config_spec(args.config), overrides)
+  try:
+    summary = convert.import_diffusers(args.src, args.out, base)
+  except (convert.ExportError, diffusers_folder.FolderError, ValueError, FileNotFoundError) as e:
+    return _fail(e)
+  _print(summary)
+  return 0
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def add_export_arguments(p) -> None:
+  p.add_argument("--checkpoint", required=True, help="a work dir with checkpoints/ (the newest step is exported)")
+  p.add_argument("--out", required=True, help="the diffusers folder to write")
+  p.add_argument("--merge-lora", action="store_true",
+                 help="fold the adapters kept at sampling into the base weights (at their sampling scale); "
+                 "adapters removed at sampling are still written as separate files")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="cast every exported tensor (default: each parameter's own dtype)")
+  p.add_argument("--max-shard-size", default="5GB",
+                 help="shard the weights above this size (e.g. 5GB, 200MB, or bytes), with an index file")
+
+
+def run_export(args, overrides) -> int:
+  from layerflow_jax.export import convert
+
+  size = int(args.max_shard_size) if str(args.max_shard_size).isdigit() else args.max_shard_size
+  try:
+    summary = convert.export_checkpoint(args.checkpoint, args.out, overrides=overrides, merge_lora=args.merge_lora,
+                                        dtype=args.dtype, max_shard_size=size)
+  except (convert.ExportError, ValueError, FileNotFoundError) as e:
+    return _fail(str(e).splitlines()[0] if isinstance(e, convert.ExportError) else e)
+  _print(summary)
+  return 0
+
+
+COMMANDS = {
+    "import-diffusers": ("diffusers CogVideoX transformer folder → a LayerFlow checkpoint work dir",
+                         add_import_arguments, run_import),
+    "export": ("checkpoint → diffusers folder + PEFT LoRA files + LayerFlow extras", add_export_arguments,
+               run_export),
+}
