@@ -27,11 +27,14 @@ def model_config(size: str) -> mlc.ConfigDict:
   m.spatial_interpolation_scale = 1.875
   m.temporal_interpolation_scale = 1.0
   m.layer_embed = "text"  # "none" | "text" (official) | "text+video"
+  m.clip_positions = "video"  # "video" (official: positions run over the packed time axis) | "clip"
+  m.given_embed = False  # a learned vector on the video tokens of given clips (not official; helps multi-task)
   m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
   m.param_dtype = "float32"
   m.scan_layers = True
-  m.remat = "none"  # "none" | "full" | "save_attention" | "dots"
-  m.attention = "xla"  # implementation for jax.nn.dot_product_attention: "xla" | "cudnn"
+  m.remat = "none"  # "none" | "full" | "save_attention" | "dots" | "dots_attention"
+  m.attention = "xla"  # "xla" | "cudnn" (jax.nn.dot_product_attention) | "chunked" (exact, 1024 queries at a time)
+  m.fused_qkv = False  # one matmul for q, k, v where no LoRA targets them (same values; faster on GPUs)
   # LoRA adapters: name → {rank, alpha, targets ("q,k,v,out[,ff_in,ff_out]"), blocks ("all"|"every:K"|[i, …])}
   m.adapters = mlc.ConfigDict()
   return m

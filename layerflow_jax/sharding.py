@@ -4,7 +4,12 @@ Model code names logical axes only (``batch``, ``video_tokens``, ``embed``, ``he
 This module is the only place that knows mesh axes (``data``, ``fsdp``, ``tensor``, ``sequence``).
 
 Parameters and activations use separate names so they can be mapped differently (as in levanter): parameter
-``embed`` is sharded over ``fsdp`` (ZeRO-3 style), while activation ``act_embed`` stays replicated.
+``embed`` is sharded over ``fsdp`` and ``sequence`` (ZeRO-3 style: devices that split a clip's tokens would otherwise
+hold whole copies of the weights), while activation ``act_embed`` stays replicated.
+
+Multi-slice TPU (or multi-host GPU with a slow network between hosts): ``config.mesh.dcn`` gives how many of each
+axis's devices lie across the data-centre network; ``make_mesh`` then builds the device array with
+``mesh_utils.create_hybrid_device_mesh`` so that only those factors cross slices (put ``data`` there).
 
 The mesh uses ``AxisType.Auto`` on purpose: the model states its intent with sharding constraints and GSPMD
 propagates the rest; ``jax.make_mesh``'s Explicit default (jax ≥ 0.9) would make every op's sharding part of
@@ -36,7 +41,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("act_kv", None),
     # parameters
     ("layers", None),
-    ("embed", "fsdp"),
+    ("embed", ("fsdp", "sequence")),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
@@ -44,7 +49,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("text_embed", None),
     ("patch", None),
     ("channels", None),
-    ("modulation", "tensor"),
+    ("modulation", ("tensor", "fsdp", "sequence")),  # adaLN kernels [time_embed, 6·hidden]: 20% of 2B
     ("norm", None),
     ("lora_rank", None),
     ("clips", None),
@@ -53,10 +58,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   """Resolves a ``{data, fsdp, tensor, sequence}`` config (one entry may be -1) against the device count."""
-  shape = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
-  unknown = [k for k in mesh_cfg.keys() if k not in MESH_AXES]
+  unknown = [k for k in mesh_cfg.keys() if k not in MESH_AXES + ("dcn",)]
   if unknown:
-    raise ValueError(f"mesh: unknown axis {unknown[0]!r}; expected axes {MESH_AXES}")
+    raise ValueError(f"mesh: unknown axis {unknown[0]!r}; expected axes {MESH_AXES} (and 'dcn')")
+  shape = {a: int(mesh_cfg.get(a, 1)) for a in MESH_AXES}
   wild = [a for a, n in shape.items() if n == -1]
   if len(wild) > 1:
     raise ValueError(f"mesh: only one axis may be -1, got {wild}")
@@ -74,11 +79,52 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   return shape
 
 
+def dcn_shape(mesh_cfg, shape: dict[str, int]) -> dict[str, int]:
+  """Per-axis factors across the data-centre network (``mesh.dcn``; all 1 = a single slice / ICI-only mesh)."""
+  dcn_cfg = mesh_cfg.get("dcn", None) or {}
+  unknown = [k for k in dcn_cfg.keys() if k not in MESH_AXES]
+  if unknown:
+    raise ValueError(f"mesh.dcn: unknown axis {unknown[0]!r}; expected axes {MESH_AXES}")
+  dcn = {a: int(dcn_cfg.get(a, 1)) for a in MESH_AXES}
+  for a, n in dcn.items():
+    if n < 1 or shape[a] % n:
+      raise ValueError(f"mesh.dcn.{a}: {n} does not divide mesh.{a}={shape[a]}; expected a positive divisor")
+  return dcn
+
+
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The ``(data, fsdp, tensor, sequence)`` mesh over ``devices`` (default: all, across processes).
+
+  With ``mesh.dcn`` factors > 1 the device order comes from ``create_hybrid_device_mesh``: each axis is split into
+  an outer DCN part (across slices, or processes where devices carry no slice index) and an inner ICI part.
+  """
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
   dims = tuple(shape[a] for a in MESH_AXES)
-  return jax.make_mesh(dims, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+  axis_types = (AxisType.Auto,) * len(MESH_AXES)
+  dcn = dcn_shape(mesh_cfg, shape)
+  if math.prod(dcn.values()) == 1:
+    return jax.make_mesh(dims, MESH_AXES, axis_types=axis_types, devices=devices)
+  from jax.experimental import mesh_utils
+
+  ici = tuple(shape[a] // dcn[a] for a in MESH_AXES)
+  # Granules are TPU slices when there are several, else processes (GPU/CPU hosts report one slice or none).
+  by_process = len({getattr(d, "slice_index", None) for d in devices}) == 1
+  try:
+    grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in MESH_AXES), devices,
+                                                process_is_granule=by_process)
+  except (ValueError, AssertionError) as e:
+    granules = "processes" if by_process else "slices"
+    raise ValueError(f"mesh.dcn {dcn}: cannot lay out {len(devices)} devices as ICI {dict(zip(MESH_AXES, ici))} "
+                     f"within each of the {granules} × DCN {dcn} ({e})") from None
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
+
+
+def axis_size(mesh, name: str) -> int:
+  """Size of mesh axis ``name`` (1 when absent or outside any mesh)."""
+  if mesh is None or mesh.empty:
+    return 1
+  return int(dict(mesh.shape).get(name, 1))
 
 
 @contextlib.contextmanager
@@ -131,3 +177,23 @@ def spec_table(state) -> dict[str, P]:
     flat[key] = leaf
   return flat
 
+
+
+def sharding_table(shapes: dict[str, Sequence[int]], specs: dict[str, P], mesh: Mesh) -> dict[str, dict]:
+  """``path → {shape, spec, shard_shape}`` of parameters on ``mesh`` (for golden files and ``layerflow compile``).
+
+  ``spec`` lists each dimension's mesh axes after dropping axes of size 1 on this mesh (what actually splits);
+  ``shard_shape`` is the per-device block.
+  """
+  out = {}
+  for path in sorted(shapes):
+    shape = tuple(int(n) for n in shapes[path])
+    spec = specs[path]
+    effective = []
+    for axes in tuple(spec) + (None,) * (len(shape) - len(spec)):
+      axes = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+      kept = [a for a in axes if axis_size(mesh, a) > 1]
+      effective.append(None if not kept else (kept[0] if len(kept) == 1 else kept))
+    shard = NamedSharding(mesh, spec).shard_shape(shape)
+    out[path] = {"shape": list(shape), "spec": effective, "shard_shape": [int(n) for n in shard]}
+  return out

@@ -26,6 +26,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from layerflow_jax import sharding as shd
+from layerflow_jax.model import attention as attention_lib
 from layerflow_jax.model import embeddings as emb
 from layerflow_jax.model import lora as lora_lib
 
@@ -50,6 +51,12 @@ class DiTConfig:
   pos_embed: str = "sincos"  # "sincos" | "rope" | "none"
   spatial_interpolation_scale: float = 1.875
   temporal_interpolation_scale: float = 1.0
+  # "video": temporal positions run over the whole packed time axis (official); "clip": every sub-clip restarts
+  # at 0, so the same (t, y, x) of every layer shares one position (layers then differ by clip embedding only).
+  clip_positions: str = "video"
+  # A learned vector added to the video tokens of the clips the task gives (clean conditions), so one model
+  # trained on several tasks is told which clips to keep and which to generate. Not in the official model.
+  given_embed: bool = False
   layer_embed: str = "text"  # "none" | "text" | "text+video"
   num_prompts: int = 3
   num_clips: int = 4
@@ -57,7 +64,8 @@ class DiTConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"  # "none" | "full" | "dots" | "save_attention"
-  attention: str = "xla"  # "xla" | "cudnn"
+  attention: str = "xla"  # "xla" | "cudnn" | "chunked" (see model/attention.py)
+  fused_qkv: bool = False  # one [in, 3, out] matmul for q, k, v (blocks without q/k/v LoRA); same values
   adapters: tuple[lora_lib.AdapterSpec, ...] = ()
 
   @property
@@ -77,6 +85,8 @@ class DiTConfig:
       raise ValueError(f"model.layer_embed: {m.layer_embed!r} unknown; expected 'none', 'text' or 'text+video'")
     if m.pos_embed not in ("sincos", "rope", "none"):
       raise ValueError(f"model.pos_embed: {m.pos_embed!r} unknown; expected 'sincos', 'rope' or 'none'")
+    if m.get("clip_positions", "video") not in ("video", "clip"):
+      raise ValueError(f"model.clip_positions: {m.clip_positions!r} unknown; expected 'video' or 'clip'")
     if m.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat: {m.remat!r} unknown; expected one of {sorted(REMAT_POLICIES)}")
     for key in ("dtype", "param_dtype"):
@@ -88,9 +98,12 @@ class DiTConfig:
         in_channels=latent_c, out_channels=latent_c, text_embed_dim=config.text_encoder.dim,
         patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, norm_eps=m.norm_eps, qk_norm_eps=m.qk_norm_eps,
         pos_embed=m.pos_embed, spatial_interpolation_scale=m.spatial_interpolation_scale,
-        temporal_interpolation_scale=m.temporal_interpolation_scale, layer_embed=m.layer_embed,
+        temporal_interpolation_scale=m.temporal_interpolation_scale,
+        clip_positions=m.get("clip_positions", "video"), given_embed=bool(m.get("given_embed", False)),
+        layer_embed=m.layer_embed,
         num_prompts=3, num_clips=layout.num_clips, dtype=m.dtype, param_dtype=m.param_dtype,
-        scan_layers=m.scan_layers, remat=m.remat, attention=m.attention, adapters=adapters)
+        scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
+        fused_qkv=bool(m.get("fused_qkv", False)), adapters=adapters)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -153,9 +166,13 @@ class Attention(nnx.Module):
   def __call__(self, x, num_text: int, rope, lora: lora_lib.BlockLora | None):
     cfg = self.cfg
     b, n, _ = x.shape
-    q = lora_lib.project(self.to_q, x, lora, "q")
-    k = lora_lib.project(self.to_k, x, lora, "k")
-    v = lora_lib.project(self.to_v, x, lora, "v")
+    qkv_lora = lora is not None and any(t in w for w in lora.weights.values() for t in ("q", "k", "v"))
+    if cfg.fused_qkv and not qkv_lora:
+      q, k, v = self.fused_qkv(x)
+    else:
+      q = lora_lib.project(self.to_q, x, lora, "q")
+      k = lora_lib.project(self.to_k, x, lora, "k")
+      v = lora_lib.project(self.to_v, x, lora, "v")
     heads = lambda t: shd.constrain(t.reshape(b, n, cfg.num_heads, cfg.head_dim),
                                     ("batch", None, "act_heads", "act_kv"))
     q, k, v = heads(q), heads(k), heads(v)
@@ -165,10 +182,20 @@ class Attention(nnx.Module):
       q = jnp.concatenate([q[:, :num_text], emb.apply_rope(q[:, num_text:], cos, sin)], axis=1)
       k = jnp.concatenate([k[:, :num_text], emb.apply_rope(k[:, num_text:], cos, sin)], axis=1)
     impl = None if cfg.attention == "xla" else cfg.attention
-    out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    out = attention_lib.joint_attention(q, k, v, num_text, implementation=impl)  # sequence-parallel if meshed
     out = checkpoint_name(out, "attention_out")
     out = out.reshape(b, n, cfg.hidden)
     return lora_lib.project(self.to_out, out, lora, "out")
+
+  def fused_qkv(self, x):
+    """q, k, v from one matmul over the stacked kernels [in, 3, out]: one larger GEMM (and one for each gradient)
+    instead of three; the parameters stay the separate to_q / to_k / to_v of the diffusers layout."""
+    dtype = _DTYPES[self.cfg.dtype]
+    linears = (self.to_q, self.to_k, self.to_v)
+    kernel = jnp.stack([l.kernel[...] for l in linears], axis=1).astype(dtype)
+    bias = jnp.stack([l.bias[...] for l in linears], axis=0).astype(dtype)
+    qkv = jnp.einsum("bnd,dke->bnke", x.astype(dtype), kernel) + bias
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 class FeedForward(nnx.Module):
@@ -207,11 +234,21 @@ class Block(nnx.Module):
     return x, enc
 
 
+def _attention_kernel_saveable(prim, *_, **__) -> bool:
+  """Saves the fused (cuDNN) attention forward kernel's outputs — the output and the softmax statistics its
+  backward needs — so the backward pass does not run the attention forward again. Naming the output alone
+  cannot do that: the kernel's residuals live inside its custom VJP, and the statistics carry no name."""
+  return prim.name.startswith("dot_product_attention_fwd")
+
+
+_cp = jax.checkpoint_policies
 REMAT_POLICIES = {
     "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "save_attention": jax.checkpoint_policies.save_only_these_names("attention_out"),
+    "full": _cp.nothing_saveable,
+    "dots": _cp.dots_with_no_batch_dims_saveable,
+    "save_attention": _cp.save_from_both_policies(_cp.save_only_these_names("attention_out"),
+                                                  _attention_kernel_saveable),
+    "dots_attention": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _attention_kernel_saveable),
 }
 
 
@@ -221,9 +258,10 @@ REMAT_POLICIES = {
 class LayerFlowDiT(nnx.Module):
   """CogVideoX-compatible DiT over packed layered latents.
 
-  Call: ``model(latents [B, F, h, w, c], timesteps [B], text [B, P·L, text_dim], adapter_scales=None)``
-  → velocity ``[B, F, h, w, c]`` (float32). ``F`` must be divisible by ``num_clips``; ``P = num_prompts``.
-  ``adapter_scales`` maps an adapter name to a per-sample scale [B] (default 1 for every adapter).
+  Call: ``model(latents [B, F, h, w, c], timesteps [B], text [B, P·L, text_dim], adapter_scales=None,
+  given_frames=None)`` → velocity ``[B, F, h, w, c]`` (float32). ``F`` must be divisible by ``num_clips``;
+  ``P = num_prompts``. ``adapter_scales`` maps an adapter name to a per-sample scale [B] (default 1 for every
+  adapter); ``given_frames`` bool [B, F] marks the latent frames of given clips (used with ``given_embed``).
   """
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -242,6 +280,8 @@ class LayerFlowDiT(nnx.Module):
       self.layer_embed_norm = LayerNorm(d, cfg.norm_eps, rngs)
     if cfg.layer_embed == "text+video":
       self.clip_embed = nnx.Param(shd.param(_normal(0.02), ("clips", "embed"))(rngs.params(), (cfg.num_clips, d), pd))
+    if cfg.given_embed:
+      self.given_embed = nnx.Param(shd.param(_normal(0.02), ("embed",))(rngs.params(), (d,), pd))
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -272,7 +312,7 @@ class LayerFlowDiT(nnx.Module):
       enc = (enc.reshape(b, cfg.num_prompts, total // cfg.num_prompts, d) + layer[None, :, None]).reshape(b, total, d)
     return shd.constrain(enc, ("batch", "text_tokens", "act_embed"))
 
-  def embed_video(self, latents):
+  def embed_video(self, latents, given_frames=None):
     cfg = self.cfg
     b, f, h, w, c = latents.shape
     p = cfg.patch_size
@@ -285,13 +325,23 @@ class LayerFlowDiT(nnx.Module):
     x = self.patch_proj(latents.reshape(b * f, h, w, c).astype(_DTYPES[cfg.dtype]))
     x = x.reshape(b, f * (h // p) * (w // p), cfg.hidden)
     if cfg.pos_embed == "sincos":
-      table = emb.sincos_3d(cfg.hidden, f, h // p, w // p, cfg.spatial_interpolation_scale,
+      table = emb.sincos_3d(cfg.hidden, self._position_frames(f), h // p, w // p, cfg.spatial_interpolation_scale,
                             cfg.temporal_interpolation_scale)
-      x = x + jnp.asarray(table, x.dtype)[None]
+      x = x + jnp.asarray(self._tile_positions(table, f), x.dtype)[None]
     if cfg.layer_embed == "text+video":
       per_clip = (f // cfg.num_clips) * (h // p) * (w // p)
       x = x + jnp.repeat(self.clip_embed[...].astype(x.dtype), per_clip, axis=0)[None]
+    if cfg.given_embed and given_frames is not None:
+      given = jnp.repeat(jnp.asarray(given_frames, x.dtype), (h // p) * (w // p), axis=1)
+      x = x + given[..., None] * self.given_embed[...].astype(x.dtype)
     return shd.constrain(x, ("batch", "video_tokens", "act_embed"))
+
+  def _position_frames(self, f: int) -> int:
+    return f // self.cfg.num_clips if self.cfg.clip_positions == "clip" else f
+
+  def _tile_positions(self, table, f: int):
+    """A [frames·h·w, …] position table of one sub-clip repeated for every sub-clip (``clip_positions="clip"``)."""
+    return np.tile(table, (f // self._position_frames(f), 1))
 
   def embed_time(self, timesteps):
     t = emb.timestep_embedding(timesteps, self.cfg.hidden)
@@ -324,17 +374,18 @@ class LayerFlowDiT(nnx.Module):
           carry, _ = body(carry, jax.tree.map(lambda a: a[i], (seg_state, seg_lora)))
     return carry
 
-  def __call__(self, latents, timesteps, text, adapter_scales: Mapping[str, Any] | None = None):
+  def __call__(self, latents, timesteps, text, adapter_scales: Mapping[str, Any] | None = None,
+               given_frames=None):
     cfg = self.cfg
     b, f, h, w, c = latents.shape
     p = cfg.patch_size
-    x = self.embed_video(latents)
+    x = self.embed_video(latents, given_frames)
     enc = self.embed_text(text)
     temb = self.embed_time(timesteps)
     rope = None
     if cfg.pos_embed == "rope":
-      cos, sin = emb.rope_3d(cfg.head_dim, f, h // p, w // p)
-      rope = (jnp.asarray(cos), jnp.asarray(sin))
+      cos, sin = emb.rope_3d(cfg.head_dim, self._position_frames(f), h // p, w // p)
+      rope = (jnp.asarray(self._tile_positions(cos, f)), jnp.asarray(self._tile_positions(sin, f)))
     x, enc = self.run_blocks(x, enc, temb, rope, adapter_scales)
     x = self.norm_final(x)
     shift, scale = jnp.split(self.norm_out_linear(jax.nn.silu(temb)), 2, axis=-1)

@@ -45,7 +45,7 @@ def select(flat_params: Mapping[str, jax.Array], mode: str, *, num_layers: int,
     for p in paths:
       if p.startswith("blocks" + SEP):
         sel[p] = rows
-      elif p.startswith("layer_embed") or p.startswith("clip_embed"):
+      elif p.startswith(("layer_embed", "clip_embed", "given_embed")):
         sel[p] = None
     return sel
   if mode == "adapters":

@@ -1,0 +1,208 @@
+"""``layerflow compile``: lower and compile the train step ahead of time for a topology you do not have.
+
+  layerflow compile --config configs/stages.py:size=5b --topology cpu:8 --config.mesh.fsdp=8 …
+  layerflow compile --config configs/default.py:size=2b --topology tpu:v5p:2x2x2     # needs libtpu
+  layerflow compile --config … --topology gpu:8 --device-memory-gb 80
+
+Topologies: ``cpu:N`` (or ``N``) — N fake host devices; ``tpu:NAME`` — jax's compile-only TPU devices
+(``jax.experimental.topologies``, e.g. ``v5p:2x2x2``, ``v5e:4x4``; needs libtpu); ``gpu:N`` / ``gpu:HOSTSxN`` —
+compile-only CUDA devices where the installed jax supports them. When the real devices are unavailable the step is
+compiled for that many fake CPU devices instead (said in the output): the sharding, collectives and buffer sizes
+are the real program's, the temporary-buffer estimate is the CPU compiler's (fusion differs by backend).
+
+Fake CPU devices must exist before jax starts, so that path re-runs this command in a subprocess with
+``--xla_force_host_platform_device_count``. The output is one row per compile of a per-device memory table from
+``compiled.memory_analysis()`` (arguments, outputs, aliased by donation, temporaries, peak = args + outputs −
+aliased + temps) next to the parameter and optimizer bytes per device computed from the shardings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+_CHILD = "LAYERFLOW_AOT_CHILD"
+GiB = 1024**3
+
+
+def parse_topology(text: str) -> tuple[str, str, int]:
+  """``"cpu:8"`` → ``("cpu", "8", 8)``; ``"tpu:v5p:2x2x2"`` → ``("tpu", "v5p:2x2x2", 8)``; ``"gpu:2x8"`` → 16."""
+  platform, _, name = text.partition(":")
+  if not name:
+    platform, name = "cpu", text
+  platform = {"cuda": "gpu"}.get(platform, platform)
+  if platform not in ("cpu", "tpu", "gpu"):
+    raise ValueError(f"--topology {text!r}: platform {platform!r} unknown; expected cpu:N, tpu:NAME or gpu:N")
+  dims = name.rsplit(":", 1)[-1]
+  try:
+    count = math.prod(int(d) for d in dims.split("x"))
+  except ValueError:
+    raise ValueError(f"--topology {text!r}: cannot read a device count from {dims!r} "
+                     "(expected e.g. cpu:8, gpu:2x8, tpu:v5p:2x2x2)") from None
+  if count < 1:
+    raise ValueError(f"--topology {text!r}: the device count must be positive")
+  return platform, name, count
+
+
+def _compile_only_devices(platform: str, name: str):
+  """jax's compile-only devices for ``platform``/``name``, or None when this installation cannot make them."""
+  from jax.experimental import topologies
+
+  try:
+    if platform == "tpu":
+      return list(topologies.get_topology_desc(name, "tpu").devices)
+    if platform == "gpu":
+      return list(topologies.get_topology_desc(name, "cuda").devices)
+  except Exception as e:  # no libtpu / CUDA plugin / unsupported name
+    print(f"# {platform} topology {name!r} unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+          flush=True)
+  return None
+
+
+def _batch_specs(exp, sharding_for) -> dict:
+  """Abstract global batch (the batch contract of ``data_pipelines.pipeline``) with the data sharding."""
+  import jax
+  import jax.numpy as jnp
+
+  c = exp.config
+  b, n, t = int(c.data.batch_size), exp.layout.num_clips, int(c.data.frames)
+  shapes = {"video": ((b, n * t, int(c.data.height), int(c.data.width), 3), jnp.float32),
+            "tokens": ((b, 3, int(c.text_encoder.max_length)), jnp.int32),
+            "clip_valid": ((b, n), jnp.bool_), "motion_scale": ((b,), jnp.float32)}
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding_for(len(s))) for k, (s, d) in shapes.items()}
+
+
+def _bytes_per_device(tree, shardings) -> int:
+  import jax
+  import numpy as np
+
+  total = 0
+  for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "shard_shape"))):
+    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended):  # RNG keys: negligible
+      continue
+    total += int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
+  return total
+
+
+def compile_train_step(config, devices, *, label: str) -> dict:
+  """Lowers and compiles the train step of ``config`` on ``devices``; returns a row of the memory table."""
+  import jax
+  import numpy as np
+
+  from layerflow_jax import sharding as shd
+  from layerflow_jax.train import step as step_lib
+  from layerflow_jax.train.experiment import Experiment
+
+  mesh = shd.make_mesh(config.mesh, devices)
+  exp = Experiment(config, mesh)
+  abstract = exp.abstract_state()
+  shardings = exp.state_shardings(abstract)
+  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch_in = _batch_specs(exp, lambda ndim: shd.data_sharding(mesh, ndim))
+  fn = step_lib.compile_train_step(exp, shardings, None)
+  t0 = time.time()
+  with shd.use_mesh(mesh):
+    lowered = fn.lower(state_in, batch_in)
+    compiled = lowered.compile()
+  seconds = time.time() - t0
+  m = compiled.memory_analysis()
+  get = lambda name: int(getattr(m, name, 0) or 0)
+  args, out, alias, temp = (get("argument_size_in_bytes"), get("output_size_in_bytes"),
+                            get("alias_size_in_bytes"), get("temp_size_in_bytes"))
+  params = sum(int(np.prod(v.shape)) for v in exp.abstract_params.values())
+  trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.trainable))
+  shape = dict(mesh.shape)
+  return {
+      "config": label, "devices": len(devices), "platform": devices[0].platform,
+      "mesh": "×".join(f"{a}={n}" for a, n in shape.items() if n > 1) or "1 device",
+      "batch": int(config.data.batch_size), "params_B": params / 1e9, "trainable_B": trainable / 1e9,
+      "tokens": exp.latent_shape[0] * exp.layout.num_clips * (exp.latent_shape[1] // exp.model_cfg.patch_size)
+      * (exp.latent_shape[2] // exp.model_cfg.patch_size),
+      "dtype": config.model.dtype, "remat": config.model.remat,
+      "state_GiB": _bytes_per_device(abstract, shardings) / GiB,
+      "args_GiB": args / GiB, "out_GiB": out / GiB, "alias_GiB": alias / GiB, "temp_GiB": temp / GiB,
+      "peak_GiB": (args + out - alias + temp) / GiB, "compile_s": seconds,
+  }
+
+
+def format_table(rows: list[dict], device_gb: float) -> str:
+  head = ("| config | devices | mesh | batch | params (B) | trainable (B) | video tokens | state/dev GiB | "
+          "args GiB | out GiB | aliased GiB | temp GiB | peak/dev GiB | fits " + f"{device_gb:g} GB |")
+  lines = [head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    fits = "yes" if r["peak_GiB"] * GiB <= device_gb * 1e9 else "no"
+    lines.append(f"| {r['config']} | {r['devices']} {r['platform']} | {r['mesh']} | {r['batch']} | "
+                 f"{r['params_B']:.2f} | {r['trainable_B']:.2f} | {r['tokens']} | {r['state_GiB']:.1f} | "
+                 f"{r['args_GiB']:.1f} | {r['out_GiB']:.1f} | {r['alias_GiB']:.1f} | {r['temp_GiB']:.1f} | "
+                 f"{r['peak_GiB']:.1f} | {fits} |")
+  return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--config", required=True, action="append",
+                 help="configs/FILE.py[:ARG]; repeat to compile several configs into one table")
+  p.add_argument("--topology", required=True, help="cpu:N | tpu:NAME (e.g. v5p:2x2x2) | gpu:N or gpu:HOSTSxN")
+  p.add_argument("--device-memory-gb", type=float, default=80.0, help="per-device memory for the 'fits' column")
+  p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+
+
+def _child_env(count: int) -> dict:
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={count}"]), JAX_PLATFORMS="cpu",
+             **{_CHILD: "1"})
+  return env
+
+
+def run(args, overrides) -> int:
+  from layerflow_jax.config import load_config
+
+  platform, name, count = parse_topology(args.topology)
+  configs = [(spec, load_config(spec, overrides)) for spec in args.config]  # bad configs fail before any compile
+  devices = None
+  if platform != "cpu" and not os.environ.get(_CHILD):
+    devices = _compile_only_devices(platform, name)
+  if devices is None:
+    import jax
+
+    have = jax.devices("cpu") if os.environ.get(_CHILD) else []
+    if len(have) < count:
+      if os.environ.get(_CHILD):
+        raise SystemExit(f"error: expected {count} fake CPU devices, have {len(have)}")
+      print(f"# compiling for {count} fake CPU devices standing in for {args.topology}", flush=True)
+      cmd = [sys.executable, "-m", "layerflow_jax.cli", "compile", "--topology", f"cpu:{count}",
+             "--device-memory-gb", str(args.device_memory_gb)]
+      for spec in args.config:
+        cmd += ["--config", spec]
+      if args.json:
+        cmd += ["--json", args.json]
+      cmd += [f"--config.{o}" for o in overrides]
+      return subprocess.call(cmd, env=_child_env(count))
+    devices = have[:count]
+  rows = []
+  for spec, config in configs:
+    rows.append(compile_train_step(config, devices, label=spec))
+    print(f"# compiled {spec} in {rows[-1]['compile_s']:.0f} s", flush=True)
+  print(format_table(rows, args.device_memory_gb))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=1)
+  return 0
+
+
+COMMANDS = {"compile": ("ahead-of-time compile the train step for a topology; print per-device memory",
+                        add_arguments, run)}
+
+
+if __name__ == "__main__":
+  from layerflow_jax import cli
+
+  sys.exit(cli.main(["compile"] + sys.argv[1:]))

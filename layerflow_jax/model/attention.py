@@ -1,0 +1,119 @@
+"""Joint text + video attention, sequence-parallel when the mesh splits the video tokens.
+
+A 5B RGBA clip at 480×720 is 21,600 video tokens (+ 678 text tokens); its activations do not fit one device, so the
+``sequence`` mesh axis splits the *video* tokens (logical ``video_tokens``) while the text tokens stay replicated.
+Attention is the one place where every token needs every other, so it runs under ``jax.shard_map``:
+
+* each device all-gathers the video K/V of the other sequence shards (tiled, in shard order) and prepends the
+  text K/V it already holds — the full joint ``[text; video]`` key sequence, in the same order as unsharded;
+* its local video queries attend to that full sequence (exact softmax, nothing approximated);
+* the text queries attend to the full sequence too; every sequence shard computes the same text output, and a
+  ``pmean`` over ``sequence`` makes it invariant, so its gradient reaches K/V once (not once per shard).
+
+All-gathered K/V costs ``2·N·D`` per device per layer (≈ 270 MB in bf16 for 5B at full resolution), far less than
+the attention scores it splits; ring attention would trade that for ``sequence`` collective steps. Batch stays
+split over ``data``/``fsdp`` and heads over ``tensor`` (when the head count divides), so the other axes are unaffected.
+Without a ``sequence`` axis > 1 this is plain ``jax.nn.dot_product_attention``.
+
+``model.attention``: ``"xla"`` (materialises the [B, H, Nq, Nk] scores: 60 GB per sample and layer for 2B at full
+resolution in fp32), ``"cudnn"`` (flash attention, NVIDIA GPUs), or ``"chunked"`` — exact attention computed for
+:data:`QUERY_CHUNK` queries at a time (each query's softmax spans all keys, so nothing is approximated) under
+``jax.checkpoint``, so forward and backward hold one chunk's scores: any backend, including the CPU that
+``layerflow compile`` uses to estimate memory.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from layerflow_jax import sharding as shd
+
+
+QUERY_CHUNK = 1024
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` or, for ``implementation="chunked"``, :func:`chunked_attention`."""
+  if implementation == "chunked":
+    return chunked_attention(q, k, v)
+  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+
+
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK) -> jax.Array:
+  """Exact attention, ``chunk`` queries at a time (``lax.map`` over rematerialised chunks): peak memory for the
+  scores is ``B·H·chunk·Nk`` in forward and backward instead of ``B·H·Nq·Nk``."""
+  b, n, h, d = q.shape
+  if n <= chunk:
+    return jax.nn.dot_product_attention(q, k, v)
+  pad = (-n) % chunk
+  chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, (n + pad) // chunk, chunk, h, d)
+  one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v))
+  out = jax.lax.map(one, jnp.swapaxes(chunks, 0, 1))  # [chunks, B, chunk, H, D]
+  return jnp.swapaxes(out, 0, 1).reshape(b, n + pad, h, d)[:, :n]
+
+
+def _axes(names: tuple[str, ...]):
+  """Mesh axes of one logical name under the active rules (None, a name, or a tuple of names)."""
+  return shd.logical_to_spec(names)[0]
+
+
+def _size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  axes = (axes,) if isinstance(axes, str) else tuple(axes)
+  out = 1
+  for a in axes:
+    out *= shd.axis_size(mesh, a)
+  return out
+
+
+def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_text: int, *,
+                    implementation: str | None = None) -> jax.Array:
+  """Attention over ``[text; video]`` tokens: ``q, k, v`` [B, T+N, H, D] → [B, T+N, H, D].
+
+  Dispatches to :func:`sequence_parallel_attention` when the active mesh maps ``video_tokens`` to axes of size > 1.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if _size(mesh, _axes(("video_tokens",))) == 1:
+    return attend(q, k, v, implementation)
+  return sequence_parallel_attention(q, k, v, num_text, implementation=implementation)
+
+
+def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_text: int, *,
+                                implementation: str | None = None) -> jax.Array:
+  """All-gathered-K/V attention under ``shard_map`` with video tokens split over the sequence axes."""
+  mesh = jax.sharding.get_abstract_mesh()
+  b, n, h, _ = q.shape
+  seq_axes = _axes(("video_tokens",))
+  shards = _size(mesh, seq_axes)
+  num_video = n - num_text
+  if num_video % shards:
+    raise ValueError(f"sequence parallelism: {num_video} video tokens are not divisible by the {shards} "
+                     f"sequence shards (mesh axes {seq_axes}); change the clip size or mesh.sequence")
+  batch_axes = _axes(("batch",))
+  if b % _size(mesh, batch_axes):
+    batch_axes = None  # e.g. a batch of 1 while sampling: keep it whole
+  head_axes = _axes(("act_heads",))
+  if h % _size(mesh, head_axes):
+    head_axes = None  # heads that do not divide the tensor axis stay whole inside attention
+  text_spec = P(batch_axes, None, head_axes, None)
+  video_spec = P(batch_axes, seq_axes, head_axes, None)
+
+  def local(qt, kt, vt, qv, kv, vv):
+    gather = lambda x: jax.lax.all_gather(x, seq_axes, axis=1, tiled=True)
+    keys = jnp.concatenate([kt, gather(kv)], axis=1)
+    values = jnp.concatenate([vt, gather(vv)], axis=1)
+    out_video = attend(qv, keys, values, implementation)
+    if qt.shape[1] == 0:
+      return qt, out_video
+    out_text = attend(qt, keys, values, implementation)
+    return jax.lax.pmean(out_text, seq_axes), out_video
+
+  split = lambda x: (x[:, :num_text], x[:, num_text:])
+  (qt, qv), (kt, kv), (vt, vv) = split(q), split(k), split(v)
+  out_text, out_video = jax.shard_map(
+      local, in_specs=(text_spec,) * 3 + (video_spec,) * 3, out_specs=(text_spec, video_spec))(
+          qt, kt, vt, qv, kv, vv)
+  return jnp.concatenate([out_text, out_video], axis=1)
