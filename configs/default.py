@@ -4,6 +4,7 @@ Usage (argument = comma-separated ``key=value`` variants, big_vision style)::
 
   layerflow train --config configs/default.py:size=tiny --workdir runs/tiny
   layerflow train --config configs/default.py:size=2b,layout=rgba --config.train.steps=1000 --workdir runs/2b
+  layerflow train --config configs/default.py:size=2b,encoders=cogvideox,pretrained=/ckpt/CogVideoX-2b …
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  args = common.parse_arg(arg, size="tiny", layout="rgba", runlocal=False)
+  args = common.parse_arg(arg, size="tiny", layout="rgba", runlocal=False, encoders="builtin", pretrained="")
   c = mlc.ConfigDict()
   c.seed = 0
   c.layout = args.layout  # "rgba": [fg, alpha, bg, blend]; "rgb": [fg, bg, blend]
@@ -33,15 +34,44 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.worker_count = 0  # Grain worker processes (0 = in-process)
   c.data.num_epochs = None  # None = repeat forever
-  # Stage mixtures (data_pipelines/mixture.py): [{name, weight, transform: video|static, motion_scale}].
+  # Stage mixtures (data_pipelines/mixture.py): [{name, weight, transform: video|static, motion_scale,
+  # background: "" | a dataset whose clips get this entry's foreground by copy-paste, split}].
   c.data.mixture = []
+  # Imported data (data_pipelines/layerflow_{folder,images,videos}.py): source folders, sampling, bad records.
+  c.data.manual_dirs = mlc.ConfigDict(dict(layerflow_folder="", layerflow_images="", layerflow_videos=""))
+  c.data.frame_window = 0  # source frames the evenly spaced frames span at import (0 = the whole video)
+  c.data.background_frames = 0  # frames stored per plain video (0 = data.frames; more → random windows)
+  c.data.resize = "crop"  # "crop" (centre crop to the aspect ratio) | "stretch"
+  c.data.max_bad_fraction = 0.05  # skipped (corrupt/malformed) records allowed before the import stops
+  # Augmentation (training mixtures): temporal stride, random crop (min area; 1 = off), copy-paste, prompts.
+  c.data.max_frame_stride = 1
+  c.data.random_crop = 1.0
+  c.data.copy_paste = mlc.ConfigDict(dict(scale_min=0.5, scale_max=1.0, flip=0.5, prompt="{fg} over {bg}"))
+  c.data.prompt_dropout = 0.0  # per-layer prompt → "" (diffusion.prompt_dropout drops whole embeddings)
+  # Latent cache (`layerflow data cache`): train on stored latents + text embeddings instead of pixels.
+  c.data.cached = False
+  c.data.cache_dir = "data/latents"
+  c.data.cache_dtype = "float32"  # "float32" | "float16"
 
   # ---------------------------------------------------------------- encoders
   # The pixel codec is lossless (space-to-depth), so a token carries 3·spatial²·temporal·patch² values; keep that
   # at or below the model width (24 channels × 2×2 patch = 96 ≤ 128 for tiny), or the model cannot even
   # reproduce its input at low noise.
-  c.text_encoder = mlc.ConfigDict(dict(kind="byte", max_length=32, dim=64, seed=0))
-  c.autoencoder = mlc.ConfigDict(dict(kind="pixel", spatial=2, temporal=2, scaling_factor=1.0))
+  # `encoders=cogvideox,pretrained=DIR` selects CogVideoX's T5-v1.1-XXL and 3D causal VAE from a diffusers pipeline
+  # directory (DIR/text_encoder, DIR/tokenizer, DIR/vae); path / tokenizer / dtype / attention_mask / tiling are
+  # read by those kinds only. The VAE takes 1 + 8k or 8k frames per clip and sizes divisible by 8.
+  c.text_encoder = mlc.ConfigDict(dict(kind="byte", max_length=32, dim=64, seed=0, path="", tokenizer="",
+                                       dtype="float32", attention_mask=False))
+  c.autoencoder = mlc.ConfigDict(dict(kind="pixel", spatial=2, temporal=2, scaling_factor=1.0, path="",
+                                      dtype="float32", tiling=True, tile_height=0, tile_width=0))
+  if args.encoders == "cogvideox":
+    root = args.pretrained.rstrip("/")
+    c.text_encoder.update(kind="t5", max_length=226, dim=4096, dtype="bfloat16",
+                          path=f"{root}/text_encoder" if root else "",
+                          tokenizer=f"{root}/tokenizer" if root else "")
+    c.autoencoder.update(kind="cogvideox", dtype="bfloat16", path=f"{root}/vae" if root else "")
+  elif args.encoders != "builtin":
+    raise ValueError(f"config argument encoders={args.encoders!r} unknown; expected 'builtin' or 'cogvideox'")
 
   # ---------------------------------------------------------------- model
   c.model = common.model_config(args.size)
@@ -86,16 +116,21 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.trainable = "all"  # "all" | "official_base" | "adapters"
   c.train.trainable_adapters = ()  # with trainable="adapters": which ones (empty = all)
   c.train.adapter_scale_keys = mlc.ConfigDict()  # adapter → batch key of its per-sample scale
-  c.train.max_consecutive_nonfinite = 20
+  c.train.max_consecutive_nonfinite = 20  # non-finite steps in a row (each skipped) before the run stops
+  c.train.inject_nan_steps = ()  # fault injection (tests): these steps' batches become NaN
   c.train.log_every = 10
   c.train.eval_every = 0  # 0 = only at the end
   c.train.sample_every = 0
-  c.train.checkpoint_every = 100
+  c.train.checkpoint_every = 100  # steps (0 = off)
+  c.train.checkpoint_every_seconds = 0.0  # and/or at least this long after the previous checkpoint (0 = off)
   c.train.keep_checkpoints = 2
   c.train.init_from = ""  # a checkpoint dir to start the parameters from (fresh optimizer)
 
   # ---------------------------------------------------------------- mesh
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))
+  # Multi-slice TPU / multi-host: how many of each axis's devices lie across the data-centre network (the rest
+  # within a slice / host); e.g. 2 slices of 64: data=-1, fsdp=64, dcn.data=2 (layerflow_jax/sharding.py).
+  c.mesh.dcn = mlc.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
 
   if args.runlocal:
     c.train.steps = 4

@@ -158,18 +158,26 @@ def cmd_evaluate(args, overrides) -> int:
   from layerflow_jax.config import apply_overrides
   from layerflow_jax.sampling import LayeredSampler
   from layerflow_jax.train import trainer
-  from data_pipelines import pipeline
 
   params, config = trainer.load_params(args.checkpoint)
+  if args.config:  # the evaluation's data and sampling settings; the model stays the checkpoint's
+    other = _load(args.config, ())
+    for section in ("data", "sampling", "eval"):
+      if section in other:
+        config[section] = other[section]
   apply_overrides(config, overrides)
+  tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
   sampler = LayeredSampler(config, params)
-  ds = pipeline.make_dataset(config, args.split)
-  batches = [ds[i] for i in range(min(args.num_batches, len(ds)))]
-  result, _ = eval_lib.evaluate(sampler, batches, num_steps=args.steps)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "metrics.json").write_text(json.dumps(result, indent=2))
-  _print(result)
+  batches = eval_lib.eval_batches(config, args.split, num_batches=args.num_batches)
+  try:
+    result, previews = eval_lib.evaluate(sampler, batches, num_steps=args.steps, guidance_scale=args.guidance,
+                                         **({"tasks": tasks} if tasks else {}))
+  except ValueError as e:
+    raise SystemExit(f"error: {e}") from None
+  paths = eval_lib.write_report(args.out, result, previews, title=f"{args.checkpoint} on {args.split}")
+  print(eval_lib.markdown_table({"value": result}))
+  for k, v in paths.items():
+    print(f"{k}: {v}")
   return 0
 
 
@@ -177,6 +185,37 @@ def cmd_demo(args, overrides) -> int:
   from layerflow_jax import demo
 
   return demo.run(args.workdir, overrides, config_spec=args.config)
+
+
+# ----------------------------------------------------------------------------- commands in other modules
+
+# Modules that add their own subcommands. Each defines ``COMMANDS = {name: (help, add_arguments, run)}`` where
+# ``add_arguments(parser)`` declares the flags and ``run(args, overrides) -> int`` does the work; it may also define
+# ``DATA_COMMANDS`` (the same shape) for ``layerflow data NAME``. Such modules import nothing heavy at module level.
+COMMAND_MODULES = (
+    "layerflow_jax.export.commands",   # import-diffusers, export
+    "layerflow_jax.sweep",             # sweep, sweep-report
+    "layerflow_jax.aot",               # compile
+    "data_pipelines.commands",         # data cache, data build-folder …
+)
+
+
+def _command_modules():
+  import importlib
+
+  for name in COMMAND_MODULES:
+    try:
+      yield importlib.import_module(name)
+    except ModuleNotFoundError as e:
+      if e.name != name:  # the module exists but something it imports does not
+        raise
+
+
+def _add_module_commands(sub, table) -> None:
+  for name, (help_text, add_arguments, run) in table.items():
+    p = sub.add_parser(name, help=help_text)
+    add_arguments(p)
+    p.set_defaults(fn=run)
 
 
 # ----------------------------------------------------------------------------- parser
@@ -220,12 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
   sm.add_argument("--keep-motion-adapter", action="store_true", help="do not remove the motion LoRA")
   sm.set_defaults(fn=cmd_sample)
 
-  e = sub.add_parser("evaluate", help="layer metrics of a checkpoint on held-out clips")
+  e = sub.add_parser("evaluate", help="layer metrics of a checkpoint on held-out clips (JSON, Markdown, PNG)")
   e.add_argument("--checkpoint", required=True)
+  e.add_argument("--config", default=None, help="take data/sampling/eval settings from this config[:ARG]")
   e.add_argument("--split", default="validation")
   e.add_argument("--out", required=True)
-  e.add_argument("--num-batches", type=int, default=2)
+  e.add_argument("--tasks", default=None, help="comma-separated subset of generate,decompose,fg2bg,bg2fg")
+  e.add_argument("--num-batches", type=int, default=None, help="default: the whole split")
   e.add_argument("--steps", type=int, default=None)
+  e.add_argument("--guidance", type=float, default=None)
   e.set_defaults(fn=cmd_evaluate)
 
   d = sub.add_parser("data", help="datasets")
@@ -235,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--config", default="configs/default.py")
   b.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None)
   b.set_defaults(fn=cmd_data_build)
+
+  for module in _command_modules():
+    _add_module_commands(sub, getattr(module, "COMMANDS", {}))
+    _add_module_commands(dsub, getattr(module, "DATA_COMMANDS", {}))
 
   dm = sub.add_parser("demo", help="the whole path on a tiny config: data, three stages, samples, table")
   dm.add_argument("--workdir", default="demo_out")
@@ -256,6 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except Exception as e:  # the run's own clear stops (non-finite steps, unreadable checkpoints): one line, exit 1
+    from layerflow_jax.train.checkpoint import CheckpointError
+    from layerflow_jax.train.trainer import NonFiniteError
+
+    if isinstance(e, (NonFiniteError, CheckpointError)):
+      print(f"error: {e}", file=sys.stderr)
+      return 1
+    raise
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ or a wrong type is refused with a one-line error naming the key, the value and w
 from __future__ import annotations
 
 import ast
+import difflib
 import importlib.util
 import pathlib
 import sys
@@ -74,30 +75,36 @@ def set_key(config: mlc.ConfigDict, key: str, value: Any) -> None:
   node = config
   for i, part in enumerate(parents):
     if not isinstance(node, mlc.ConfigDict) or part not in node:
-      raise ConfigError(f"config key {'.'.join(parents[:i + 1])!r} does not exist (while setting {key}={value!r})")
+      here = sorted(node.keys()) if isinstance(node, mlc.ConfigDict) else []
+      raise ConfigError(f"config key {'.'.join(parents[:i + 1])!r} does not exist (while setting {key}={value!r}); "
+                        f"expected one of: {', '.join(here) or '(none)'}")
     node = node[part]
   if not isinstance(node, mlc.ConfigDict):
     raise ConfigError(f"config key {'.'.join(parents)!r} is not a group (while setting {key}={value!r})")
   if leaf not in node:
-    known = ", ".join(sorted(node.keys()))
-    raise ConfigError(f"config key {key!r} does not exist; keys here: {known}")
+    known = sorted(node.keys())
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f"did you mean {'.'.join(parents + close[:1])!r}? " if close else ""
+    raise ConfigError(f"config key {key!r} does not exist (value {value!r}); {hint}expected one of the keys "
+                      f"here: {', '.join(known) or '(none)'}")
   old = node[leaf]
   if isinstance(old, mlc.ConfigDict) and isinstance(value, dict):
     for k, v in value.items():
       set_key(config, f"{key}.{k}", v)
     return
   if isinstance(old, bool) and not isinstance(value, bool):
-    raise ConfigError(f"config key {key!r}: {value!r} is not a bool")
+    raise ConfigError(f"config key {key!r}: {value!r} is not a bool; expected True or False")
   if isinstance(old, (int, float)) and not isinstance(old, bool):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f"config key {key!r}: {value!r} is not a number (expected {type(old).__name__})")
     if isinstance(old, int) and isinstance(value, float) and not value.is_integer():
-      raise ConfigError(f"config key {key!r}: {value!r} is not an integer")
+      raise ConfigError(f"config key {key!r}: {value!r} is not an integer; expected an int")
     value = type(old)(value)
   try:
     node[leaf] = value
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config key {key!r}: cannot set {value!r} ({e})") from None
+  except (TypeError, ValueError):
+    raise ConfigError(f"config key {key!r}: cannot set {value!r} (a {type(value).__name__}); expected a "
+                      f"{type(old).__name__} like the current value {old!r}") from None
 
 
 def to_yaml_dict(config: mlc.ConfigDict) -> dict:

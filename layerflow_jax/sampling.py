@@ -32,6 +32,10 @@ def drop_adapters(config: mlc.ConfigDict, params: dict, names: Sequence[str]) ->
   keys = [k for k in config.train.get("adapter_scale_keys", {}) if k in names]
   for k in keys:
     del config.train.adapter_scale_keys[k]
+  # Nothing trains here: a training selection that names a removed adapter would only fail to resolve.
+  config.train.trainable_adapters = tuple(n for n in config.train.get("trainable_adapters", ()) if n not in names)
+  if config.train.get("trainable") == "adapters" and not config.train.trainable_adapters:
+    config.train.trainable = "all"
   prefix = tuple(f"adapters.{n}." for n in names)
   return config, {k: v for k, v in params.items() if not k.startswith(prefix)}
 
@@ -64,7 +68,8 @@ class LayeredSampler:
               if any(a.name == k for a in exp.model_cfg.adapters)}
 
     def velocity(x, t):
-      v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_text, adapter_scales=scales)
+      v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_text, adapter_scales=scales,
+                given_frames=jnp.concatenate([given_frames, given_frames]))
       return v[:b], v[b:]
 
     given_lat = exp.encode_video(given_video)

@@ -11,6 +11,7 @@ import pathlib
 import time
 from typing import Sequence
 
+from layerflow_jax import distributed
 from layerflow_jax.config import ConfigError, load_config, split_spec
 from layerflow_jax.train import checkpoint as ckpt_lib
 
@@ -48,6 +49,13 @@ def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str
   unknown = [s for s in wanted if s not in names]
   if unknown:
     raise ConfigError(f"--only: unknown stage(s) {unknown}; stages: {list(names)}")
+  import jax
+
+  from layerflow_jax import validate
+
+  for name in wanted:  # every stage's config is checked before the first compiles (chain sources come later)
+    validate.validate(load_config(stage_spec(spec, name), overrides), num_devices=jax.device_count(),
+                      process_count=jax.process_count(), check_chain=False)
   results = {}
   for name in names:
     if name not in wanted:
@@ -67,5 +75,6 @@ def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str
     summary = trainer.train(config, stage_dir, progress=progress)
     summary["wall_seconds"] = time.time() - t0
     results[name] = {k: v for k, v in summary.items() if k != "last"}
-    (stage_dir / "summary.json").write_text(json.dumps(results[name], indent=2, default=str))
+    if distributed.is_primary():  # one writer per job
+      (stage_dir / "summary.json").write_text(json.dumps(results[name], indent=2, default=str))
   return results

@@ -45,6 +45,9 @@ class TrainState:
   rng: jax.Array
 
 
+LR_SCHEDULES = ("cosine", "constant")
+
+
 def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """AdamW with linear warm-up, cosine (or constant) decay, global-norm clipping and a non-finite guard."""
   steps, warmup = int(train_cfg.steps), int(train_cfg.warmup_steps)
@@ -56,7 +59,7 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
     lr = optax.join_schedules([optax.linear_schedule(0.0, train_cfg.lr, max(warmup, 1)),
                                optax.constant_schedule(train_cfg.lr)], [max(warmup, 1)])
   else:
-    raise ValueError(f"train.lr_schedule: {train_cfg.lr_schedule!r} unknown; expected 'cosine' or 'constant'")
+    raise ValueError(f"train.lr_schedule={train_cfg.lr_schedule!r}: unknown; expected one of {LR_SCHEDULES}")
   chain = []
   if train_cfg.grad_clip and train_cfg.grad_clip > 0:
     chain.append(optax.clip_by_global_norm(train_cfg.grad_clip))

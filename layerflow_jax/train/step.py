@@ -32,9 +32,10 @@ def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Arr
   """Loss and metrics for one (micro-)batch. ``task_ids`` [B] overrides the drawn tasks (evaluation)."""
   cfg = exp.config
   rng_task, rng_drop, rng_noise = jax.random.split(rng, 3)
-  x0 = exp.encode_video(batch["video"])
+  # A latent-cache batch (data.cached) carries the encoder outputs already.
+  x0 = batch["latents"] if "latents" in batch else exp.encode_video(batch["video"])
   x0 = shd.constrain(x0, ("batch", None, None, None, None))
-  text = exp.encode_text(batch["tokens"])
+  text = batch["text"] if "text" in batch else exp.encode_text(batch["tokens"])
   if train and cfg.diffusion.prompt_dropout > 0:
     text = loss_lib.drop_prompts(rng_drop, text, float(cfg.diffusion.prompt_dropout))
   b = x0.shape[0]
@@ -44,7 +45,7 @@ def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Arr
   loss_frames = loss_lib.loss_frames_for(given, _valid_frames(exp, batch, exp.latent_frames))
   x_t, t, eps = loss_lib.noisy_input(rng_noise, x0, given, exp.schedule)
   model = exp.model(flat_params)
-  v = model(x_t, t, text, adapter_scales=exp.adapter_scales(batch))
+  v = model(x_t, t, text, adapter_scales=exp.adapter_scales(batch), given_frames=given)
   out = loss_lib.masked_v_loss(v, x0, eps, t, loss_frames, sched=exp.schedule, num_clips=exp.layout.num_clips)
   metrics = {"loss": out.loss}
   for i, name in enumerate(exp.layout.clips):

@@ -1,8 +1,11 @@
 """The one trainer: every stage (base, motion LoRA, content LoRA) is this loop with another config.
 
-Resumes automatically from ``WORKDIR/checkpoints`` (state, RNG and data-iterator position); starts from
-``config.train.init_from`` (a previous stage's work dir: parameters only, fresh optimizer) otherwise. SIGTERM and
-SIGINT finish the current step, save and return.
+Resumes automatically from ``WORKDIR/checkpoints`` (state, RNG and data-iterator position; the newest readable
+step); starts from ``config.train.init_from`` (a previous stage's work dir: parameters only, fresh optimizer)
+otherwise. Checkpoints every ``train.checkpoint_every`` steps and/or ``train.checkpoint_every_seconds``. SIGTERM and
+SIGINT finish the current step, save and return. Non-finite updates are skipped inside the compiled step and
+counted; ``train.max_consecutive_nonfinite`` in a row stop the run. ``train.inject_nan_steps`` (tests) poisons the
+batches of those steps.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from layerflow_jax.train.experiment import Experiment, TrainState
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("video", "tokens", "clip_valid", "motion_scale")
+BATCH_KEYS = ("video", "tokens", "latents", "text", "clip_valid", "motion_scale")  # latents/text: data.cached
 
 
 def global_batch(exp: Experiment, local: dict) -> dict:
@@ -41,15 +44,10 @@ def global_batch(exp: Experiment, local: dict) -> dict:
 
 
 def check_batch(exp: Experiment) -> None:
-  shape = exp.mesh.shape
-  dp = shape["data"] * shape["fsdp"]
-  b = int(exp.config.data.batch_size)
-  if b % dp:
-    raise ValueError(f"data.batch_size {b} is not divisible by the data-parallel size {dp} "
-                     f"(mesh data={shape['data']} × fsdp={shape['fsdp']})")
-  k = int(exp.config.train.grad_accum)
-  if k < 1 or (b // jax.process_count()) % k:
-    raise ValueError(f"train.grad_accum {k} must divide the per-process batch {b // jax.process_count()}")
+  """Batch vs the experiment's mesh and processes (see :func:`layerflow_jax.validate.check_batch`)."""
+  from layerflow_jax import validate
+
+  validate.check_batch(exp.config, dict(exp.mesh.shape), jax.process_count())
 
 
 def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None) -> tuple[dict, Any]:
@@ -70,7 +68,11 @@ def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = N
 
 
 class _StopFlag:
-  """Set by SIGTERM/SIGINT; the loop saves and exits after the current step."""
+  """Set by SIGTERM/SIGINT; the loop saves and exits after the current step.
+
+  A second signal of the same kind while the first is pending restores the previous handler and re-sends
+  itself, so an impatient Ctrl-C Ctrl-C still stops a run stuck in a long compilation or save.
+  """
 
   def __init__(self):
     self.signal = None
@@ -85,6 +87,11 @@ class _StopFlag:
     return self
 
   def _handle(self, signum, frame):
+    if self.signal == signum:
+      signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+      signal.raise_signal(signum)
+      return
+    log.warning("signal %d: finishing the current step, then saving and exiting", signum)
     self.signal = signum
 
   def __exit__(self, *exc):
@@ -118,23 +125,52 @@ def evaluate_loss(exp: Experiment, eval_fn, params: dict, batches: list[dict], s
 
 def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, stop_after: int | None = None,
           progress: bool = True) -> dict:
-  """Trains to ``config.train.steps`` (or ``stop_after`` more steps); returns a summary dict."""
-  from data_pipelines import mixture
+  """Trains to ``config.train.steps`` (or ``stop_after`` more steps); returns a summary dict.
 
-  workdir = pathlib.Path(workdir)
+  The config is validated before anything is built (:mod:`layerflow_jax.validate`). SIGTERM/SIGINT at any time
+  (also during start-up and compilation) end the run cleanly: the current step finishes, is saved, and this
+  returns (``summary["interrupted_by_signal"]``). ``train.max_consecutive_nonfinite`` non-finite steps in a row
+  raise :class:`NonFiniteError`.
+  """
+  from layerflow_jax import distributed
+
+  distributed.initialize()  # a multi-process job joins before any device is touched (a no-op for one process)
+  with _StopFlag() as stop:
+    return _train(config, pathlib.Path(workdir), stop, mesh=mesh, stop_after=stop_after, progress=progress)
+
+
+class NonFiniteError(FloatingPointError):
+  """Too many consecutive steps with non-finite gradients (``train.max_consecutive_nonfinite``)."""
+
+
+def _poison(local: dict) -> dict:
+  """Fault injection (``train.inject_nan_steps``): the batch's video becomes NaN."""
+  return {**local, "video": np.full_like(np.asarray(local["video"]), np.nan)}
+
+
+def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, mesh, stop_after: int | None,
+           progress: bool) -> dict:
+  from data_pipelines import mixture
+  from layerflow_jax import validate
+
+  tc = config.train
+  resuming = ckpt_lib.has_checkpoints(workdir)
+  validate.validate(config, num_devices=jax.device_count(), process_count=jax.process_count(),
+                    mesh_shape=dict(mesh.shape) if mesh is not None else None, check_chain=not resuming)
   workdir.mkdir(parents=True, exist_ok=True)
   exp = Experiment(config, mesh)
-  check_batch(exp)
-  tc = config.train
+  validate.check_param_sharding({k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs,
+                                dict(exp.mesh.shape))
   writer = log_lib.MetricWriter(workdir)
-  ck = ckpt_lib.Checkpointer(workdir, keep=int(tc.keep_checkpoints))
+  ck = ckpt_lib.Checkpointer(workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
+                             every_seconds=float(tc.get("checkpoint_every_seconds", 0.0)), writer=True)
   iterator = mixture.make_train_iterator(config, shard_index=jax.process_index(),
                                          shard_count=jax.process_count())
 
   # ------------------------------------------------------------------ state: resume, chain or init
   abstract = exp.abstract_state()
   shardings = exp.state_shardings(abstract)
-  state, meta, resumed = ck.restore_latest(abstract, shardings, iterator=iterator)
+  state, meta, resumed = ck.restore_latest(abstract, shardings, iterator=iterator, quarantine=True)
   if state is not None:
     log.info("resumed from %s at step %d", ck.directory, resumed)
   elif tc.init_from:
@@ -165,49 +201,59 @@ def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, sto
     writer.write(step, m)
     return m
 
-  if start == 0:
+  if start == 0 and not stop.signal:
     summary["initial"] = run_eval(0)
   total = int(tc.steps) if stop_after is None else min(int(tc.steps), start + int(stop_after))
+  max_bad = int(tc.get("max_consecutive_nonfinite", 20))
+  inject = {int(s) for s in tc.get("inject_nan_steps", ()) or ()}
   last_metrics: dict = {}
   t0, steps_done = time.time(), 0
   bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0, desc="train",
              dynamic_ncols=True)
   step = start
-  with _StopFlag() as stop:
-    while step < total:
-      batch = global_batch(exp, next(iterator))
+  try:
+    while step < total and not stop.signal:
+      local = next(iterator)
+      if step + 1 in inject:
+        local = _poison(local)
+      batch = global_batch(exp, local)
       with shd.use_mesh(exp.mesh):
         state, metrics = train_fn(state, batch)
       step += 1
       steps_done += 1
       bar.update(1)
-      if step % int(tc.log_every) == 0 or step == total:
+      # One scalar per step: the guard must see every step, not only logged ones. The compiled step already
+      # skipped a non-finite update (optax.apply_if_finite); here it is reported and, K in a row, stops the run.
+      in_a_row = int(metrics["nonfinite_in_a_row"])
+      if in_a_row or step % int(tc.log_every) == 0 or step == total:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
         m["steps_per_s"] = steps_done / max(time.time() - t0, 1e-9)
-        if not np.isfinite(m["loss"]):
-          log.warning("step %d: non-finite loss (update skipped; %d skipped so far)", step,
-                      int(m["skipped_nonfinite"]))
-        max_bad = int(tc.get("max_consecutive_nonfinite", 20))
-        if m["nonfinite_in_a_row"] >= max_bad:
-          raise FloatingPointError(f"{int(m['nonfinite_in_a_row'])} consecutive non-finite updates at step {step} "
-                                   f"(limit train.max_consecutive_nonfinite={max_bad}); stopping")
         last_metrics = writer.write(step, m)
         bar.set_postfix(loss=f"{m['loss']:.4f}")
+        if in_a_row:
+          log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, %d skipped in total)",
+                      step, in_a_row, int(m["skipped_nonfinite"]))
+        if in_a_row >= max_bad:
+          good = ck.manager.latest_step()
+          raise NonFiniteError(
+              f"stopping at step {step}: {in_a_row} consecutive steps had non-finite loss/gradients "
+              f"(train.max_consecutive_nonfinite={max_bad}); their updates were skipped and no checkpoint was "
+              f"written from them (newest checkpoint: step {good}); expected finite data and a stable lr")
       if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step != total:
         run_eval(step)
-      if (int(tc.checkpoint_every) and step % int(tc.checkpoint_every) == 0) or step == total or stop.signal:
-        ck.save(step, state, iterator=iterator, meta=_meta(exp, step))
-      if stop.signal:
-        log.warning("signal %d: saved step %d, exiting", stop.signal, step)
-        summary["interrupted_by_signal"] = int(stop.signal)
-        break
-  bar.close()
-  ck.wait()
-  if step == int(tc.steps):
-    summary["final"] = run_eval(step)
+      ck.save(step, state, iterator=iterator, meta=_meta(exp, step), force=step == total or bool(stop.signal))
+    if stop.signal:
+      log.warning("signal %d: saved step %d, exiting", stop.signal, step)
+      summary["interrupted_by_signal"] = int(stop.signal)
+    bar.close()
+    ck.wait()
+    if step == int(tc.steps):
+      summary["final"] = run_eval(step)
+  finally:
+    bar.close()
+    writer.flush()
+    writer.close()
+    ck.close()
   summary.update(end_step=step, seconds=time.time() - t0, steps_per_s=steps_done / max(time.time() - t0, 1e-9),
                  last=last_metrics)
-  writer.flush()
-  writer.close()
-  ck.close()
   return summary
