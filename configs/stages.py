@@ -52,15 +52,22 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.train.init_from = "stage1_base"
     c.train.trainable_adapters = ("motion",)
     c.train.lr = 1e-3
-    c.data.mixture = [dict(name=c.data.name, weight=1.0, transform="static", motion_scale=1.0)]
+    # Frozen videos: one frame of a copy-paste clip (a matted foreground pasted on another clip's background)
+    # repeated over the clip.
+    c.data.mixture = [dict(name=c.data.name, weight=1.0, transform="static", background=c.data.name,
+                           motion_scale=1.0)]
   if a.stage == "stage3_content_lora":
     c.train.init_from = "stage2_motion_lora"
     c.model.adapters.content = _adapter(a.content_rank, n)
     c.train.trainable_adapters = ("content",)
     c.train.lr = 5e-3
+    # Layered images repeated into static clips (motion LoRA on) mixed with copy-paste videos (motion LoRA off).
+    # With real data: name="layerflow_images" for the first entry, "layerflow_folder" with
+    # background="layerflow_videos" for the second (data_pipelines/mixture.py).
     c.data.mixture = [
         dict(name=c.data.name, weight=a.image_weight, transform="static", motion_scale=1.0),
-        dict(name=c.data.name, weight=1.0 - a.image_weight, transform="video", motion_scale=0.0),
+        dict(name=c.data.name, weight=1.0 - a.image_weight, transform="video", background=c.data.name,
+             motion_scale=0.0),
     ]
     c.sampling.remove_adapters = ("motion",)  # inference drops the motion LoRA
 

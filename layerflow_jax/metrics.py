@@ -146,3 +146,47 @@ def dominant_color(fg_premultiplied, alpha, palette: Mapping[str, tuple[int, int
   idx = np.argmin(np.nan_to_num(dist, nan=np.inf), axis=-1)
   out = np.where(empty, "none", np.asarray(names)[idx])
   return str(out) if out.ndim == 0 else out
+
+
+def _frame_shape(mask: np.ndarray, min_pixels: int) -> str:
+  """One binary frame [H, W] → the synthetic shape whose template, centred on the mask's centroid and scaled
+  over a range of sizes, overlaps the mask best (IoU); ``"none"`` for (nearly) empty masks."""
+  ys, xs = np.nonzero(mask)
+  if ys.size < min_pixels:
+    return "none"
+  gy, gx = np.meshgrid(np.arange(mask.shape[0]) + 0.0, np.arange(mask.shape[1]) + 0.0, indexing="ij")
+  dy, dx = gy - ys.mean(), gx - xs.mean()
+  extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+  best, best_iou = "none", -1.0
+  for shape in _synthetic.SHAPES:
+    for radius in np.linspace(0.25 * extent, extent, 16):
+      t = _synthetic._shape_sdf(shape, dy, dx, radius) < 0
+      iou = np.logical_and(t, mask).sum() / max(np.logical_or(t, mask).sum(), 1)
+      if iou > best_iou:
+        best, best_iou = shape, iou
+  return best
+
+
+def dominant_shape(alpha, *, threshold: float = 0.5, min_pixels: int = 4) -> str:
+  """The sprite shape (one of the synthetic SHAPES, or ``"none"``) of one matte clip [T, H, W(, 1)]:
+  the majority vote of per-frame classifications of ``alpha > threshold``. Meant for single-sprite scenes;
+  its accuracy on ground-truth mattes is the ceiling any generated matte can reach (report both)."""
+  a = _arr(alpha)
+  if a.ndim == 4:
+    a = a[..., 0]
+  if a.ndim != 3:
+    raise ValueError(f"dominant_shape needs one matte clip [T, H, W] or [T, H, W, 1], got shape {a.shape}")
+  votes = [_frame_shape(frame > threshold, min_pixels) for frame in a]
+  names, counts = np.unique(votes, return_counts=True)
+  return str(names[np.argmax(counts)])
+
+
+def prompt_attributes(fg_prompt: str) -> tuple[str | None, str | None]:
+  """(colour, shape) named in a synthetic single-sprite foreground prompt; (None, None) when the prompt names
+  no sprite or more than one (two-sprite scenes have no single answer)."""
+  words = fg_prompt.lower().replace(",", " ").split()
+  colors = [w for w in words if w in _synthetic.COLORS]
+  shapes = [w for w in words if w in _synthetic.SHAPES]
+  if len(colors) != 1 or len(shapes) != 1:
+    return None, None
+  return colors[0], shapes[0]

@@ -61,6 +61,23 @@ def test_train_resume_sample_through_cli(data_dir, tmp_path, capsys):
                    "--out", str(gen), "--steps", "2"]) == 0
   assert (gen / "preview.png").exists()
 
+  # layer metrics of every task on the validation split: JSON, Markdown and a contact sheet
+  ev = tmp_path / "eval"
+  assert cli.main(["evaluate", "--checkpoint", str(work), "--out", str(ev), "--steps", "2",
+                   "--num-batches", "1"]) == 0
+  result = json.loads((ev / "metrics.json").read_text())
+  assert result["num_clips"] == 8
+  assert 0.0 <= result["decompose/alpha_iou"] <= 1.0 and 0.0 <= result["decompose/alpha_mae"] <= 1.0
+  for task in ("generate", "decompose", "fg2bg", "bg2fg"):
+    assert result[f"{task}/composite_error"] >= 0.0 and result[f"{task}/temporal_ratio"] > 0.0
+  assert result["fg2bg/blend_psnr"] > 0.0 and result["bg2fg/fg_psnr"] > 0.0
+  # the ground-truth ceiling of the attribute check is computed on the same clips
+  assert 0.0 <= result["generate/color_accuracy"] <= 1.0 and result["generate/color_accuracy_gt"] == 1.0
+  assert "decompose: alpha IoU" in (ev / "metrics.md").read_text()
+  assert (ev / "contact_sheet.png").stat().st_size > 0
+  with pytest.raises(SystemExit, match="unknown task 'segment'"):
+    cli.main(["evaluate", "--checkpoint", str(work), "--out", str(ev), "--tasks", "segment"])
+
   # bad input: clear errors
   with pytest.raises(SystemExit, match="unknown task 'segment'"):
     cli.main(["sample", "--checkpoint", str(work), "--task", "segment", "--out", str(tmp_path / "x")])

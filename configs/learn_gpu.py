@@ -1,0 +1,28 @@
+"""The `small` model on the synthetic dataset, sized for one GPU in ≤ 15 minutes (the "prove it learns" run).
+
+  layerflow train --config configs/learn_gpu.py --workdir runs/learn_gpu
+  layerflow evaluate --checkpoint runs/learn_gpu --out runs/learn_gpu/eval
+
+Argument variants: ``decompose_weight=W`` (task weight of decompose; others 1), ``steps=N``, ``given_embed=0|1``.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from configs import common, default
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+  a = common.parse_arg(arg, decompose_weight=1.0, steps=4000, given_embed=True)
+  c = default.get_config("size=small")
+  c.model.given_embed = bool(a.given_embed)
+  c.diffusion.task_weights.decompose = float(a.decompose_weight)
+  c.data.num_train, c.data.num_validation = 2048, 32
+  c.train.steps = int(a.steps)
+  c.train.lr = 5e-4
+  c.train.warmup_steps = 100
+  c.train.log_every = 100
+  c.train.checkpoint_every = 1000
+  c.eval.num_batches = 4
+  return c
