@@ -1,4 +1,4 @@
-"""``layerflow`` command line: train, train-stages, sample, evaluate, data build, demo.
+"""``layerflow`` command line: train, train-stages, sample, evaluate, data, export, sweep, compile, demo.
 
 Config overrides follow ml_collections style: ``--config configs/default.py:size=tiny --config.train.steps=100``.
 """
@@ -204,11 +204,7 @@ def _command_modules():
   import importlib
 
   for name in COMMAND_MODULES:
-    try:
-      yield importlib.import_module(name)
-    except ModuleNotFoundError as e:
-      if e.name != name:  # the module exists but something it imports does not
-        raise
+    yield importlib.import_module(name)
 
 
 def _add_module_commands(sub, table) -> None:
