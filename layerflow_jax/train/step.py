@@ -91,8 +91,8 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
   if exp.use_ema:
     d = float(exp.config.train.ema_decay)
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, trainable)
-  metrics["grad_norm"] = optax.global_norm(grads)
-  metrics["param_norm"] = optax.global_norm(trainable)
+  metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
+  metrics["param_norm"] = optax.tree_utils.tree_norm(trainable)
   metrics["lr"] = exp.lr_schedule(state.step)
   metrics["skipped_nonfinite"] = opt_state.total_notfinite
   metrics["nonfinite_in_a_row"] = opt_state.notfinite_count
