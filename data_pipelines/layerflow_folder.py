@@ -24,15 +24,13 @@ Build: ``layerflow data import layerflow_folder --manual_dir ROOT --data_dir dat
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from data_pipelines import importing
+from data_pipelines import import_builder, importing
 from data_pipelines.importing import BadRecord, LayoutError
 
 NAME = "layerflow_folder"
@@ -165,18 +163,14 @@ def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[t
   return splits
 
 
-class LayerflowFolder(tfds.core.GeneratorBasedBuilder):
+class LayerflowFolder(import_builder.ManualImportBuilder):
   """Layered videos (bl, mask, optional fg/bg, three prompts) from the official layout in the manual dir."""
 
+  NAME = NAME
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [make_config()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(inspect.getfile(cls))
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
@@ -184,30 +178,12 @@ class LayerflowFolder(tfds.core.GeneratorBasedBuilder):
                                  features=importing.layered_features(c.frames, c.height, c.width),
                                  metadata=tfds.core.MetadataDict())
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    root = pathlib.Path(dl_manager.manual_dir)
-    splits = read_layout(root, self.builder_config.num_validation)
-    self.info.metadata["skipped"] = {}
-    return {split: self._generate_examples(root, split, items) for split, items in splits.items()}
+  def read_layout(self, root: pathlib.Path) -> dict[str, list]:
+    return read_layout(root, self.builder_config.num_validation)
 
-  def _generate_examples(self, root, split, items) -> Iterator[tuple[str, dict[str, Any]]]:
-    c = self.builder_config
-    skips = importing.SkipLog(f"{NAME} split {split!r}", len(items), c.max_bad_fraction)
-
-    def load(item):
-      meta, name, entry = item
-      try:
-        return name, load_video(root, meta, name, entry, c), None
-      except BadRecord as e:
-        return name, None, str(e)
-
-    for name, record, error in importing.imap_ordered(load, items, c.threads):
-      if error is not None:
-        skips.bad(name, error)
-        continue
-      skips.ok()
-      yield name, record
-    self.info.metadata["skipped"][split] = skips.finish()
+  def load_item(self, root: pathlib.Path, item) -> dict[str, Any]:
+    meta, name, entry = item
+    return load_video(root, meta, name, entry, self.builder_config)
 
 
 def config_from_data(data_cfg) -> LayerflowFolderConfig:

@@ -16,15 +16,13 @@ pipeline repeats them into static clips (stage 3's layered images, motion scale 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from data_pipelines import importing
+from data_pipelines import import_builder, importing
 from data_pipelines.importing import BadRecord, LayoutError
 
 NAME = "layerflow_images"
@@ -130,18 +128,14 @@ def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[t
   return splits
 
 
-class LayerflowImages(tfds.core.GeneratorBasedBuilder):
+class LayerflowImages(import_builder.ManualImportBuilder):
   """Layered images as one-frame layered records."""
 
+  NAME = NAME
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [make_config()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(inspect.getfile(cls))
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
@@ -149,29 +143,12 @@ class LayerflowImages(tfds.core.GeneratorBasedBuilder):
                                  features=importing.layered_features(1, c.height, c.width),
                                  metadata=tfds.core.MetadataDict())
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    splits = read_layout(pathlib.Path(dl_manager.manual_dir), self.builder_config.num_validation)
-    self.info.metadata["skipped"] = {}
-    return {split: self._generate_examples(split, items) for split, items in splits.items()}
+  def read_layout(self, root: pathlib.Path) -> dict[str, list]:
+    return read_layout(root, self.builder_config.num_validation)
 
-  def _generate_examples(self, split, items) -> Iterator[tuple[str, dict[str, Any]]]:
-    c = self.builder_config
-    skips = importing.SkipLog(f"{NAME} split {split!r}", len(items), c.max_bad_fraction)
-
-    def load(item):
-      meta, key, entry = item
-      try:
-        return key, load_image(meta, key, entry, c), None
-      except BadRecord as e:
-        return key, None, str(e)
-
-    for key, record, error in importing.imap_ordered(load, items, c.threads):
-      if error is not None:
-        skips.bad(key, error)
-        continue
-      skips.ok()
-      yield key, record
-    self.info.metadata["skipped"][split] = skips.finish()
+  def load_item(self, root: pathlib.Path, item) -> dict[str, Any]:
+    meta, key, entry = item
+    return load_image(meta, key, entry, self.builder_config)
 
 
 def make_builder(data_cfg) -> LayerflowImages:

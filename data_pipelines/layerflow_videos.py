@@ -13,15 +13,13 @@ Decoding uses imageio (its ffmpeg plugin, ``imageio-ffmpeg``; GIF/WebP through P
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
-from data_pipelines import importing
+from data_pipelines import import_builder, importing
 from data_pipelines.importing import BadRecord, LayoutError
 
 NAME = "layerflow_videos"
@@ -110,18 +108,14 @@ def load_video(path: pathlib.Path, key: str, prompt: str | None, c: LayerflowVid
           "prompt": prompt.strip()}
 
 
-class LayerflowVideos(tfds.core.GeneratorBasedBuilder):
+class LayerflowVideos(import_builder.ManualImportBuilder):
   """Plain captioned videos (backgrounds for copy-paste synthesis)."""
 
+  NAME = NAME
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [make_config()]
   MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
-
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(inspect.getfile(cls))
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
@@ -134,29 +128,12 @@ class LayerflowVideos(tfds.core.GeneratorBasedBuilder):
                                      "prompt": tfds.features.Text(),
                                  }))
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-    splits = read_layout(pathlib.Path(dl_manager.manual_dir), self.builder_config.num_validation)
-    self.info.metadata["skipped"] = {}
-    return {split: self._generate_examples(split, items) for split, items in splits.items()}
+  def read_layout(self, root: pathlib.Path) -> dict[str, list]:
+    return read_layout(root, self.builder_config.num_validation)
 
-  def _generate_examples(self, split, items) -> Iterator[tuple[str, dict[str, Any]]]:
-    c = self.builder_config
-    skips = importing.SkipLog(f"{NAME} split {split!r}", len(items), c.max_bad_fraction)
-
-    def load(item):
-      path, key, prompt = item
-      try:
-        return key, load_video(path, key, prompt, c), None
-      except BadRecord as e:
-        return key, None, str(e)
-
-    for key, record, error in importing.imap_ordered(load, items, c.threads):
-      if error is not None:
-        skips.bad(key, error)
-        continue
-      skips.ok()
-      yield key, record
-    self.info.metadata["skipped"][split] = skips.finish()
+  def load_item(self, root: pathlib.Path, item) -> dict[str, Any]:
+    path, key, prompt = item
+    return load_video(path, key, prompt, self.builder_config)
 
 
 def make_builder(data_cfg) -> LayerflowVideos:

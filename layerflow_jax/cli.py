@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import pathlib
 import sys
 from typing import Sequence
 

@@ -7,7 +7,6 @@ import pathlib
 import time
 from typing import Sequence
 
-import numpy as np
 
 DEMO_SPEC = "configs/stages.py:demo"
 

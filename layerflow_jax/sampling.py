@@ -7,7 +7,6 @@ Adapters named in ``config.sampling.remove_adapters`` (stage 3: the motion LoRA)
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax

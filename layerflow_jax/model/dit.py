@@ -16,7 +16,6 @@ Arrays are channels-last: latents ``[B, F, h, w, c]``. Parameters carry logical 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import jax

@@ -17,7 +17,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from tqdm import tqdm
@@ -26,7 +25,7 @@ from layerflow_jax import sharding as shd
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib
 from layerflow_jax.train import step as step_lib
-from layerflow_jax.train.experiment import Experiment, TrainState
+from layerflow_jax.train.experiment import Experiment
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,63 @@
+"""The base of the TFDS builders that import a manual dir (``layerflow_folder``, ``_images``, ``_videos``)."""
+
+from __future__ import annotations
+
+import abc
+import inspect
+import pathlib
+from typing import Any, Iterator
+
+import tensorflow_datasets as tfds
+from etils import epath
+
+from data_pipelines import importing
+
+
+def local_code_path(cls) -> epath.Path:
+  """A builder's ``code_path``: its own file (TFDS otherwise probes ``importlib_resources``, not a dependency)."""
+  return epath.Path(inspect.getfile(cls))
+
+
+class ManualImportBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Reads the manual dir's layout into splits of items, loads the items on a thread pool, and skips, counts and
+  logs bad records (:class:`importing.SkipLog`); the skipped ids land in the dataset metadata under ``skipped``.
+
+  Subclasses set ``NAME`` and define :meth:`read_layout` (split → items; each item a tuple whose second element
+  is the record id) and :meth:`load_item` (the record, or :class:`importing.BadRecord`). Their builder config
+  carries ``max_bad_fraction`` and ``threads``.
+  """
+
+  NAME = ""
+  code_path = tfds.core.utils.classproperty(classmethod(local_code_path))
+
+  @abc.abstractmethod
+  def read_layout(self, root: pathlib.Path) -> dict[str, list]:
+    """split → items, with :class:`importing.LayoutError` for a malformed layout."""
+
+  @abc.abstractmethod
+  def load_item(self, root: pathlib.Path, item) -> dict[str, Any]:
+    """One record of the dataset's features."""
+
+  def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+    root = pathlib.Path(dl_manager.manual_dir)
+    splits = self.read_layout(root)
+    self.info.metadata["skipped"] = {}
+    return {split: self._generate_examples(root, split, items) for split, items in splits.items()}
+
+  def _generate_examples(self, root, split, items) -> Iterator[tuple[str, dict[str, Any]]]:
+    c = self.builder_config
+    skips = importing.SkipLog(f"{self.NAME} split {split!r}", len(items), c.max_bad_fraction)
+
+    def load(item):
+      try:
+        return item[1], self.load_item(root, item), None
+      except importing.BadRecord as e:
+        return item[1], None, str(e)
+
+    for key, record, error in importing.imap_ordered(load, items, c.threads):
+      if error is not None:
+        skips.bad(key, error)
+        continue
+      skips.ok()
+      yield key, record
+    self.info.metadata["skipped"][split] = skips.finish()
