@@ -535,3 +535,31 @@ def test_sigterm_process_exits_0_and_resumes_exactly(data_dir, process_reference
   rows = _losses(work)
   assert [s for s, _ in rows] == list(range(1, KILL_STEPS + 1))
   assert rows == sorted(ref_losses.items())
+
+
+def test_data_position_survives_a_process_count_change(tmp_path, caplog):
+  """A checkpoint written by 2 processes resumes in 1: the iterator continues from process 0's position (the
+  Grain files are per process count) instead of refusing the checkpoint."""
+  import grain
+
+  def iterator():
+    return iter(grain.MapDataset.range(100).batch(4).to_iter_dataset())
+
+  ck = ckpt_lib.Checkpointer(tmp_path)
+  state = {"w": jnp.arange(3.0)}
+  it = iterator()
+  for _ in range(5):
+    next(it)
+  ck.save(5, state, iterator=it, meta={})
+  ck.wait()
+  expected = next(it)
+  data = ck.directory / "5" / "data"
+  (data / "process_0-of-1.json").rename(data / "process_0-of-2.json")  # as a 2-process run writes it
+  (data / "process_1-of-2.json").write_text((data / "process_0-of-2.json").read_text())
+  resumed = iterator()
+  with caplog.at_level("WARNING"):
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    restored, _ = ckpt_lib.Checkpointer(tmp_path).restore(5, state, shardings, iterator=resumed)
+  np.testing.assert_array_equal(next(resumed), expected)
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert "written by 0-of-2" in caplog.text

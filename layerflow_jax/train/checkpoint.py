@@ -108,10 +108,31 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, shardings, *, iterator=None) -> tuple[Any, dict]:
     args = {"state": ocp.args.StandardRestore(_abstract_with_shardings(abstract_state, shardings)),
             "meta": ocp.args.JsonRestore()}
-    if iterator is not None:
+    other_topology = iterator is not None and self._iterator_file(step) is None
+    if iterator is not None and not other_topology:
       args["data"] = grain.checkpoint.CheckpointRestore(iterator)
     out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    if other_topology:
+      self._restore_iterator_from_other_topology(step, iterator)
     return out["state"], out["meta"]
+
+  def _iterator_file(self, step: int) -> pathlib.Path | None:
+    """This process's data-iterator file of ``step`` (Grain writes one per process), or None."""
+    path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    return path if path.exists() else None
+
+  def _restore_iterator_from_other_topology(self, step: int, iterator) -> None:
+    """A checkpoint written by another process count (a topology change): the iterator continues from process 0's
+    position. The training pipeline counts global batches in every process, so that position is the run's; the
+    batches themselves are the same only where the pipeline splits by global batch (data.mixture sources split
+    records by stride, so there the continuation is a different but valid order)."""
+    files = sorted((self.directory / str(step) / "data").glob("process_0-of-*.json"))
+    if not files:
+      raise CheckpointError(f"{self.directory / str(step)}: no data-iterator state to resume from")
+    iterator.set_state(json.loads(files[0].read_text()))
+    log.warning("checkpoint %s was written by %s; this run has %d process(es): the data iterator continues "
+                "from process 0's position", self.directory / str(step), files[0].stem.split("_", 1)[1],
+                jax.process_count())
 
   def restore_latest(self, abstract_state, shardings, *, iterator=None, quarantine: bool = False):
     """(state, meta, step) of the newest readable checkpoint, or (None, None, None) when there is none.
