@@ -85,6 +85,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.diffusion.zero_terminal_snr = True
   # Each example's task is drawn from these weights (the demo trains one model for all four tasks).
   c.diffusion.task_weights = mlc.ConfigDict(dict(generate=1.0, decompose=1.0, fg2bg=1.0, bg2fg=1.0))
+  # A task curriculum: the first `curriculum_steps` steps draw tasks from `curriculum_weights` (0 = off).
+  c.diffusion.curriculum_steps = 0
+  c.diffusion.curriculum_weights = mlc.ConfigDict(dict(generate=1.0, decompose=1.0, fg2bg=1.0, bg2fg=1.0))
   c.diffusion.prompt_dropout = 0.1  # p of replacing an example's prompts by the zero embedding
 
   # ---------------------------------------------------------------- sampling

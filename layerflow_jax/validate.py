@@ -126,17 +126,24 @@ def check_values(config: mlc.ConfigDict) -> None:
 
 
 def check_tasks(config: mlc.ConfigDict) -> None:
-  weights = _get(config, "diffusion.task_weights")
-  if weights is None:
-    return
-  for name, w in dict(weights).items():
-    key = f"diffusion.task_weights.{name}"
-    if name not in layers.TASK_NAMES:
-      fail(key, w, "is not a task", f"weights for some of {', '.join(layers.TASK_NAMES)}")
-    if not _is_number(w) or w < 0:
-      fail(key, w, "is not a non-negative number", "a weight >= 0")
-  if not any(float(w) > 0 for w in dict(weights).values()):
-    fail("diffusion.task_weights", dict(weights), "gives no task a positive weight", "at least one weight > 0")
+  keys = ["diffusion.task_weights"]
+  steps = _get(config, "diffusion.curriculum_steps", 0)
+  if steps is not None and (not _is_int(steps) or steps < 0):
+    fail("diffusion.curriculum_steps", steps, "is not a step count", "an integer >= 0 (0 = no curriculum)")
+  if steps:
+    keys.append("diffusion.curriculum_weights")
+  for group in keys:
+    weights = _get(config, group)
+    if weights is None:
+      continue
+    for name, w in dict(weights).items():
+      key = f"{group}.{name}"
+      if name not in layers.TASK_NAMES:
+        fail(key, w, "is not a task", f"weights for some of {', '.join(layers.TASK_NAMES)}")
+      if not _is_number(w) or w < 0:
+        fail(key, w, "is not a non-negative number", "a weight >= 0")
+    if not any(float(w) > 0 for w in dict(weights).values()):
+      fail(group, dict(weights), "gives no task a positive weight", "at least one weight > 0")
 
 
 def check_mixture(config: mlc.ConfigDict) -> None:

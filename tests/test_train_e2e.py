@@ -139,3 +139,23 @@ def test_batch_not_divisible_by_data_parallel(data_dir, tmp_path):
   cfg = load_config("configs/default.py", [f"data.data_dir='{data_dir}'"] + TINY + ["data.batch_size=6"])
   with pytest.raises(ValueError, match="data.batch_size 6 is not divisible by the data-parallel size 8"):
     trainer.train(cfg, tmp_path / "w", progress=False)
+
+
+def test_task_curriculum_then_the_mix(data_dir, tmp_path):
+  """diffusion.curriculum_steps: the first steps draw only the curriculum's tasks (decompose: the blend is given,
+  so no example has it in the loss), later steps the configured mix — in one compiled step."""
+  work = tmp_path / "curriculum"
+  curriculum = ["diffusion.curriculum_steps=2", "diffusion.curriculum_weights.generate=0",
+                "diffusion.curriculum_weights.fg2bg=0", "diffusion.curriculum_weights.bg2fg=0",
+                "train.steps=5", "train.checkpoint_every=0"]
+  assert cli.main(["train", "--config", "configs/default.py:size=tiny", "--workdir", str(work), "--no-progress"]
+                  + _flags(data_dir, curriculum)) == 0
+  rows = {r["step"]: r for r in log_lib.read_metrics(work) if "loss" in r}
+  assert [rows[s]["count_blend"] for s in (1, 2)] == [0, 0]
+  assert all(rows[s]["count_alpha"] == 8 for s in (1, 2))  # decompose generates fg, alpha and bg
+  assert sum(rows[s]["count_blend"] for s in (3, 4, 5)) > 0  # uniform tasks: the blend is generated again
+  from layerflow_jax import validate
+
+  zero = [f"diffusion.curriculum_weights.{t}=0" for t in ("generate", "decompose", "fg2bg", "bg2fg")]
+  with pytest.raises(ConfigError, match="diffusion.curriculum_weights.*no task a positive weight"):
+    validate.check_tasks(load_config("configs/default.py", ["diffusion.curriculum_steps=3"] + zero))

@@ -85,6 +85,10 @@ class Experiment:
                        f"{self.latent_shape[2]} is not divisible by model.patch_size {p}")
     self.schedule = schedule_lib.make_schedule(config.diffusion)
     self.task_probs = layers.task_weights_vector(dict(config.diffusion.task_weights))
+    # A curriculum: the first `curriculum_steps` steps draw tasks from `curriculum_weights` instead.
+    self.curriculum_steps = int(config.diffusion.get("curriculum_steps", 0) or 0)
+    self.curriculum_probs = (layers.task_weights_vector(dict(config.diffusion.curriculum_weights))
+                             if self.curriculum_steps > 0 else self.task_probs)
     self.given_table = layers.given_table(self.layout)
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
     self.optimizer, self.lr_schedule = make_optimizer(config.train)
@@ -175,6 +179,12 @@ class Experiment:
     return nnx.merge(self.graphdef, partition.unflatten(flat_params))
 
   # ------------------------------------------------------------------ conditioning
+
+  def task_probs_at(self, step):
+    """Task probabilities at (possibly traced) ``step``: the curriculum's before ``curriculum_steps``."""
+    if self.curriculum_steps <= 0:
+      return jnp.asarray(self.task_probs)
+    return jnp.where(step < self.curriculum_steps, jnp.asarray(self.curriculum_probs), jnp.asarray(self.task_probs))
 
   def encode_text(self, tokens):
     """int32 [B, P, L] → [B, P·L, D] (each prompt encoded on its own, concatenated)."""

@@ -28,8 +28,9 @@ def _valid_frames(exp: Experiment, batch, frames_per_clip: int):
 
 
 def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Array, *, train: bool,
-                   task_ids=None):
-  """Loss and metrics for one (micro-)batch. ``task_ids`` [B] overrides the drawn tasks (evaluation)."""
+                   task_ids=None, step=None):
+  """Loss and metrics for one (micro-)batch. ``task_ids`` [B] overrides the drawn tasks (evaluation); ``step``
+  selects the task curriculum's weights while training."""
   cfg = exp.config
   rng_task, rng_drop, rng_noise = jax.random.split(rng, 3)
   # A latent-cache batch (data.cached) carries the encoder outputs already.
@@ -40,7 +41,8 @@ def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Arr
     text = loss_lib.drop_prompts(rng_drop, text, float(cfg.diffusion.prompt_dropout))
   b = x0.shape[0]
   if task_ids is None:
-    task_ids = loss_lib.sample_tasks(rng_task, b, exp.task_probs)
+    probs = exp.task_probs if step is None else exp.task_probs_at(step)
+    task_ids = loss_lib.sample_tasks(rng_task, b, probs)
   given = loss_lib.given_frames_for(task_ids, exp.given_table, exp.latent_frames)
   loss_frames = loss_lib.loss_frames_for(given, _valid_frames(exp, batch, exp.latent_frames))
   x_t, t, eps = loss_lib.noisy_input(rng_noise, x0, given, exp.schedule)
@@ -64,7 +66,7 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
 
   def loss_fn(trainable, micro, r):
     params = partition.combine(state.frozen, trainable, exp.selection)
-    return diffusion_loss(exp, params, micro, r, train=True)
+    return diffusion_loss(exp, params, micro, r, train=True, step=state.step)
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   if k == 1:
