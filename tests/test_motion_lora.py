@@ -12,6 +12,7 @@ from layerflow_jax.train import trainer
 pytestmark = pytest.mark.slow
 
 FLAGS = ["data.num_train=256", "data.num_validation=8", "train.log_every=50", "train.checkpoint_every=0",
+         "diffusion.curriculum_steps=0",
          "eval.num_batches=1", "sampling.num_steps=10"]
 
 
