@@ -3,7 +3,8 @@
   layerflow train --config configs/learn_gpu.py --workdir runs/learn_gpu
   layerflow evaluate --checkpoint runs/learn_gpu --out runs/learn_gpu/eval
 
-Argument variants: ``decompose_weight=W`` (task weight of decompose; others 1), ``steps=N``, ``given_embed=0|1``.
+Argument variants: ``decompose_weight=W`` (task weight of decompose; others 1), ``steps=N``, ``given_embed=0|1``,
+``curriculum=N`` (the first N steps train decomposition alone: what lets small models learn to read the blend).
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ from configs import common, default
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  a = common.parse_arg(arg, decompose_weight=1.0, steps=4000, given_embed=True)
+  a = common.parse_arg(arg, decompose_weight=1.0, steps=4000, given_embed=True, curriculum=0)
   c = default.get_config("size=small")
   c.model.given_embed = bool(a.given_embed)
   c.diffusion.task_weights.decompose = float(a.decompose_weight)
+  c.diffusion.curriculum_steps = int(a.curriculum)
+  c.diffusion.curriculum_weights = mlc.ConfigDict(dict(generate=0.0, decompose=1.0, fg2bg=0.0, bg2fg=0.0))
   c.data.num_train, c.data.num_validation = 2048, 32
   c.train.steps = int(a.steps)
   c.train.lr = 5e-4
