@@ -13,6 +13,15 @@ from etils import epath
 from data_pipelines import importing
 
 
+def manual_dir(data_cfg, name: str) -> str:
+  """The source folder of dataset ``name``: ``data.manual_dirs.<name>`` (the CLI's ``--manual_dir`` sets it)."""
+  dirs = data_cfg.get("manual_dirs", {}) or {}
+  path = dirs.get(name, "") if hasattr(dirs, "get") else ""
+  if not path:
+    raise importing.LayoutError(f"{name}: no source folder given (set --manual_dir or data.manual_dirs.{name})")
+  return str(path)
+
+
 def local_code_path(cls) -> epath.Path:
   """A builder's ``code_path``: its own file (TFDS otherwise probes ``importlib_resources``, not a dependency)."""
   return epath.Path(inspect.getfile(cls))
@@ -37,6 +46,21 @@ class ManualImportBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   @abc.abstractmethod
   def load_item(self, root: pathlib.Path, item) -> dict[str, Any]:
     """One record of the dataset's features."""
+
+  def prepare(self, data_cfg) -> "ManualImportBuilder":
+    """Imports ``data.manual_dirs.<NAME>`` into the builder's data dir (a no-op when already built); layout errors
+    are raised before TFDS starts."""
+    if not self.is_prepared():
+      root = manual_dir(data_cfg, self.NAME)
+      self.read_layout(pathlib.Path(root))
+      self.download_and_prepare(file_format="array_record",
+                                download_config=tfds.download.DownloadConfig(manual_dir=root))
+    return self
+
+  def source(self, split: str):
+    """The random-access source of ``split``, with clear errors for an unbuilt dataset or an unknown split."""
+    return importing.prepared_source(self, self.NAME, split,
+                                     f"run `layerflow data import {self.NAME} --manual_dir ROOT` first")
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = pathlib.Path(dl_manager.manual_dir)

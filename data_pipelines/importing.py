@@ -229,3 +229,10 @@ def prepared_source(builder, name: str, split: str, hint: str):
   if base not in builder.info.splits:
     raise ValueError(f"dataset {name}: no split {base!r}; it has {sorted(builder.info.splits)}")
   return builder.as_data_source(split)
+
+
+def make_array_record_builder(builder_cls, config, data_dir):
+  """``builder_cls`` for ``config`` writing array_record under ``data_dir``. TFDS refuses a custom config object
+  named like one of the class's own configs, so those are passed by name."""
+  arg = config.name if config.name in builder_cls.builder_configs else config
+  return builder_cls(config=arg, data_dir=str(data_dir), file_format="array_record")

@@ -194,30 +194,13 @@ def config_from_data(data_cfg) -> LayerflowFolderConfig:
 
 def make_builder(data_cfg) -> LayerflowFolder:
   config = config_from_data(data_cfg)
-  arg = config.name if config.name in LayerflowFolder.builder_configs else config
-  return LayerflowFolder(config=arg, data_dir=str(data_cfg.data_dir), file_format="array_record")
-
-
-def manual_dir(data_cfg, name: str = NAME) -> str:
-  dirs = data_cfg.get("manual_dirs", {}) or {}
-  path = dirs.get(name, "") if hasattr(dirs, "get") else ""
-  if not path:
-    raise LayoutError(f"{name}: no source folder given (set --manual_dir or data.manual_dirs.{name})")
-  return str(path)
+  return importing.make_array_record_builder(LayerflowFolder, config, data_cfg.data_dir)
 
 
 def build(data_cfg) -> LayerflowFolder:
   """Imports ``data.manual_dirs.layerflow_folder`` into ``data.data_dir`` (a no-op when already built)."""
-  builder = make_builder(data_cfg)
-  if not builder.is_prepared():
-    root = manual_dir(data_cfg)
-    read_layout(pathlib.Path(root), builder.builder_config.num_validation)  # layout errors before TFDS starts
-    builder.download_and_prepare(file_format="array_record",
-                                 download_config=tfds.download.DownloadConfig(manual_dir=root))
-  return builder
+  return make_builder(data_cfg).prepare(data_cfg)
 
 
 def load_source(data_cfg, split: str):
-  builder = make_builder(data_cfg)
-  return importing.prepared_source(builder, NAME, split,
-                                   f"run `layerflow data import {NAME} --manual_dir ROOT` first")
+  return make_builder(data_cfg).source(split)

@@ -154,22 +154,13 @@ class LayerflowImages(import_builder.ManualImportBuilder):
 def make_builder(data_cfg) -> LayerflowImages:
   config = make_config(data_cfg.height, data_cfg.width, data_cfg.get("resize", "crop"),
                        data_cfg.get("num_validation", 0), data_cfg.get("max_bad_fraction", 0.05))
-  arg = config.name if config.name in LayerflowImages.builder_configs else config
-  return LayerflowImages(config=arg, data_dir=str(data_cfg.data_dir), file_format="array_record")
+  return importing.make_array_record_builder(LayerflowImages, config, data_cfg.data_dir)
 
 
 def build(data_cfg) -> LayerflowImages:
-  from data_pipelines.layerflow_folder import manual_dir
-
-  builder = make_builder(data_cfg)
-  if not builder.is_prepared():
-    root = manual_dir(data_cfg, NAME)
-    read_layout(pathlib.Path(root), builder.builder_config.num_validation)
-    builder.download_and_prepare(file_format="array_record",
-                                 download_config=tfds.download.DownloadConfig(manual_dir=root))
-  return builder
+  """Imports ``data.manual_dirs.layerflow_images`` into ``data.data_dir`` (a no-op when already built)."""
+  return make_builder(data_cfg).prepare(data_cfg)
 
 
 def load_source(data_cfg, split: str):
-  return importing.prepared_source(make_builder(data_cfg), NAME, split,
-                                   f"run `layerflow data import {NAME} --manual_dir ROOT` first")
+  return make_builder(data_cfg).source(split)

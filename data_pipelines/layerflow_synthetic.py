@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
-from data_pipelines import synthetic
+from data_pipelines import importing, synthetic
 
 NAME = "layerflow_synthetic"
 _SPLIT_CODES = {"train": 0, "validation": 1}  # folded into every example's seed: the splits never share one
@@ -111,9 +111,7 @@ def make_builder(data_cfg) -> LayerflowSynthetic:
     raise ValueError(f"data.name is {data_cfg.name!r}; this module builds {NAME!r}")
   config = make_config(data_cfg.height, data_cfg.width, data_cfg.frames, data_cfg.num_train,
                        data_cfg.num_validation, data_cfg.get("builder_seed", 0))
-  # TFDS refuses a custom config object named like a class config: pass those by name.
-  arg = config.name if config.name in LayerflowSynthetic.builder_configs else config
-  return LayerflowSynthetic(config=arg, data_dir=str(data_cfg.data_dir), file_format="array_record")
+  return importing.make_array_record_builder(LayerflowSynthetic, config, data_cfg.data_dir)
 
 
 def build(data_cfg) -> LayerflowSynthetic:

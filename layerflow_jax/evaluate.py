@@ -144,21 +144,10 @@ def contact_sheet(path, previews: dict[str, list[dict]], *, clips: int = 2) -> s
   rows, labels = [], None
   for task, samples in previews.items():
     for s in samples[:clips]:
-      t = s["blend"].shape[0] // 2
-      h, w = s["blend"].shape[1:3]
-      cells = []
-      names = []
-      if "alpha" in s:
-        board = media.checkerboard(h, w, max(min(h, w) // 8, 1))
-        cells += [layers.composite(s["fg"][t], s["alpha"][t], board), s["alpha"][t] * 2.0 - 1.0]
-        names += ["fg", "alpha"]
-      else:
-        cells.append(s["fg"][t])
-        names.append("fg")
-      cells += [s["bg"][t], s["blend"][t]]
-      names += ["bg", "blend"]
-      rows.append(cells)
-      labels = labels or names
+      columns = media.preview_columns(s, recomposite=False)
+      t = columns[0][1].shape[0] // 2
+      rows.append([clip[t] for _, clip in columns])
+      labels = labels or [name for name, _ in columns]
   scale = max(1, 96 // max(min(rows[0][0].shape[:2]), 1))
   return media.save_grid_png(path, rows, scale=scale, labels=labels)
 

@@ -249,13 +249,13 @@ def write_layers(
   return written
 
 
-def write_preview(path, layers: Mapping[str, np.ndarray], *, rows: int = PREVIEW_ROWS) -> str:
-  """Side-by-side PNG: rows = evenly spaced frames; columns = fg over a checkerboard, alpha, bg, blend and
-  the recomposite α·fg + (1 − α)·bg (present layers only), nearest-upscaled to ≥128 px per cell."""
+def preview_columns(layers: Mapping[str, np.ndarray], *, recomposite: bool = True) -> list[tuple[str, np.ndarray]]:
+  """[(name, clip [T, H, W, 3] in [-1, 1])] for a preview: fg over a checkerboard, alpha, bg, blend and (with
+  ``recomposite``) α·fg + (1 − α)·bg — the layers present only."""
   arr = {k: np.asarray(v, dtype=np.float32) for k, v in layers.items() if v is not None}
   if L.ALPHA in arr and arr[L.ALPHA].ndim == 3:
     arr[L.ALPHA] = arr[L.ALPHA][..., None]
-  t, h, w = next(iter(arr.values())).shape[:3]
+  h, w = next(iter(arr.values())).shape[1:3]
   fg, alpha, bg = arr.get(L.FG), arr.get(L.ALPHA), arr.get(L.BG)
   columns: list[tuple[str, np.ndarray]] = []
   if fg is not None:
@@ -270,8 +270,16 @@ def write_preview(path, layers: Mapping[str, np.ndarray], *, rows: int = PREVIEW
     columns.append(("bg", bg))
   if L.BLEND in arr:
     columns.append(("blend", arr[L.BLEND]))
-  if fg is not None and alpha is not None and bg is not None:
+  if recomposite and fg is not None and alpha is not None and bg is not None:
     columns.append(("recomposite", L.composite(fg, alpha, bg)))
+  return columns
+
+
+def write_preview(path, layers: Mapping[str, np.ndarray], *, rows: int = PREVIEW_ROWS) -> str:
+  """Side-by-side PNG: rows = evenly spaced frames; columns = :func:`preview_columns`, nearest-upscaled to
+  ≥128 px per cell."""
+  columns = preview_columns(layers)
+  t, h, w = columns[0][1].shape[:3]
   grid = [[clip[i] for _, clip in columns] for i in _preview_frames(t, rows)]
   scale = max(1, math.ceil(PREVIEW_MIN_CELL / max(min(h, w), 1)))
   return save_grid_png(path, grid, scale=scale, labels=[name for name, _ in columns])

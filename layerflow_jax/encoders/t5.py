@@ -26,17 +26,18 @@ import numpy as np
 from flax import nnx
 
 from layerflow_jax.encoders import weights as weights_lib
+from layerflow_jax.model.dit import DTYPES
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # transformers keys the module may carry besides ours: the encoder's copy of the tied embedding.
 _ALIASES = {"encoder.embed_tokens.weight": "shared.weight"}
 
 
 def dtype_of(name: str, what: str):
-  if name not in _DTYPES:
-    raise ValueError(f"{what}: dtype {name!r} unknown; expected one of {sorted(_DTYPES)}")
-  return _DTYPES[name]
+  """A compute dtype by name (the model's table), with an error naming the config key."""
+  if name not in DTYPES:
+    raise ValueError(f"{what}: dtype {name!r} unknown; expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)

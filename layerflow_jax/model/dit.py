@@ -29,7 +29,7 @@ from layerflow_jax.model import attention as attention_lib
 from layerflow_jax.model import embeddings as emb
 from layerflow_jax.model import lora as lora_lib
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +89,8 @@ class DiTConfig:
     if m.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat: {m.remat!r} unknown; expected one of {sorted(REMAT_POLICIES)}")
     for key in ("dtype", "param_dtype"):
-      if m[key] not in _DTYPES:
-        raise ValueError(f"model.{key}: {m[key]!r} unknown; expected one of {sorted(_DTYPES)}")
+      if m[key] not in DTYPES:
+        raise ValueError(f"model.{key}: {m[key]!r} unknown; expected one of {sorted(DTYPES)}")
     adapters = lora_lib.specs_from_config(m.get("adapters", {}), m.num_layers)
     return cls(
         num_layers=m.num_layers, num_heads=m.num_heads, head_dim=m.head_dim, time_embed_dim=m.time_embed_dim,
@@ -116,7 +116,7 @@ _xavier = nnx.initializers.xavier_uniform()
 def _linear(cfg: DiTConfig, din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, *,
             kernel_init=_xavier, bias_init=_zeros) -> nnx.Linear:
   return nnx.Linear(
-      din, dout, dtype=_DTYPES[cfg.dtype], param_dtype=_DTYPES[cfg.param_dtype],
+      din, dout, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
       kernel_init=shd.param(kernel_init, names), bias_init=shd.param(bias_init, (names[1],)), rngs=rngs)
 
 
@@ -189,7 +189,7 @@ class Attention(nnx.Module):
   def fused_qkv(self, x):
     """q, k, v from one matmul over the stacked kernels [in, 3, out]: one larger GEMM (and one for each gradient)
     instead of three; the parameters stay the separate to_q / to_k / to_v of the diffusers layout."""
-    dtype = _DTYPES[self.cfg.dtype]
+    dtype = DTYPES[self.cfg.dtype]
     linears = (self.to_q, self.to_k, self.to_v)
     kernel = jnp.stack([l.kernel[...] for l in linears], axis=1).astype(dtype)
     bias = jnp.stack([l.bias[...] for l in linears], axis=0).astype(dtype)
@@ -266,9 +266,9 @@ class LayerFlowDiT(nnx.Module):
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     d, p = cfg.hidden, cfg.patch_size
-    pd = _DTYPES[cfg.param_dtype]
+    pd = DTYPES[cfg.param_dtype]
     self.patch_proj = nnx.Conv(
-        cfg.in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=_DTYPES[cfg.dtype],
+        cfg.in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=DTYPES[cfg.dtype],
         param_dtype=pd, kernel_init=shd.param(_xavier, ("patch", "patch", "channels", "embed")),
         bias_init=shd.param(_zeros, ("embed",)), rngs=rngs)
     self.text_proj = _linear(cfg, cfg.text_embed_dim, d, ("text_embed", "embed"), rngs)
@@ -301,7 +301,7 @@ class LayerFlowDiT(nnx.Module):
   def embed_text(self, text):
     """Text embeddings [B, P·L, text_dim] → projected tokens [B, P·L, hidden] with layer embeddings."""
     cfg = self.cfg
-    enc = self.text_proj(text.astype(_DTYPES[cfg.dtype]))
+    enc = self.text_proj(text.astype(DTYPES[cfg.dtype]))
     if cfg.layer_embed in ("text", "text+video"):
       b, total, d = enc.shape
       if total % cfg.num_prompts:
@@ -321,7 +321,7 @@ class LayerFlowDiT(nnx.Module):
       raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
     if f % cfg.num_clips:
       raise ValueError(f"{f} latent frames cannot be split into {cfg.num_clips} sub-clips")
-    x = self.patch_proj(latents.reshape(b * f, h, w, c).astype(_DTYPES[cfg.dtype]))
+    x = self.patch_proj(latents.reshape(b * f, h, w, c).astype(DTYPES[cfg.dtype]))
     x = x.reshape(b, f * (h // p) * (w // p), cfg.hidden)
     if cfg.pos_embed == "sincos":
       table = emb.sincos_3d(cfg.hidden, self._position_frames(f), h // p, w // p, cfg.spatial_interpolation_scale,
@@ -344,7 +344,7 @@ class LayerFlowDiT(nnx.Module):
 
   def embed_time(self, timesteps):
     t = emb.timestep_embedding(timesteps, self.cfg.hidden)
-    return self.time_linear_2(jax.nn.silu(self.time_linear_1(t.astype(_DTYPES[self.cfg.dtype]))))
+    return self.time_linear_2(jax.nn.silu(self.time_linear_1(t.astype(DTYPES[self.cfg.dtype]))))
 
   def run_blocks(self, x, enc, temb, rope, adapter_scales: Mapping[str, Any] | None):
     cfg = self.cfg

@@ -98,8 +98,8 @@ class _StopFlag:
       signal.signal(sig, old)
 
 
-def _meta(exp: Experiment, state_step: int, extra: dict | None = None) -> dict:
-  return {"config": ckpt_lib.config_to_meta(exp.config), "step": int(state_step), **(extra or {})}
+def _meta(config_json: str, state_step: int) -> dict:
+  return {"config": config_json, "step": int(state_step)}
 
 
 def _validation_batches(exp: Experiment, num_batches: int) -> list[dict]:
@@ -210,6 +210,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
   bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0, desc="train",
              dynamic_ncols=True)
   step = start
+  config_json = ckpt_lib.config_to_meta(exp.config)  # once: the config does not change during the run
   try:
     while step < total and not stop.signal:
       local = next(iterator)
@@ -240,7 +241,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
               f"written from them (newest checkpoint: step {good}); expected finite data and a stable lr")
       if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step != total:
         run_eval(step)
-      ck.save(step, state, iterator=iterator, meta=_meta(exp, step), force=step == total or bool(stop.signal))
+      ck.save(step, state, iterator=iterator, meta=_meta(config_json, step), force=step == total or bool(stop.signal))
     if stop.signal:
       log.warning("signal %d: saved step %d, exiting", stop.signal, step)
       summary["interrupted_by_signal"] = int(stop.signal)
