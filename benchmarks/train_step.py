@@ -304,10 +304,11 @@ def run_train(args, shape: bc.Shape, mode: str, matmul: float | None) -> dict[st
       jax.block_until_ready((state, metrics))
       times.append(time.perf_counter() - t)
     if args.profile:
-      with jax.profiler.trace(os.path.join(args.profile, mode)):
+      with jax.profiler.trace(os.path.join(args.profile, mode), create_perfetto_trace=True):
         for _ in range(2):
           state, metrics = compiled(state, batch)
         jax.block_until_ready((state, metrics))
+      rec["profile"] = profile_breakdown(os.path.join(args.profile, mode), steps=2)
 
   step_s = bc.median(times)
   cfg = exp.model_cfg
@@ -384,8 +385,9 @@ def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
       out.block_until_ready()
       times.append(time.perf_counter() - t)
     if args.profile:
-      with jax.profiler.trace(os.path.join(args.profile, "sample")):
+      with jax.profiler.trace(os.path.join(args.profile, "sample"), create_perfetto_trace=True):
         compiled(params, batch["tokens"], x_T).block_until_ready()
+      rec["profile"] = profile_breakdown(os.path.join(args.profile, "sample"), steps=num_steps)
   total = bc.median(times)
   cfg = exp.model_cfg
   flops = num_steps * bc.forward_flops(cfg.num_layers, shape.tokens, cfg.hidden, 2 * shape.batch)
@@ -399,6 +401,19 @@ def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
   rec.update(memory(compiled))
   rec["attention_kernels"] = attention_kernels(compiled)
   return rec
+
+
+def profile_breakdown(trace_dir: str, steps: int) -> dict[str, Any]:
+  """The trace's kernel time per category (benchmarks/profile_summary.py), printed and returned for the record."""
+  from benchmarks import profile_summary
+
+  try:
+    s = profile_summary.summarize(profile_summary.load_events(profile_summary.find_trace(pathlib.Path(trace_dir))),
+                                  steps)
+  except (OSError, ValueError) as e:  # e.g. a CPU trace has no device streams
+    return {"error": f"{type(e).__name__}: {e}"}
+  print(profile_summary.format_table(s), flush=True)
+  return s
 
 
 def _add_mfu(rec: dict[str, Any], matmul: float | None) -> None:

@@ -134,3 +134,39 @@ def test_train_step_benchmark_runs_tiny(tmp_path, repo_root):
   assert recs["train"]["loss_finite"] and recs["lora"]["loss_finite"] and recs["sample"]["finite"]
   assert recs["lora"]["trainable_params"] < recs["lora"]["params"]
   assert recs["train"]["trainable_params"] == recs["train"]["params"]
+
+
+def test_profile_summary_splits_kernel_time_by_category(tmp_path):
+  """A hand-made Chrome trace: device kernels are summed per category and per step; host events are ignored."""
+  import gzip
+  import json
+
+  from benchmarks import profile_summary as ps
+
+  gpu, host = 7, 1
+  events = [
+      {"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "pid": gpu, "tid": 3, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+      {"ph": "M", "pid": gpu, "tid": 4, "name": "thread_name", "args": {"name": "XLA Ops"}},
+      {"ph": "M", "pid": host, "name": "process_name", "args": {"name": "/host:CPU"}},
+      {"ph": "M", "pid": host, "tid": 1, "name": "thread_name", "args": {"name": "python"}},
+      {"ph": "X", "pid": gpu, "tid": 3, "ts": 0, "dur": 400, "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"},
+      {"ph": "X", "pid": gpu, "tid": 3, "ts": 400, "dur": 1000, "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop"},
+      {"ph": "X", "pid": gpu, "tid": 3, "ts": 1500, "dur": 300, "name": "nvjet_tst_128x256_64x4_2x1_v_bz_TNT"},
+      {"ph": "X", "pid": gpu, "tid": 3, "ts": 1900, "dur": 100, "name": "loop_multiply_fusion_3"},
+      {"ph": "X", "pid": gpu, "tid": 4, "ts": 0, "dur": 2000, "name": "fusion.1"},  # op line: not a kernel
+      {"ph": "X", "pid": host, "tid": 1, "ts": 0, "dur": 5000, "name": "PjitFunction(step)"},
+  ]
+  path = tmp_path / "plugins" / "profile" / "run" / "perfetto_trace.json.gz"
+  path.parent.mkdir(parents=True)
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  s = ps.summarize(ps.load_events(ps.find_trace(tmp_path)), steps=2)
+  assert s["by_category_ms"] == {"attention bwd": 0.5, "attention fwd": 0.2, "gemm": 0.15, "elementwise fusions": 0.05}
+  assert s["span_ms"] == 1.0 and s["busy_ms"] == 0.9 and abs(s["idle_ms"] - 0.1) < 1e-12
+  assert s["top_kernels"][0]["category"] == "attention bwd" and s["top_kernels"][0]["calls"] == 0.5
+  assert "attention bwd" in ps.format_table(s)
+  with pytest.raises(ValueError, match="no device kernels"):
+    ps.summarize([e for e in events if e["pid"] == host], steps=1)
+  with pytest.raises(FileNotFoundError, match="perfetto_trace"):
+    ps.find_trace(tmp_path / "plugins" / "profile" / "missing")
