@@ -60,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (params fp32)")
   p.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="lax.scan over the blocks")
+  p.add_argument("--pad-tokens-to", type=int, default=0,
+                 help="model.pad_tokens_to: pad the joint sequence to a multiple of this (padding keys masked)")
   p.add_argument("--xla-preset", choices=sorted(XLA_PRESETS), default="lhs")
   p.add_argument("--xla-flags", default="", help="extra XLA flags (appended to the preset)")
   p.add_argument("--steps", type=int, default=5, help="timed steps (median reported; >= 5 for the issue)")
@@ -180,6 +182,7 @@ def build_config(args: argparse.Namespace, shape: bc.Shape, mode: str):
   m.remat = args.remat
   m.scan_layers = bool(args.scan)
   m.fused_qkv = bool(args.fused_qkv)  # not in the base config: read by DiTConfig.from_config with a default
+  m.pad_tokens_to = int(args.pad_tokens_to)
   config.train.grad_accum = 1
   apply_overrides(config, args.override)
   want = (shape.num_layers, shape.num_heads, shape.head_dim, shape.time_embed_dim)
@@ -246,7 +249,8 @@ def levers(args: argparse.Namespace, config=None) -> dict[str, Any]:
   pick = lambda key, flag: (m.get(key) if m is not None else flag)  # noqa: E731
   return {"attention": pick("attention", args.attention), "remat": pick("remat", args.remat),
           "dtype": pick("dtype", args.dtype), "fused_qkv": bool(pick("fused_qkv", args.fused_qkv)),
-          "scan_layers": bool(pick("scan_layers", args.scan)), "xla_flags": xla_flags(args),
+          "scan_layers": bool(pick("scan_layers", args.scan)),
+          "pad_tokens_to": int(pick("pad_tokens_to", args.pad_tokens_to)), "xla_flags": xla_flags(args),
           "overrides": list(args.override)}
 
 

@@ -58,8 +58,22 @@ def test_fused_qkv_and_attention_saving_remat_keep_values_and_gradients():
   cfg = dataclasses.replace(CFG, num_layers=1, scan_layers=False)  # one block, no loop: cheap to compile
   state = randomized_state(cfg)
   want = value_and_grads(cfg, state)
-  for kw in (dict(fused_qkv=True), dict(remat="save_attention"), dict(remat="dots_attention")):
+  for kw in (dict(fused_qkv=True), dict(remat="save_attention"), dict(remat="dots_attention"),
+             dict(pad_tokens_to=16), dict(pad_tokens_to=16, attention="chunked")):
     assert_same(value_and_grads(dataclasses.replace(cfg, **kw), state), want, str(kw))
+
+
+def test_padding_the_joint_sequence_keeps_values_and_gradients_with_rope():
+  """12 text + 32 video tokens padded to 48: the padding keys are masked and the padded rows dropped, so the
+  loss and every gradient match the unpadded model (fp32), RoPE on the video tokens included."""
+  cfg = dataclasses.replace(CFG, num_layers=1, scan_layers=False, pos_embed="rope")
+  state = randomized_state(cfg)
+  padded = dataclasses.replace(cfg, pad_tokens_to=16)
+  assert_same(value_and_grads(padded, state), value_and_grads(cfg, state), "pad_tokens_to=16 with RoPE")
+  x, t, txt = inputs()
+  model = create_model(padded)
+  nnx.update(model, state)
+  assert model(x, t, txt).shape == x.shape
 
 
 @pytest.mark.slow

@@ -34,22 +34,31 @@ from layerflow_jax import sharding as shd
 QUERY_CHUNK = 1024
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None) -> jax.Array:
-  """``jax.nn.dot_product_attention`` or, for ``implementation="chunked"``, :func:`chunked_attention`."""
+def _kv_lengths(k: jax.Array, num_valid: int | None):
+  return None if num_valid is None else jnp.full((k.shape[0],), num_valid, jnp.int32)
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None,
+           num_valid: int | None = None) -> jax.Array:
+  """``jax.nn.dot_product_attention`` or, for ``implementation="chunked"``, :func:`chunked_attention`; keys from
+  ``num_valid`` on (padding) are masked."""
   if implementation == "chunked":
-    return chunked_attention(q, k, v)
-  return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    return chunked_attention(q, k, v, num_valid=num_valid)
+  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=_kv_lengths(k, num_valid),
+                                      implementation=implementation)
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK) -> jax.Array:
+def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK,
+                      num_valid: int | None = None) -> jax.Array:
   """Exact attention, ``chunk`` queries at a time (``lax.map`` over rematerialised chunks): peak memory for the
   scores is ``B·H·chunk·Nk`` in forward and backward instead of ``B·H·Nq·Nk``."""
   b, n, h, d = q.shape
+  lengths = _kv_lengths(k, num_valid)
   if n <= chunk:
-    return jax.nn.dot_product_attention(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
   pad = (-n) % chunk
   chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, (n + pad) // chunk, chunk, h, d)
-  one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v))
+  one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, key_value_seq_lengths=lengths))
   out = jax.lax.map(one, jnp.swapaxes(chunks, 0, 1))  # [chunks, B, chunk, H, D]
   return jnp.swapaxes(out, 0, 1).reshape(b, n + pad, h, d)[:, :n]
 
@@ -70,14 +79,18 @@ def _size(mesh, axes) -> int:
 
 
 def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_text: int, *,
-                    implementation: str | None = None) -> jax.Array:
-  """Attention over ``[text; video]`` tokens: ``q, k, v`` [B, T+N, H, D] → [B, T+N, H, D].
+                    implementation: str | None = None, num_valid: int | None = None) -> jax.Array:
+  """Attention over ``[text; video]`` tokens: ``q, k, v`` [B, T+N, H, D] → [B, T+N, H, D]; with ``num_valid`` the
+  tokens from there on are padding (``model.pad_tokens_to``), masked as keys.
 
   Dispatches to :func:`sequence_parallel_attention` when the active mesh maps ``video_tokens`` to axes of size > 1.
   """
   mesh = jax.sharding.get_abstract_mesh()
   if _size(mesh, _axes(("video_tokens",))) == 1:
-    return attend(q, k, v, implementation)
+    return attend(q, k, v, implementation, num_valid)
+  if num_valid is not None:
+    raise ValueError("model.pad_tokens_to: padding the joint sequence does not combine with sequence parallelism "
+                     "(mesh.sequence > 1); set model.pad_tokens_to=0")
   return sequence_parallel_attention(q, k, v, num_text, implementation=implementation)
 
 

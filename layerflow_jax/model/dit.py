@@ -65,6 +65,10 @@ class DiTConfig:
   remat: str = "none"  # "none" | "full" | "dots" | "save_attention"
   attention: str = "xla"  # "xla" | "cudnn" | "chunked" (see model/attention.py)
   fused_qkv: bool = False  # one [in, 3, out] matmul for q, k, v (blocks without q/k/v LoRA); same values
+  # Pad the joint [text; video] sequence inside each block to a multiple of this (0: off); the padding keys are
+  # masked in attention and the padded rows dropped, so values are unchanged. 2B RGBA has 22,278 tokens (= 2 · odd):
+  # GEMMs contracting over tokens then run misaligned (align2) cuBLAS kernels on GPU. Not with sequence parallelism.
+  pad_tokens_to: int = 0
   adapters: tuple[lora_lib.AdapterSpec, ...] = ()
 
   @property
@@ -102,7 +106,8 @@ class DiTConfig:
         layer_embed=m.layer_embed,
         num_prompts=3, num_clips=layout.num_clips, dtype=m.dtype, param_dtype=m.param_dtype,
         scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
-        fused_qkv=bool(m.get("fused_qkv", False)), adapters=adapters)
+        fused_qkv=bool(m.get("fused_qkv", False)), pad_tokens_to=int(m.get("pad_tokens_to", 0)),
+        adapters=adapters)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -162,7 +167,8 @@ class Attention(nnx.Module):
     self.norm_k = LayerNorm(cfg.head_dim, cfg.qk_norm_eps, rngs)
     self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs)
 
-  def __call__(self, x, num_text: int, rope, lora: lora_lib.BlockLora | None):
+  def __call__(self, x, num_text: int, rope, lora: lora_lib.BlockLora | None, num_valid: int | None = None):
+    """``x`` [B, T+N(+pad), D]; with ``num_valid`` the tokens from there on are padding: masked as keys."""
     cfg = self.cfg
     b, n, _ = x.shape
     qkv_lora = lora is not None and any(t in w for w in lora.weights.values() for t in ("q", "k", "v"))
@@ -178,10 +184,13 @@ class Attention(nnx.Module):
     q, k = self.norm_q(q), self.norm_k(k)
     if rope is not None:
       cos, sin = rope
-      q = jnp.concatenate([q[:, :num_text], emb.apply_rope(q[:, num_text:], cos, sin)], axis=1)
-      k = jnp.concatenate([k[:, :num_text], emb.apply_rope(k[:, num_text:], cos, sin)], axis=1)
+      end = n if num_valid is None else num_valid
+      rot = lambda t: jnp.concatenate([t[:, :num_text], emb.apply_rope(t[:, num_text:end], cos, sin), t[:, end:]],
+                                      axis=1)
+      q, k = rot(q), rot(k)
     impl = None if cfg.attention == "xla" else cfg.attention
-    out = attention_lib.joint_attention(q, k, v, num_text, implementation=impl)  # sequence-parallel if meshed
+    out = attention_lib.joint_attention(q, k, v, num_text, implementation=impl,  # sequence-parallel if meshed
+                                        num_valid=None if num_valid == n else num_valid)
     out = checkpoint_name(out, "attention_out")
     out = out.reshape(b, n, cfg.hidden)
     return lora_lib.project(self.to_out, out, lora, "out")
@@ -213,20 +222,27 @@ class Block(nnx.Module):
   """One CogVideoX block on separate text [B, T, D] and video [B, N, D] streams."""
 
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    self.pad_to = cfg.pad_tokens_to
     self.norm1 = LayerNormZero(cfg, rngs)
     self.attn1 = Attention(cfg, rngs)
     self.norm2 = LayerNormZero(cfg, rngs)
     self.ff = FeedForward(cfg, rngs)
 
   def __call__(self, x, enc, temb, rope, lora: lora_lib.BlockLora | None = None):
-    num_text = enc.shape[1]
+    num_text, num_valid = enc.shape[1], enc.shape[1] + x.shape[1]
+    pad = (-num_valid) % self.pad_to if self.pad_to else 0
+
+    def joint(a, b):  # [text; video; zero padding]
+      parts = [a, b] + ([jnp.zeros((b.shape[0], pad, b.shape[2]), b.dtype)] if pad else [])
+      return jnp.concatenate(parts, axis=1)
+
     nx, nenc, gate, enc_gate = self.norm1(x, enc, temb)
-    attn = self.attn1(jnp.concatenate([nenc, nx], axis=1), num_text, rope, lora)
-    x = x + gate * attn[:, num_text:]
+    attn = self.attn1(joint(nenc, nx), num_text, rope, lora, num_valid=num_valid)
+    x = x + gate * attn[:, num_text:num_valid]
     enc = enc + enc_gate * attn[:, :num_text]
     nx, nenc, gate, enc_gate = self.norm2(x, enc, temb)
-    ff = self.ff(jnp.concatenate([nenc, nx], axis=1), lora)
-    x = x + gate * ff[:, num_text:]
+    ff = self.ff(joint(nenc, nx), lora)
+    x = x + gate * ff[:, num_text:num_valid]
     enc = enc + enc_gate * ff[:, :num_text]
     x = shd.constrain(x, ("batch", "video_tokens", "act_embed"))
     enc = shd.constrain(enc, ("batch", "text_tokens", "act_embed"))
