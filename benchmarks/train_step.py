@@ -15,7 +15,7 @@ Timing: ahead-of-time lower + compile (reported), the first step, ``--warmup`` m
 against a bf16 matmul measured here, in this process.
 
 Levers: ``--attention xla|cudnn``, ``--remat none|full|dots|save_attention|dots_attention``, ``--dtype``,
-``--fused-qkv``, ``--no-scan``, ``--xla-preset`` / ``--xla-flags`` (set before jax starts), ``--override KEY=VALUE``.
+``--fused-qkv``, ``--pad-tokens-to N`` (0 = off), ``--no-scan``, ``--xla-preset`` / ``--xla-flags`` (set before jax starts), ``--override KEY=VALUE``.
 
   python benchmarks/train_step.py --modes train,lora,sample            # the 2B shape (GPU)
   python benchmarks/train_step.py --tiny --modes train,lora,sample     # CPU check of the whole path
@@ -60,7 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (params fp32)")
   p.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="lax.scan over the blocks")
-  p.add_argument("--pad-tokens-to", type=int, default=0,
+  p.add_argument("--pad-tokens-to", type=int, default=64,
                  help="model.pad_tokens_to: pad the joint sequence to a multiple of this (padding keys masked)")
   p.add_argument("--xla-preset", choices=sorted(XLA_PRESETS), default="lhs")
   p.add_argument("--xla-flags", default="", help="extra XLA flags (appended to the preset)")
@@ -181,7 +181,7 @@ def build_config(args: argparse.Namespace, shape: bc.Shape, mode: str):
   m.attention = args.attention
   m.remat = args.remat
   m.scan_layers = bool(args.scan)
-  m.fused_qkv = bool(args.fused_qkv)  # not in the base config: read by DiTConfig.from_config with a default
+  m.fused_qkv = bool(args.fused_qkv)
   m.pad_tokens_to = int(args.pad_tokens_to)
   config.train.grad_accum = 1
   apply_overrides(config, args.override)

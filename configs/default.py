@@ -5,6 +5,7 @@ Usage (argument = comma-separated ``key=value`` variants, big_vision style)::
   layerflow train --config configs/default.py:size=tiny --workdir runs/tiny
   layerflow train --config configs/default.py:size=2b,layout=rgba --config.train.steps=1000 --workdir runs/2b
   layerflow train --config configs/default.py:size=2b,encoders=cogvideox,pretrained=/ckpt/CogVideoX-2b …
+  layerflow train --config configs/default.py:size=2b,gpu=1 …   # the measured GPU levers (benchmarks/RESULTS.md)
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from configs import common
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  args = common.parse_arg(arg, size="tiny", layout="rgba", runlocal=False, encoders="builtin", pretrained="")
+  args = common.parse_arg(arg, size="tiny", layout="rgba", runlocal=False, encoders="builtin", pretrained="",
+                          gpu=False)
   c = mlc.ConfigDict()
   c.seed = 0
   c.layout = args.layout  # "rgba": [fg, alpha, bg, blend]; "rgb": [fg, bg, blend]
@@ -75,6 +77,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # ---------------------------------------------------------------- model
   c.model = common.model_config(args.size)
+  if args.gpu:  # what benchmarks/train_step.py measured fastest on one H200 (same values, bf16 compute)
+    c.model.update(dict(dtype="bfloat16", attention="cudnn", remat="dots_attention", fused_qkv=True,
+                        pad_tokens_to=64))
 
   # ---------------------------------------------------------------- diffusion
   c.diffusion = mlc.ConfigDict()

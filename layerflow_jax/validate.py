@@ -36,7 +36,7 @@ _INTS = {
     "seed": 0, "data.frames": 1, "data.height": 1, "data.width": 1, "data.batch_size": 1, "data.worker_count": 0,
     "data.num_train": 1, "data.num_validation": 0,
     "model.num_layers": 1, "model.num_heads": 1, "model.head_dim": 1, "model.time_embed_dim": 1,
-    "model.patch_size": 1, "model.mlp_ratio": 1, "text_encoder.max_length": 1, "text_encoder.dim": 1,
+    "model.patch_size": 1, "model.mlp_ratio": 1, "model.pad_tokens_to": 0, "text_encoder.max_length": 1, "text_encoder.dim": 1,
     "diffusion.num_train_timesteps": 2, "sampling.num_steps": 1, "eval.num_batches": 0,
     "train.steps": 1, "train.warmup_steps": 0, "train.grad_accum": 1, "train.log_every": 1, "train.eval_every": 0,
     "train.sample_every": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 1,
@@ -369,6 +369,10 @@ def validate(config: mlc.ConfigDict, *, num_devices: int | None = None, process_
       check_mesh(config, num_devices) if num_devices is not None else None)
   if shape is not None:
     check_batch(config, shape, process_count)
+    if int(_get(config, "model.pad_tokens_to", 0)) and shape.get("sequence", 1) > 1:
+      fail("model.pad_tokens_to", _get(config, "model.pad_tokens_to"),
+           f"pads the joint sequence, which sequence parallelism (mesh sequence={shape['sequence']}) cannot split",
+           "0 with mesh.sequence > 1")
   if check_chain:
     check_init_from(config)
   return shape

@@ -168,6 +168,11 @@ BAD_CONFIGS = [
                  id="adapter-scale-key"),
     pytest.param(SPEC, ["diffusion.task_weights={'generate': 0.0, 'decompose': 0.0, 'fg2bg': 0.0, 'bg2fg': 0.0}"],
                  r"diffusion.task_weights=\{.*\}: gives no task a positive weight", id="task-weights"),
+    pytest.param(SPEC, ["model.pad_tokens_to=64", "mesh.data=2", "mesh.sequence=4"],
+                 r"model.pad_tokens_to=64: pads the joint sequence, which sequence parallelism \(mesh sequence=4\) "
+                 r"cannot split; expected 0 with mesh.sequence > 1", id="pad-with-sequence-parallel"),
+    pytest.param(SPEC, ["model.pad_tokens_to=-8"], r"model.pad_tokens_to=-8: is too small; expected an integer >= 0",
+                 id="pad-negative"),
     pytest.param(SPEC, ["train.init_from='/nonexistent/stage1_base'"],
                  r"train.init_from='/nonexistent/stage1_base': does not exist; expected the work dir of a finished "
                  r"earlier stage", id="chain-missing"),
