@@ -43,6 +43,9 @@ def process_env(base: dict, *, index: int, count: int, port: int, gpus: bool, de
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   if gpus:
     env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each; NCCL carries the collectives
+    # NVLink multicast (NVLS) off unless the caller says otherwise: the lent multi-GPU hosts need it off, and
+    # NCCL falls back to its ring/tree algorithms at a small cost in all-reduce bandwidth.
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
     env.pop("JAX_PLATFORMS", None)
   else:
     env["JAX_PLATFORMS"] = "cpu"

@@ -232,3 +232,22 @@ def test_two_processes_train_like_one_and_checkpoint_restores_in_one(tmp_path):
   ck = trainer.ckpt_lib.Checkpointer(multi)
   assert ck.steps() == [2, 4] and ck.read_meta()["step"] == 4
   ck.close()
+
+
+def test_gpu_process_environment_pins_one_gpu_and_keeps_nvls_off():
+  """With --gpus each process sees its own GPU, NVLink multicast is off unless the caller set it, and the fake
+  CPU device count of the caller is dropped."""
+  sys.path.insert(0, str(REPO / "launch"))
+  try:
+    import local
+  finally:
+    sys.path.pop(0)
+
+  base = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_foo=1"}
+  kw = dict(count=4, port=1234, gpus=True, devices_per_process=1, init_timeout=60, heartbeat_timeout=30)
+  env = local.process_env(base, index=2, **kw)
+  assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["NCCL_NVLS_ENABLE"] == "0" and "JAX_PLATFORMS" not in env
+  assert env["XLA_FLAGS"] == "--xla_foo=1" and env["JAX_PROCESS_ID"] == "2" and env["JAX_NUM_PROCESSES"] == "4"
+  assert local.process_env({**base, "NCCL_NVLS_ENABLE": "1"}, index=0, **kw)["NCCL_NVLS_ENABLE"] == "1"
+  cpu = local.process_env(base, index=0, **{**kw, "gpus": False, "devices_per_process": 2})
+  assert "NCCL_NVLS_ENABLE" not in cpu and cpu["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=2")
