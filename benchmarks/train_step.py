@@ -141,13 +141,7 @@ class LatentExperiment(Experiment):
     self.model_cfg = dataclasses.replace(self.model_cfg, in_channels=shape.channels, out_channels=shape.channels,
                                          text_embed_dim=shape.text_dim)
     self.latent_shape = tuple(self.latent_shape[:3]) + (shape.channels,)
-    self.graphdef, abstract_state = nnx.split(dit.abstract_model(self.model_cfg))
-    self.abstract_params = partition.flatten(abstract_state.to_pure_dict())
-    logical = partition.flatten(nnx.get_partition_spec(abstract_state).to_pure_dict())
-    self.param_specs = {k: shd.logical_to_spec(tuple(v), shd.LOGICAL_AXIS_RULES) for k, v in logical.items()}
-    self.selection = partition.select(
-        self.abstract_params, config.train.trainable, num_layers=self.model_cfg.num_layers,
-        adapters=list(config.train.get("trainable_adapters", ()) or ()))
+    self.derive_from_model_cfg()
 
   def encode_video(self, video):
     return video

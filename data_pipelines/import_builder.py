@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import abc
-import inspect
 import pathlib
 from typing import Any, Iterator
 
 import tensorflow_datasets as tfds
-from etils import epath
 
 from data_pipelines import importing
 
@@ -22,11 +20,6 @@ def manual_dir(data_cfg, name: str) -> str:
   return str(path)
 
 
-def local_code_path(cls) -> epath.Path:
-  """A builder's ``code_path``: its own file (TFDS otherwise probes ``importlib_resources``, not a dependency)."""
-  return epath.Path(inspect.getfile(cls))
-
-
 class ManualImportBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   """Reads the manual dir's layout into splits of items, loads the items on a thread pool, and skips, counts and
   logs bad records (:class:`importing.SkipLog`); the skipped ids land in the dataset metadata under ``skipped``.
@@ -37,7 +30,7 @@ class ManualImportBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
   """
 
   NAME = ""
-  code_path = tfds.core.utils.classproperty(classmethod(local_code_path))
+  code_path = tfds.core.utils.classproperty(classmethod(importing.local_code_path))
 
   @abc.abstractmethod
   def read_layout(self, root: pathlib.Path) -> dict[str, list]:

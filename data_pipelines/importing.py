@@ -9,6 +9,7 @@ counted and logged with its id by :class:`SkipLog`, which stops the build once t
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import pathlib
@@ -43,6 +44,27 @@ def read_json(path: pathlib.Path) -> Any:
     raise LayoutError(f"{path}: no such file") from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise LayoutError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+
+
+def local_code_path(cls):
+  """A TFDS builder's ``code_path``: its own file (TFDS otherwise probes ``importlib_resources``, not a
+  dependency). Builders set ``code_path = tfds.core.utils.classproperty(classmethod(local_code_path))``."""
+  from etils import epath
+
+  return epath.Path(inspect.getfile(cls))
+
+
+def hold_out_validation(splits: dict[str, list], num_validation: int, root, noun: str,
+                        hint: str = "lower data.num_validation") -> dict[str, list]:
+  """Without a validation split, the last ``num_validation`` train items become one (``LayoutError`` when train
+  is not larger than that)."""
+  if "validation" in splits or num_validation <= 0 or "train" not in splits:
+    return splits
+  train = splits["train"]
+  if len(train) <= num_validation:
+    raise LayoutError(f"{root}: train has {len(train)} {noun}, too few to hold out {num_validation} for validation "
+                      f"({hint})")
+  return {**splits, "train": train[:-num_validation], "validation": train[-num_validation:]}
 
 
 def split_name(meta_file: pathlib.Path) -> str:

@@ -154,13 +154,8 @@ def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[t
     if split in splits:
       raise LayoutError(f"{meta}: a second meta file for split {split!r}")
     splits[split] = [(meta, str(k), v) for k, v in sorted(data["videos"].items())]
-  if "validation" not in splits and num_validation > 0 and "train" in splits:
-    train = splits["train"]
-    if len(train) <= num_validation:
-      raise LayoutError(f"{root}: train has {len(train)} videos, too few to hold out {num_validation} for "
-                        "validation (add a validation meta file or lower data.num_validation)")
-    splits["train"], splits["validation"] = train[:-num_validation], train[-num_validation:]
-  return splits
+  return importing.hold_out_validation(splits, num_validation, root, "videos",
+                                       "add a validation meta file or lower data.num_validation")
 
 
 class LayerflowFolder(import_builder.ManualImportBuilder):

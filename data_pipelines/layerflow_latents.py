@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import logging
 from typing import Any, Iterator
@@ -23,7 +22,6 @@ from typing import Any, Iterator
 import ml_collections as mlc
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from data_pipelines import importing
 
@@ -79,10 +77,7 @@ class LayerflowLatents(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    return epath.Path(inspect.getfile(cls))
+  code_path = tfds.core.utils.classproperty(classmethod(importing.local_code_path))
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config

@@ -8,12 +8,10 @@ different sizes live side by side in one ``data_dir``.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Iterator
 
 import numpy as np
 import tensorflow_datasets as tfds
-from etils import epath
 
 from data_pipelines import importing, synthetic
 
@@ -56,11 +54,7 @@ class LayerflowSynthetic(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   BUILDER_CONFIGS = [make_config()]
 
-  @tfds.core.utils.classproperty
-  @classmethod
-  def code_path(cls) -> epath.Path:
-    # The base class probes `importlib_resources` (not a dependency) before falling back to this.
-    return epath.Path(inspect.getfile(cls))
+  code_path = tfds.core.utils.classproperty(classmethod(importing.local_code_path))
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config

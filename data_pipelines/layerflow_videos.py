@@ -88,12 +88,7 @@ def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[t
     if prompt is None and txt.is_file():
       prompt = txt.read_text().strip()
     items.append((p, rel, prompt))
-  splits = {"train": items}
-  if num_validation > 0:
-    if len(items) <= num_validation:
-      raise LayoutError(f"{root}: {len(items)} videos, too few to hold out {num_validation} for validation")
-    splits = {"train": items[:-num_validation], "validation": items[-num_validation:]}
-  return splits
+  return importing.hold_out_validation({"train": items}, num_validation, root, "videos")
 
 
 def load_video(path: pathlib.Path, key: str, prompt: str | None, c: LayerflowVideosConfig) -> dict[str, Any]:

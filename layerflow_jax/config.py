@@ -40,16 +40,22 @@ def split_spec(spec: str) -> tuple[str, str | None]:
   return path, (arg if sep else None)
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
-  """``"configs/default.py:size=tiny"`` + ``["train.steps=10", ...]`` → a locked ConfigDict."""
+def call_in_config_file(spec: str, function: str, error_prefix: str = "") -> Any:
+  """``function(ARG)`` of the config file ``FILE.py[:ARG]``; a missing function or its ``ValueError`` becomes a
+  :class:`ConfigError` naming the spec."""
   path, arg = split_spec(spec)
   module = load_module(path)
-  if not hasattr(module, "get_config"):
-    raise ConfigError(f"config file {path!r} defines no get_config(arg)")
+  if not hasattr(module, function):
+    raise ConfigError(f"config file {path!r} defines no {function}(arg)")
   try:
-    config = module.get_config(arg)
+    return getattr(module, function)(arg)
   except ValueError as e:
-    raise ConfigError(f"{spec}: {e}") from None
+    raise ConfigError(f"{spec}: {error_prefix}{e}") from None
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> mlc.ConfigDict:
+  """``"configs/default.py:size=tiny"`` + ``["train.steps=10", ...]`` → a locked ConfigDict."""
+  config = call_in_config_file(spec, "get_config")
   apply_overrides(config, overrides)
   return config
 

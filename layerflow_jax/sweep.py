@@ -46,7 +46,8 @@ import time
 import traceback
 from typing import Any, Iterable, Mapping, Sequence
 
-from layerflow_jax.config import ConfigError, load_config, load_module, split_spec
+from layerflow_jax import stopping
+from layerflow_jax.config import ConfigError, call_in_config_file, load_config, split_spec
 
 ARG_PREFIX = "arg."
 SWEEP_FILE = "sweep.json"
@@ -138,14 +139,7 @@ def run_spec(spec: str, run: Mapping[str, Any]) -> tuple[str, list[str]]:
 
 def expand(spec: str, overrides: Sequence[str] = ()) -> list[dict]:
   """``FILE.py[:ARG]`` with ``get_sweep(ARG)`` → ``[{name, spec, overrides, swept}]``; every config is checked."""
-  path, arg = split_spec(spec)
-  module = load_module(path)
-  if not hasattr(module, "get_sweep"):
-    raise ConfigError(f"config file {path!r} defines no get_sweep(arg)")
-  try:
-    runs = module.get_sweep(arg)
-  except ValueError as e:
-    raise ConfigError(f"{spec}: get_sweep: {e}") from None
+  runs = call_in_config_file(spec, "get_sweep", "get_sweep: ")
   if not isinstance(runs, (list, tuple)) or not runs or not all(isinstance(r, Mapping) for r in runs):
     raise ConfigError(f"{spec}: get_sweep must return a non-empty list of dicts, got {type(runs).__name__}")
   keys: list[str] = []
@@ -423,31 +417,18 @@ def _worker_command(root: pathlib.Path, name: str, stop_after: int | None) -> li
   return cmd
 
 
-class _Stop:
+class _Stop(stopping.StopSignals):
   """SIGINT/SIGTERM while a sweep runs: pass it on to the runs (they save and exit) and start no new one."""
 
   def __init__(self):
-    self.signal = None
+    super().__init__()
     self.procs: list[subprocess.Popen] = []
-    self._old = {}
 
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
+  def on_signal(self, signum: int) -> None:
     self.signal = signum
     for p in self.procs:
       if p.poll() is None:
         p.send_signal(signal.SIGTERM)
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
 
 
 @contextlib.contextmanager

@@ -88,7 +88,7 @@ class Checkpointer:
     Raises :class:`NonFiniteStateError` (writing nothing) when the state holds NaN/Inf. A step that is already
     on disk is not written again.
     """
-    if not force and not self.manager.should_save(step):
+    if not force and not self.due(step):
       return False
     latest = self.manager.latest_step()
     if latest is not None and latest >= step:
@@ -101,6 +101,10 @@ class Checkpointer:
     if iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(iterator)
     return bool(self.manager.save(step, args=ocp.args.Composite(**args), force=True))
+
+  def due(self, step: int) -> bool:
+    """Whether the save policy (``every_steps`` / ``every_seconds``) wants ``step`` written."""
+    return bool(self.manager.should_save(step))
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

@@ -93,14 +93,18 @@ class Experiment:
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
     self.optimizer, self.lr_schedule = make_optimizer(config.train)
 
-    abstract = dit.abstract_model(self.model_cfg)
-    self.graphdef, abstract_state = nnx.split(abstract)
+    self.derive_from_model_cfg()
+
+  def derive_from_model_cfg(self) -> None:
+    """Everything that follows from ``self.model_cfg``: graph, abstract parameters, their partition specs and
+    the trainable selection (again after a subclass changes the model description)."""
+    self.graphdef, abstract_state = nnx.split(dit.abstract_model(self.model_cfg))
     self.abstract_params = partition.flatten(abstract_state.to_pure_dict())
     logical = partition.flatten(nnx.get_partition_spec(abstract_state).to_pure_dict())
     self.param_specs = {k: shd.logical_to_spec(tuple(v), shd.LOGICAL_AXIS_RULES) for k, v in logical.items()}
     self.selection = partition.select(
-        self.abstract_params, config.train.trainable, num_layers=self.model_cfg.num_layers,
-        adapters=list(config.train.get("trainable_adapters", ()) or ()))
+        self.abstract_params, self.config.train.trainable, num_layers=self.model_cfg.num_layers,
+        adapters=list(self.config.train.get("trainable_adapters", ()) or ()))
 
   # ------------------------------------------------------------------ shapes and shardings
 

@@ -22,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from layerflow_jax import sharding as shd
+from layerflow_jax import stopping
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib
 from layerflow_jax.train import step as step_lib
@@ -66,36 +67,20 @@ def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = N
     ck.close()
 
 
-class _StopFlag:
+class _StopFlag(stopping.StopSignals):
   """Set by SIGTERM/SIGINT; the loop saves and exits after the current step.
 
   A second signal of the same kind while the first is pending restores the previous handler and re-sends
   itself, so an impatient Ctrl-C Ctrl-C still stops a run stuck in a long compilation or save.
   """
 
-  def __init__(self):
-    self.signal = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      try:
-        self._old[sig] = signal.signal(sig, self._handle)
-      except ValueError:  # not the main thread
-        pass
-    return self
-
-  def _handle(self, signum, frame):
+  def on_signal(self, signum: int) -> None:
     if self.signal == signum:
-      signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+      signal.signal(signum, self.previous_handler(signum))
       signal.raise_signal(signum)
       return
     log.warning("signal %d: finishing the current step, then saving and exiting", signum)
     self.signal = signum
-
-  def __exit__(self, *exc):
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
 
 
 def _meta(config_json: str, state_step: int) -> dict:
@@ -206,11 +191,37 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
   max_bad = int(tc.get("max_consecutive_nonfinite", 20))
   inject = {int(s) for s in tc.get("inject_nan_steps", ()) or ()}
   last_metrics: dict = {}
-  t0, steps_done = time.time(), 0
+  t0 = time.time()
   bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0, desc="train",
              dynamic_ncols=True)
   step = start
   config_json = ckpt_lib.config_to_meta(exp.config)  # once: the config does not change during the run
+
+  def report(n: int, metrics) -> None:
+    """The non-finite guard and the log line of step ``n`` (waits for that step to finish). The compiled step
+    already skipped a non-finite update (optax.apply_if_finite); here it is reported and, K in a row, stops the
+    run. Every step is seen, not only logged ones."""
+    nonlocal last_metrics
+    in_a_row = int(metrics["nonfinite_in_a_row"])
+    if in_a_row or n % int(tc.log_every) == 0 or n == total:
+      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      m["steps_per_s"] = (n - start) / max(time.time() - t0, 1e-9)
+      last_metrics = writer.write(n, m)
+      bar.set_postfix(loss=f"{m['loss']:.4f}")
+      if in_a_row:
+        log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, %d skipped in total)",
+                    n, in_a_row, int(m["skipped_nonfinite"]))
+      if in_a_row >= max_bad:
+        good = ck.manager.latest_step()
+        raise NonFiniteError(
+            f"stopping at step {n}: {in_a_row} consecutive steps had non-finite loss/gradients "
+            f"(train.max_consecutive_nonfinite={max_bad}); their updates were skipped and no checkpoint was "
+            f"written from them (newest checkpoint: step {good}); expected finite data and a stable lr")
+
+  # A step is reported while the next one runs (reading its scalars waits for it), so the host prepares and
+  # dispatches batch n+1 while the device computes step n. Before an evaluation or a save it is reported at once:
+  # nothing is evaluated or written after a step the guard has not seen.
+  pending = None
   try:
     while step < total and not stop.signal:
       local = next(iterator)
@@ -220,29 +231,23 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
       with shd.use_mesh(exp.mesh):
         state, metrics = train_fn(state, batch)
       step += 1
-      steps_done += 1
       bar.update(1)
-      # One scalar per step: the guard must see every step, not only logged ones. The compiled step already
-      # skipped a non-finite update (optax.apply_if_finite); here it is reported and, K in a row, stops the run.
-      in_a_row = int(metrics["nonfinite_in_a_row"])
-      if in_a_row or step % int(tc.log_every) == 0 or step == total:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        m["steps_per_s"] = steps_done / max(time.time() - t0, 1e-9)
-        last_metrics = writer.write(step, m)
-        bar.set_postfix(loss=f"{m['loss']:.4f}")
-        if in_a_row:
-          log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, %d skipped in total)",
-                      step, in_a_row, int(m["skipped_nonfinite"]))
-        if in_a_row >= max_bad:
-          good = ck.manager.latest_step()
-          raise NonFiniteError(
-              f"stopping at step {step}: {in_a_row} consecutive steps had non-finite loss/gradients "
-              f"(train.max_consecutive_nonfinite={max_bad}); their updates were skipped and no checkpoint was "
-              f"written from them (newest checkpoint: step {good}); expected finite data and a stable lr")
-      if int(tc.eval_every) and step % int(tc.eval_every) == 0 and step != total:
+      if pending is not None:
+        report(*pending)
+      evaluate_now = bool(int(tc.eval_every)) and step % int(tc.eval_every) == 0 and step != total
+      save_now = step == total or bool(stop.signal) or ck.due(step)
+      pending = (step, metrics)
+      if evaluate_now or save_now:
+        report(*pending)
+        pending = None
+      if evaluate_now:
         run_eval(step)
-      ck.save(step, state, iterator=iterator, meta=_meta(config_json, step), force=step == total or bool(stop.signal))
-    if stop.signal:
+      if save_now:
+        ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
+    if pending is not None:
+      report(*pending)
+    if stop.signal:  # also when the signal came after this step's save decision (a step on disk is not rewritten)
+      ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
       log.warning("signal %d: saved step %d, exiting", stop.signal, step)
       summary["interrupted_by_signal"] = int(stop.signal)
     bar.close()
@@ -254,6 +259,6 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
     writer.flush()
     writer.close()
     ck.close()
-  summary.update(end_step=step, seconds=time.time() - t0, steps_per_s=steps_done / max(time.time() - t0, 1e-9),
+  summary.update(end_step=step, seconds=time.time() - t0, steps_per_s=(step - start) / max(time.time() - t0, 1e-9),
                  last=last_metrics)
   return summary
