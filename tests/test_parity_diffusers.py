@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import math
+
 import numpy as np
 import pytest
 
@@ -328,15 +330,43 @@ def test_sincos_table_matches_diffusers_non_square():
   assert err <= 1e-6
 
 
+def _timestep_embedding_f64(t: np.ndarray, dim: int, max_period: float = 10000.0):
+  """Float64 reference of the flip_sin_to_cos, shift-0 sinusoidal embedding, and its float32 error bound.
+
+  Both implementations compute ``x_j = -ln(P)·j/half`` (a few float32 roundings: |δx| ≤ 3u|x|), ``f_j = exp(x_j)``
+  (≤ 2 ulp = 4u relative, plus |δx|), ``a = t·f_j`` (one more rounding, u) and ``sin/cos(a)``, whose range
+  reduction and polynomial add ≤ u|a| + 4u absolute. An argument error δa moves sin/cos by ≤ |δa|, so with
+  u = 2⁻²⁴: |err| ≤ u·(|a|·(3|x| + 7) + 4). One float32 ulp of a = 999 is 6e-5: no fixed absolute tolerance holds
+  for large t on every CPU's float32 sin, but this bound does.
+  """
+  half = dim // 2
+  x = -math.log(max_period) * np.arange(half, dtype=np.float64) / half
+  args = t.astype(np.float64)[:, None] * np.exp(x)[None, :]
+  ref = np.concatenate([np.cos(args), np.sin(args)], axis=-1)
+  u = 2.0**-24
+  bound = u * (np.abs(args) * (3 * np.abs(x) + 7) + 4)
+  bound = np.concatenate([bound, bound], axis=-1)
+  if dim % 2:
+    ref, bound = np.pad(ref, ((0, 0), (0, 1))), np.pad(bound, ((0, 0), (0, 1)), constant_values=4 * u)
+  return ref, bound
+
+
 def test_timestep_embedding_matches_diffusers():
+  """Each side against a float64 reference, within the float32 error bound of the computation (any CPU)."""
   t = np.array([0, 1, 3, 0.5, 417.25, 999], np.float32)
   for dim in (32, 33, 64):
+    ref, bound = _timestep_embedding_f64(t, dim)
     ours = np.asarray(emb.timestep_embedding(jnp.asarray(t), dim))
     theirs = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True,
                                     downscale_freq_shift=0).numpy()
-    err = float(np.max(np.abs(ours - theirs)))
-    print(f"\n[parity] timestep_embedding dim {dim}: max abs err {err:.3e}")
-    assert ours.shape == theirs.shape and err <= 1e-5
+    assert ours.shape == theirs.shape == ref.shape
+    for name, side in (("ours", ours), ("diffusers", theirs)):
+      err = np.abs(side.astype(np.float64) - ref)
+      print(f"\n[parity] timestep_embedding dim {dim} {name}: max abs err {err.max():.3e}, "
+            f"max err/bound {(err / bound).max():.3f}")
+      assert np.all(err <= bound), f"{name}: float32 error exceeds its bound at {np.argwhere(err > bound)[:4]}"
+    # Small timesteps have small arguments: there the bound is tight (≤ 2e-6), so a wrong frequency or phase fails.
+    assert float(bound[:4].max()) < 2e-6
 
 
 def test_rope_table_matches_diffusers():
