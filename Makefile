@@ -4,19 +4,21 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export TF_CPP_MIN_LOG_LEVEL := 3
 
-.PHONY: demo test test-slow test-all clean
+PIP    := $(BIN)/pip install -q -c constraints.txt
+
+.PHONY: demo test test-slow test-all lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
 # The demo needs only the runtime (plus ffmpeg for MP4 outputs); tests add pytest and the PyTorch extras.
-$(VENV)/.demo: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[video]"
+$(VENV)/.demo: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[video]"
 	touch $@
 
-$(VENV)/.test: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[video,test,torch]"
+$(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[video,test,torch]"
 	touch $@ $(VENV)/.demo
 
 demo: $(VENV)/.demo
@@ -30,6 +32,14 @@ test-slow: $(VENV)/.test
 
 test-all: $(VENV)/.test
 	$(BIN)/python -m pytest -q
+
+# Re-resolve the pinned set: a fresh venv takes the newest versions pyproject.toml allows, runs nothing, and writes
+# them to constraints.txt. Then run `make test` on it before committing the new pins.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q --upgrade pip
+	.venv-lock/bin/pip install -q -e ".[video,test,torch]"
+	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu/\1/'; } \
+	  > constraints.txt.new && mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
 clean:
 	rm -rf demo_out data runs .pytest_cache
