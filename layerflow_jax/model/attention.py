@@ -13,7 +13,7 @@ Attention is the one place where every token needs every other, so it runs under
 All-gathered K/V costs ``2·N·D`` per device per layer (≈ 270 MB in bf16 for 5B at full resolution), far less than
 the attention scores it splits; ring attention would trade that for ``sequence`` collective steps. Batch stays
 split over ``data``/``fsdp`` and heads over ``tensor`` (when the head count divides), so the other axes are unaffected.
-Without a ``sequence`` axis > 1 this is plain ``jax.nn.dot_product_attention``.
+Without a ``sequence`` axis > 1 this is plain exact attention (:func:`attend`).
 
 ``model.attention``: ``"xla"`` (materialises the [B, H, Nq, Nk] scores: 60 GB per sample and layer for 2B at full
 resolution in fp32), ``"cudnn"`` (flash attention, NVIDIA GPUs), or ``"chunked"`` — exact attention computed for
@@ -38,10 +38,30 @@ def _kv_lengths(k: jax.Array, num_valid: int | None):
   return None if num_valid is None else jnp.full((k.shape[0],), num_valid, jnp.int32)
 
 
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = None) -> jax.Array:
+  """Exact attention as XLA ops, heads-major: ``q, k, v`` [B, N, H, D] → [B, N, H, D]; keys from ``num_valid`` on
+  are masked. Scores and softmax in float32, as ``jax.nn.dot_product_attention(implementation="xla")``.
+
+  The same math as that function, laid out [B, H, N, D] before the two matmuls: its token-major einsums make XLA's
+  CPU backward 2.2× slower at the demo's shape on AVX2 (benchmarks/cpu_step.py), and the layout is free
+  on GPU and TPU, where the compiler picks its own.
+  """
+  scale = q.shape[-1] ** -0.5
+  qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, N, D]
+  logits = jnp.einsum("bhnd,bhmd->bhnm", qh, kh, preferred_element_type=jnp.float32) * scale
+  if num_valid is not None:
+    logits = jnp.where(jnp.arange(k.shape[1]) < num_valid, logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.swapaxes(jnp.einsum("bhnm,bhmd->bhnd", probs, vh), 1, 2)
+
+
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None,
            num_valid: int | None = None) -> jax.Array:
-  """``jax.nn.dot_product_attention`` or, for ``implementation="chunked"``, :func:`chunked_attention`; keys from
-  ``num_valid`` on (padding) are masked."""
+  """:func:`xla_attention` (``None``/``"xla"``), :func:`chunked_attention` (``"chunked"``) or
+  ``jax.nn.dot_product_attention(implementation=…)`` (``"cudnn"``); keys from ``num_valid`` on (padding) are
+  masked."""
+  if implementation in (None, "xla"):
+    return xla_attention(q, k, v, num_valid)
   if implementation == "chunked":
     return chunked_attention(q, k, v, num_valid=num_valid)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=_kv_lengths(k, num_valid),
@@ -53,12 +73,11 @@ def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUE
   """Exact attention, ``chunk`` queries at a time (``lax.map`` over rematerialised chunks): peak memory for the
   scores is ``B·H·chunk·Nk`` in forward and backward instead of ``B·H·Nq·Nk``."""
   b, n, h, d = q.shape
-  lengths = _kv_lengths(k, num_valid)
   if n <= chunk:
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=lengths)
+    return xla_attention(q, k, v, num_valid)
   pad = (-n) % chunk
   chunks = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(b, (n + pad) // chunk, chunk, h, d)
-  one = jax.checkpoint(lambda qc: jax.nn.dot_product_attention(qc, k, v, key_value_seq_lengths=lengths))
+  one = jax.checkpoint(lambda qc: xla_attention(qc, k, v, num_valid))
   out = jax.lax.map(one, jnp.swapaxes(chunks, 0, 1))  # [chunks, B, chunk, H, D]
   return jnp.swapaxes(out, 0, 1).reshape(b, n + pad, h, d)[:, :n]
 
