@@ -1,8 +1,8 @@
 """Where a tiny CPU train step spends its time: the demo's step, and its attention alone, per implementation.
 
 The demo (``configs/stages.py:demo``) trains on the CPU, so its wall time is this step times its step count. The
-table gives, for each batch size: the whole jitted train step, and the forward and forward+backward of one
-attention call of the step's shape, for ``jax.nn.dot_product_attention`` (token-major einsums) and the project's
+table gives, for each batch size: the whole jitted train step with the blocks scanned and unrolled, and the
+forward and forward+backward of one attention call of the step's shape, for ``jax.nn.dot_product_attention`` (token-major einsums) and the project's
 ``attention.xla_attention`` (heads-major). Run it as a user's machine might be, e.g. an AVX2-only 2-core one::
 
   python benchmarks/cpu_step.py
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import platform
 import sys
 import time
 
@@ -39,16 +38,6 @@ def _ms(fn, *args, repeats: int) -> float:
   return 1e3 * common.median(times)
 
 
-def cpu_model() -> str:
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", default="configs/stages.py:demo")
@@ -61,6 +50,7 @@ def main(argv=None) -> int:
   import jax
   import jax.numpy as jnp
 
+  from layerflow_jax import distributed
   from layerflow_jax import sharding as shd
   from layerflow_jax.config import load_config
   from layerflow_jax.model import attention
@@ -68,8 +58,8 @@ def main(argv=None) -> int:
   from layerflow_jax.train.experiment import Experiment
 
   rows = []
-  for b in [int(x) for x in args.batch_sizes.split(",")]:
-    config = load_config(args.config, [f"data.batch_size={b}"])
+  for b, scan in [(int(x), scan) for x in args.batch_sizes.split(",") for scan in (True, False)]:
+    config = load_config(args.config, [f"data.batch_size={b}", f"model.scan_layers={scan}"])
     exp = Experiment(config)
     d = config.data
     frames = exp.layout.num_clips * d.frames
@@ -87,7 +77,7 @@ def main(argv=None) -> int:
     tokens = exp.latent_frames * exp.layout.num_clips * (exp.latent_shape[1] // m.patch_size) * (
         exp.latent_shape[2] // m.patch_size) + 3 * config.text_encoder.max_length
     q = jax.random.normal(jax.random.key(0), (b, tokens, m.num_heads, m.head_dim))
-    row = {"batch": b, "tokens": tokens, "train_step_ms": common.sig(step_ms)}
+    row = {"batch": b, "tokens": tokens, "scan_layers": scan, "train_step_ms": common.sig(step_ms)}
     for name, fn in (("jax_nn", lambda x: jax.nn.dot_product_attention(x, x, x)),
                      ("xla_attention", lambda x: attention.xla_attention(x, x, x))):
       fwd = jax.jit(fn)
@@ -97,16 +87,15 @@ def main(argv=None) -> int:
     rows.append(row)
 
   keys = list(rows[0])
-  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores visible, affinity {len(os.sched_getaffinity(0))}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; jax {jax.__version__}")
+  print(f"host: {distributed.host_description()}; jax {jax.__version__}")
   print("| " + " | ".join(keys) + " |")
   print("|" + "---:|" * len(keys))
   for r in rows:
     print("| " + " | ".join(str(r[k]) for k in keys) + " |")
   if not args.no_record:
     common.append_jsonl(args.results, {
-        "kind": "cpu_step", "time": common.utc_now(), "config": args.config, "cpu": cpu_model(),
-        "cores": len(os.sched_getaffinity(0)), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "kind": "cpu_step", "time": common.utc_now(), "config": args.config,
+        "host": distributed.host_description(),
         "jax": jax.__version__, "rows": rows})
   return 0
 

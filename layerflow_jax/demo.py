@@ -24,7 +24,7 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
   import jax
 
   from data_pipelines import registry
-  from layerflow_jax import evaluate, media, stages
+  from layerflow_jax import distributed, evaluate, media, stages
   from layerflow_jax.config import load_config
   from layerflow_jax.sampling import LayeredSampler
   from layerflow_jax.train import trainer
@@ -85,11 +85,13 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
   timing = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
   text = (f"{table}\n\nmotion LoRA (stage-2 model, generated clips): mean frame-to-frame change "
           f"{motion['off']:.4f} with it removed, {motion['on']:.4f} with it on\n\n"
-          f"device: {jax.devices()[0].platform} ×{jax.device_count()}; times: {timing}; total {total:.0f} s\n")
+          f"device: {jax.devices()[0].platform} ×{jax.device_count()} on {distributed.host_description()}\n"
+          f"times: {timing}; total {total:.0f} s\n")
   (root / "demo_table.md").write_text(text)
   (root / "demo_metrics.json").write_text(json.dumps(
       {"untrained": m_untrained, "trained": m_trained, "val_loss_start": v0, "val_loss_end": v1,
-       "motion_lora_frame_change": motion, "times": times, "total_seconds": total}, indent=2))
+       "motion_lora_frame_change": motion, "times": times, "total_seconds": total,
+       "host": distributed.host_description()}, indent=2))
   print(text)
   print(f"outputs: {root.resolve()}")
   for task, path in written.items():

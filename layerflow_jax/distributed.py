@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import platform
 import sys
 import threading
 import time
@@ -224,3 +225,18 @@ class peer_failure:
     if exc is None or isinstance(exc, PeerLostError) or not is_peer_failure(exc):
       return False
     raise PeerLostError(peer_lost_message(exc)) from exc
+
+
+def host_description() -> str:
+  """This host's CPU model, the cores this process may use, and ``XLA_FLAGS`` (for timings that name the machine)."""
+  model = platform.processor() or platform.machine()
+  try:
+    for line in open("/proc/cpuinfo"):
+      if line.startswith("model name"):
+        model = line.split(":", 1)[1].strip()
+        break
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  flags = os.environ.get("XLA_FLAGS", "")
+  return f"{model}, {cores} cores" + (f", XLA_FLAGS={flags!r}" if flags else "")

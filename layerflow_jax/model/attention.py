@@ -43,8 +43,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | Non
   are masked. Scores and softmax in float32, as ``jax.nn.dot_product_attention(implementation="xla")``.
 
   The same math as that function, laid out [B, H, N, D] before the two matmuls: its token-major einsums make XLA's
-  CPU backward 2.2× slower at the demo's shape on AVX2 (benchmarks/cpu_step.py), and the layout is free
-  on GPU and TPU, where the compiler picks its own.
+  CPU forward+backward 1.45× slower at the demo's shape on an AVX2-only 2-core run (62 vs 43 ms,
+  benchmarks/cpu_step.py); the layout costs nothing on GPU and TPU, where the compiler picks its own.
   """
   scale = q.shape[-1] ** -0.5
   qh, kh, vh = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, N, D]
