@@ -375,13 +375,21 @@ def _signal_when(workdir: pathlib.Path, step: int, sig: int, pid: int, after_row
 
 
 def test_second_signal_is_not_swallowed():
-  """The first SIGINT asks for a clean stop; a second one while it is pending interrupts at once."""
-  with trainer._StopFlag() as stop:
-    signal.raise_signal(signal.SIGINT)
-    assert stop.signal == signal.SIGINT
-    with pytest.raises(KeyboardInterrupt):
+  """The first SIGINT asks for a clean stop; a second one while it is pending interrupts at once.
+
+  Starts from Python's own SIGINT handler, as a fresh ``layerflow train`` process has it: earlier tests in the
+  same pytest process can leave another one installed (in the full suite the handler found here was not the
+  default one, and the re-sent signal then went to it)."""
+  found = signal.signal(signal.SIGINT, signal.default_int_handler)
+  try:
+    with trainer._StopFlag() as stop:
       signal.raise_signal(signal.SIGINT)
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+      assert stop.signal == signal.SIGINT
+      with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, found)
 
 
 def _same_rows(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
