@@ -377,9 +377,9 @@ def _signal_when(workdir: pathlib.Path, step: int, sig: int, pid: int, after_row
 def test_second_signal_is_not_swallowed():
   """The first SIGINT asks for a clean stop; a second one while it is pending interrupts at once.
 
-  Starts from Python's own SIGINT handler, as a fresh ``layerflow train`` process has it: earlier tests in the
-  same pytest process can leave another one installed (in the full suite the handler found here was not the
-  default one, and the re-sent signal then went to it)."""
+  Starts from Python's own SIGINT handler, as a fresh ``layerflow train`` process has it, instead of whatever an
+  earlier test in the same pytest process left installed (the full suite failed this test twice after the
+  compilation-cache change while the file alone passed; which earlier test is involved is not known)."""
   found = signal.signal(signal.SIGINT, signal.default_int_handler)
   try:
     with trainer._StopFlag() as stop:
