@@ -11,13 +11,21 @@ from typing import Sequence
 DEMO_SPEC = "configs/stages.py:demo"
 
 
-def _table(rows: list[tuple[str, str, str]]) -> str:
-  w0 = max(len(r[0]) for r in rows)
-  w1 = max(len(r[1]) for r in rows)
-  w2 = max(len(r[2]) for r in rows)
-  line = lambda r: f"| {r[0]:<{w0}} | {r[1]:>{w1}} | {r[2]:>{w2}} |"
-  return "\n".join([line(rows[0]), f"|{'-' * (w0 + 2)}|{'-' * (w1 + 1)}:|{'-' * (w2 + 1)}:|"] +
-                   [line(r) for r in rows[1:]])
+def _table(rows: list[tuple[str, ...]]) -> str:
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  line = lambda r: "| " + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in
+                                     enumerate(zip(r, widths))) + " |"
+  rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
+  return "\n".join([line(rows[0]), rule] + [line(r) for r in rows[1:]])
+
+
+def trained_is_better(untrained: float, trained: float, higher_is_better: bool | None) -> bool:
+  """Whether the trained value beats the untrained one; ``None`` = a ratio whose ideal is 1 (|log| smaller)."""
+  import math
+
+  if higher_is_better is None:
+    return abs(math.log(max(trained, 1e-12))) < abs(math.log(max(untrained, 1e-12)))
+  return trained > untrained if higher_is_better else trained < untrained
 
 
 def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_spec: str = DEMO_SPEC) -> int:
@@ -75,12 +83,15 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
       root / "stages" / last / "summary.json").exists() else {}
   v0 = s1.get("initial", {}).get("val_loss", float("nan"))
   v1 = s3.get("final", {}).get("val_loss", float("nan"))
-  rows = [("metric (validation clips)", "untrained", "trained"),
-          ("validation loss (step 0 vs end)", f"{v0:.4f}", f"{v1:.4f}")]
-  for key, label, _ in evaluate.TABLE_METRICS:
+  mark = lambda better: "yes" if better else "NO"
+  rows = [("metric (validation clips)", "untrained", "trained", "trained better"),
+          ("validation loss (step 0 vs end)", f"{v0:.4f}", f"{v1:.4f}", mark(v1 < v0))]
+  wins = [v1 < v0]
+  for key, label, higher in evaluate.TABLE_METRICS:
     if key in m_trained and key in m_untrained:
-      rows.append((label, f"{m_untrained[key]:.4f}", f"{m_trained[key]:.4f}"))
-  table = _table(rows)
+      wins.append(trained_is_better(m_untrained[key], m_trained[key], higher))
+      rows.append((label, f"{m_untrained[key]:.4f}", f"{m_trained[key]:.4f}", mark(wins[-1])))
+  table = _table(rows) + f"\n\ntrained beats untrained on {sum(wins)} of {len(wins)} rows"
   total = time.time() - t_start
   timing = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
   text = (f"{table}\n\nmotion LoRA (stage-2 model, generated clips): mean frame-to-frame change "
@@ -90,7 +101,8 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
   (root / "demo_table.md").write_text(text)
   (root / "demo_metrics.json").write_text(json.dumps(
       {"untrained": m_untrained, "trained": m_trained, "val_loss_start": v0, "val_loss_end": v1,
-       "motion_lora_frame_change": motion, "times": times, "total_seconds": total,
+       "motion_lora_frame_change": motion, "trained_better_rows": f"{sum(wins)}/{len(wins)}",
+       "times": times, "total_seconds": total,
        "host": distributed.host_description()}, indent=2))
   print(text)
   print(f"outputs: {root.resolve()}")
