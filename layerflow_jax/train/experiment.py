@@ -90,6 +90,10 @@ class Experiment:
     self.curriculum_probs = (layers.task_weights_vector(dict(config.diffusion.curriculum_weights))
                              if self.curriculum_steps > 0 else self.task_probs)
     self.given_table = layers.given_table(self.layout)
+    # bool [num_tasks, packed latent frames]: what each task gives, frame by frame (lead frames, overrides)
+    self.given_frame_table = layers.given_frame_table(
+        self.layout, self.latent_shape[0], self.model_cfg.lead_frames,
+        {k: list(v) for k, v in dict(config.diffusion.get("given_latent_frames", {}) or {}).items()})
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
     self.optimizer, self.lr_schedule = make_optimizer(config.train)
 
