@@ -80,12 +80,32 @@ def _pixel_factors(config: mlc.ConfigDict, channels: int) -> tuple[int, int] | N
   return None
 
 
-def import_config(conf: Mapping[str, Any], base: mlc.ConfigDict) -> mlc.ConfigDict:
+COGVIDEOX_SCALING_FACTOR = 1.15258426
+
+
+def default_autoencoder(ae: mlc.ConfigDict, channels: int, vae_dir: str | pathlib.Path | None) -> mlc.ConfigDict:
+  """An autoencoder setting with ``channels`` latent channels for a CogVideoX transformer: the CogVideoX VAE of
+  ``vae_dir`` when it holds a ``config.json`` with that many latent channels, else the latents-only codec (8×
+  spatial, 4× temporal), which loads, trains on cached latents and exports, and refuses pixel work."""
+  out = mlc.ConfigDict(ae.to_dict())
+  conf = pathlib.Path(vae_dir) / "config.json" if vae_dir else None
+  if conf is not None and conf.is_file() and int(json.loads(conf.read_text()).get("latent_channels", -1)) == channels:
+    out.update(kind="cogvideox", path=str(pathlib.Path(vae_dir)), dtype="bfloat16")
+  else:
+    out.update(kind="latent", spatial=8, temporal=4, latent_channels=int(channels),
+               scaling_factor=COGVIDEOX_SCALING_FACTOR, path="")
+  return out
+
+
+def import_config(conf: Mapping[str, Any], base: mlc.ConfigDict, src: str | pathlib.Path | None = None
+                  ) -> mlc.ConfigDict:
   """``base`` with the model of a diffusers ``config.json`` (a copy; ``base`` is not changed).
 
   The text encoder's width must equal ``text_embed_dim`` and the autoencoder's latent channels
-  ``in_channels``: the built-in byte encoder and pixel codec are resized to fit; any other encoder that does
-  not fit is refused, naming the config key to set.
+  ``in_channels``: the built-in byte encoder and pixel codec are resized to fit. When the pixel codec cannot fit
+  (CogVideoX's 16 channels), the autoencoder becomes the CogVideoX VAE of the pipeline folder holding ``src``
+  (``src/../vae``) or else the latents-only codec (:func:`default_autoencoder`), with the data sizes of the
+  transformer's sample size; any other encoder that does not fit is refused, naming the config key to set.
   """
   conf = {**folder_lib.DIFFUSERS_DEFAULTS, **conf}
   config = mlc.ConfigDict(base.to_dict())
@@ -112,6 +132,14 @@ def import_config(conf: Mapping[str, Any], base: mlc.ConfigDict) -> mlc.ConfigDi
     factors = _pixel_factors(config, channels) if config.autoencoder.kind == "pixel" else None
     if factors is not None:
       config.autoencoder.spatial, config.autoencoder.temporal = factors
+    elif config.autoencoder.kind == "pixel":
+      vae = pathlib.Path(src).absolute().parent / "vae" if src is not None else None
+      config.autoencoder = default_autoencoder(config.autoencoder, channels, vae)
+      p = int(config.model.patch_size)
+      config.data.update(frames=16, height=int(conf["sample_height"]) * 8, width=int(conf["sample_width"]) * 8)
+      if (config.data.height // 8) % p or (config.data.width // 8) % p:
+        problems.append(f"sample size {conf['sample_height']}x{conf['sample_width']} is not divisible by the "
+                        f"patch size {p}")
     else:
       problems.append(f"in_channels {channels} != the autoencoder's latent channels "
                       f"{codec_lib.make_codec(config.autoencoder).latent_channels} (the pixel codec has "
@@ -129,7 +157,7 @@ def import_diffusers(src: str | pathlib.Path, out: str | pathlib.Path, base: mlc
   """
   src, out = pathlib.Path(src), pathlib.Path(out)
   conf = folder_lib.read_config(src)
-  config = import_config(conf, base)
+  config = import_config(conf, base, src)
   if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
     raise ExportError(f"{out} already holds checkpoints; import into a new directory")
   sd = folder_lib.read_state_dict(src)

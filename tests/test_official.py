@@ -1,0 +1,326 @@
+"""``layerflow import-official``: the official LayerFlow SAT checkpoints, imported exactly.
+
+Each of the five network layouts gets a tiny SAT-format checkpoint with random weights (non-zero LoRA B/D in a
+trained block and one outside the trained blocks), written as a variant folder (``latest`` + ``1000/
+mp_rank_00_model_states.pt``). The import goes through the CLI and ``trainer.load_params``; its forward is
+compared with :func:`reference_forward`, a float64 PyTorch forward written from ``../shared/LAYERFLOW_OFFICIAL.md``
+directly on the SAT state dict (condition splicing, sequence, table, layer embedding, expert adaLN, LoRA with the
+per-sample motion switch, final norm eps 1e-6, unpatchify, output slicing) and sharing no code with the import.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from layerflow_jax import cli  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+REL_TOL = 1e-4
+PREFIX = "model.diffusion_model."
+D, HEADS, HEAD_DIM, TEMB, TEXT_DIM, C, P, MLP = 32, 2, 16, 16, 16, 4, 2, 128
+LAYERS, RM, RC = 7, 8, 256
+H, W = 4, 6  # latent size: a 2 × 3 token grid
+TOKENS = (H // P) * (W // P)
+LORA_BLOCKS = (2, 5)  # 5: a trained block of the releases; 2: outside them (must be kept)
+
+# variant → (layer embedder, prompts, table frames, learnable table, task index, given frames spliced, RGB)
+LAYOUTS = {
+    "gen_rgba": (True, 3, 16, False, None, 0, False),
+    "seg_rgba": (False, 2, 16, True, "seg", 4, False),
+    "fg2bg_rgba": (True, 3, 17, False, 1, 9, False),
+    "gen_rgb": (False, 3, 13, False, None, 0, True),
+    "seg_rgb": (False, 2, 13, True, "seg", 2, True),
+}
+
+
+def _sincos_1d(dim, pos):
+  omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+  out = np.outer(pos.astype(np.float64), omega)
+  return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def _official_table(frames, text_rows):
+  """§4: zero text rows, then [temporal D/4 | columns/1.875 3D/8 | rows/1.875 3D/8] per (frame, row, col)."""
+  hp, wp = H // P, W // P
+  t, r, c = np.meshgrid(np.arange(frames), np.arange(hp), np.arange(wp), indexing="ij")
+  video = np.concatenate([_sincos_1d(D // 4, t.reshape(-1)), _sincos_1d(3 * D // 8, c.reshape(-1) / 1.875),
+                          _sincos_1d(3 * D // 8, r.reshape(-1) / 1.875)], axis=1)
+  return np.concatenate([np.zeros((text_rows, D)), video], axis=0)
+
+
+def make_sat_state_dict(variant: str, seed: int = 0, dtype=torch.float32) -> dict:
+  """A SAT ``["module"]`` dict of the variant's layout (§1), random weights, plus T5/VAE keys to be ignored."""
+  embed, prompts, frames, learned, *_ = LAYOUTS[variant]
+  g = torch.Generator().manual_seed(seed)
+  rnd = lambda *shape, std=1.0: torch.randn(*shape, generator=g, dtype=torch.float64) * std
+  lin = lambda o, i, std=None: (rnd(o, i, std=std if std is not None else 1 / math.sqrt(i)), rnd(o, std=0.1))
+  ln = lambda n: (1 + rnd(n, std=0.1), rnd(n, std=0.1))
+  sd = {}
+
+  def put(name, pair):
+    sd[f"{name}.weight"], sd[f"{name}.bias"] = pair
+
+  put("time_embed.0", lin(TEMB, D))
+  put("time_embed.2", lin(TEMB, TEMB))
+  sd["mixins.patch_embed.proj.weight"] = rnd(D, C, P, P, std=1 / math.sqrt(C * P * P))
+  sd["mixins.patch_embed.proj.bias"] = rnd(D, std=0.1)
+  put("mixins.patch_embed.text_proj", lin(D, TEXT_DIM))
+  rows = prompts * 226 + frames * TOKENS
+  table = rnd(rows, D) if learned else torch.from_numpy(_official_table(frames, prompts * 226))
+  sd["mixins.pos_embed.pos_embedding"] = table[None]
+  if embed:
+    put("mixins.pos_embed.txt_embedder.0", (rnd(D, 1), rnd(D, std=0.1)))
+    put("mixins.pos_embed.txt_embedder.1", ln(D))
+  for n in range(LAYERS):
+    a, tl = f"mixins.adaln_layer.", f"transformer.layers.{n}."
+    put(f"{a}adaLN_modulations.{n}.1", lin(12 * D, TEMB, std=0.3 / math.sqrt(TEMB)))
+    put(f"{a}query_layernorm_list.{n}", ln(HEAD_DIM))
+    put(f"{a}key_layernorm_list.{n}", ln(HEAD_DIM))
+    put(f"{tl}input_layernorm", ln(D))
+    put(f"{tl}post_attention_layernorm", ln(D))
+    put(f"{tl}attention.query_key_value.original", lin(3 * D, D))
+    put(f"{tl}attention.dense.original", lin(D, D))
+    put(f"{tl}mlp.dense_h_to_4h", lin(MLP, D))
+    put(f"{tl}mlp.dense_4h_to_h", lin(D, MLP))
+    trained = n in LORA_BLOCKS
+    for proj, parts in (("query_key_value", 3), ("dense", 1)):
+      for i in range(parts):
+        base = f"{tl}attention.{proj}."
+        sd[f"{base}matrix_A.{i}"] = rnd(RM, D, std=1 / math.sqrt(D))
+        sd[f"{base}matrix_B.{i}"] = rnd(D, RM) if trained else torch.zeros(D, RM, dtype=torch.float64)
+        sd[f"{base}matrix_C.{i}"] = rnd(RC, D, std=1 / math.sqrt(D))
+        sd[f"{base}matrix_D.{i}"] = rnd(D, RC) if trained else torch.zeros(D, RC, dtype=torch.float64)
+  put("transformer.final_layernorm", ln(D))
+  put("mixins.final_layer.norm_final", ln(D))
+  put("mixins.final_layer.linear", lin(P * P * C, D))
+  put("mixins.final_layer.adaLN_modulation.1", lin(2 * D, TEMB, std=0.3 / math.sqrt(TEMB)))
+  module = {PREFIX + k: v.to(dtype) for k, v in sd.items()}
+  module["conditioner.embedders.0.transformer.shared.weight"] = torch.zeros(3, 2)  # T5: ignored
+  module["first_stage_model.encoder.conv_in.weight"] = torch.zeros(2, 3)  # VAE: ignored
+  return module
+
+
+def write_variant_folder(root, variant: str, module: dict):
+  folder = root / variant
+  (folder / "1000").mkdir(parents=True)
+  (folder / "latest").write_text("1000")
+  torch.save({"module": module, "iteration": 1000}, folder / "1000" / "mp_rank_00_model_states.pt")
+  return folder
+
+
+# ----------------------------------------------------------------------------- the reference (fact sheet §2-3)
+
+
+def _ln(x, w, b, eps):
+  return torch.nn.functional.layer_norm(x, (x.shape[-1],), w, b, eps)
+
+
+def reference_forward(sd: dict, variant: str, x, cond, timesteps, context, scale):
+  """Official forward in float64: x [B, T, C, H, W] (the generated frames), cond the given clips (or None),
+  timesteps [B] ints, context [B, P·226, text_dim], motion LoRA switch ``scale`` [B]. Returns the generated frames."""
+  sd = {k[len(PREFIX):]: v.to(torch.float64) for k, v in sd.items() if k.startswith(PREFIX)}
+  embed, prompts, frames, learned, task, given, rgb = LAYOUTS[variant]
+  k = 4 if rgb else 9
+  if task == 1:
+    x = torch.cat([cond, x], 1)
+  elif task == 2:
+    x = torch.cat([x[:, :k], cond, x[:, k:]], 1)
+  elif task == "seg":
+    x = torch.cat([x, cond], 1)
+  b, t = x.shape[:2]
+  half = D // 2
+  f = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+  arg = timesteps.to(torch.float64)[:, None] * f[None]
+  tproj = torch.cat([torch.cos(arg), torch.sin(arg)], -1)
+  lin = lambda v, name: v @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
+  emb = lin(torch.nn.functional.silu(lin(tproj, "time_embed.0")), "time_embed.2")
+  vid = torch.nn.functional.conv2d(x.reshape(b * t, C, H, W), sd["mixins.patch_embed.proj.weight"],
+                                   sd["mixins.patch_embed.proj.bias"], stride=P)
+  vid = vid.reshape(b, t, D, -1).permute(0, 1, 3, 2).reshape(b, -1, D)  # tokens (frame, row, col)
+  txt = lin(context, "mixins.patch_embed.text_proj")
+  n_text, n_vid = txt.shape[1], vid.shape[1]
+  seq = torch.cat([txt, vid], 1) + sd["mixins.pos_embed.pos_embedding"][:, :n_text + n_vid]
+  if embed:
+    idx = torch.arange(n_text // 226, dtype=torch.float64)[:, None]
+    layer = _ln(idx @ sd["mixins.pos_embed.txt_embedder.0.weight"].T + sd["mixins.pos_embed.txt_embedder.0.bias"],
+                sd["mixins.pos_embed.txt_embedder.1.weight"], sd["mixins.pos_embed.txt_embedder.1.bias"], 1e-5)
+    seq = seq + torch.cat([layer.repeat_interleave(226, 0), torch.zeros(n_vid, D, dtype=torch.float64)])[None]
+  s = scale.to(torch.float64)[:, None, None]
+
+  def lora(v, name, parts):
+    out = lin(v, f"{name}.original")
+    mo = torch.cat([v @ sd[f"{name}.matrix_A.{i}"].T @ sd[f"{name}.matrix_B.{i}"].T for i in range(parts)], -1)
+    co = torch.cat([v @ sd[f"{name}.matrix_C.{i}"].T @ sd[f"{name}.matrix_D.{i}"].T for i in range(parts)], -1)
+    return out + s * mo / RM + co / RC
+
+  def heads(v):
+    return v.reshape(b, -1, HEADS, HEAD_DIM).transpose(1, 2)
+
+  for n in range(LAYERS):
+    tl, a = f"transformer.layers.{n}.", "mixins.adaln_layer."
+    ch = lin(torch.nn.functional.silu(emb), f"{a}adaLN_modulations.{n}.1").chunk(12, -1)
+    ch = [c[:, None] for c in ch]
+    (sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp, tsh_msa, tsc_msa, tg_msa, tsh_mlp, tsc_mlp, tg_mlp) = ch
+
+    def modulate(v, name, shift, sc, tshift, tsc):
+      h = _ln(v, sd[f"{name}.weight"], sd[f"{name}.bias"], 1e-5)
+      return torch.cat([h[:, :n_text] * (1 + tsc) + tshift, h[:, n_text:] * (1 + sc) + shift], 1)
+
+    h = modulate(seq, f"{tl}input_layernorm", sh_msa, sc_msa, tsh_msa, tsc_msa)
+    q, kk, v = lora(h, f"{tl}attention.query_key_value", 3).chunk(3, -1)
+    q = _ln(heads(q), sd[f"{a}query_layernorm_list.{n}.weight"], sd[f"{a}query_layernorm_list.{n}.bias"], 1e-6)
+    kk = _ln(heads(kk), sd[f"{a}key_layernorm_list.{n}.weight"], sd[f"{a}key_layernorm_list.{n}.bias"], 1e-6)
+    att = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(HEAD_DIM), -1) @ heads(v)
+    att = lora(att.transpose(1, 2).reshape(b, -1, D), f"{tl}attention.dense", 1)
+    seq = seq + torch.cat([tg_msa * att[:, :n_text], g_msa * att[:, n_text:]], 1)
+    h = modulate(seq, f"{tl}post_attention_layernorm", sh_mlp, sc_mlp, tsh_mlp, tsc_mlp)
+    ff = lin(torch.nn.functional.gelu(lin(h, f"{tl}mlp.dense_h_to_4h"), approximate="tanh"), f"{tl}mlp.dense_4h_to_h")
+    seq = seq + torch.cat([tg_mlp * ff[:, :n_text], g_mlp * ff[:, n_text:]], 1)
+  seq = _ln(seq, sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"], 1e-5)
+  vid = seq[:, n_text:]
+  shift, sc = lin(torch.nn.functional.silu(emb), "mixins.final_layer.adaLN_modulation.1").chunk(2, -1)
+  vid = _ln(vid, sd["mixins.final_layer.norm_final.weight"], sd["mixins.final_layer.norm_final.bias"], 1e-6)
+  vid = lin(vid * (1 + sc[:, None]) + shift[:, None], "mixins.final_layer.linear")
+  out = vid.reshape(b, t, H // P, W // P, C, P, P).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, t, C, H, W)
+  if task == 1:
+    return out[:, k:]
+  if task == 2:
+    return torch.cat([out[:, :k], out[:, k + 4:]], 1)
+  if task == "seg":
+    return out[:, :-given]
+  return out
+
+
+# ----------------------------------------------------------------------------- the tests
+
+
+def _import(tmp_path, variant, module, *extra):
+  folder = write_variant_folder(tmp_path / "src", variant, module)
+  out = tmp_path / f"ckpt_{variant}"
+  rc = cli.main(["import-official", str(folder), "--out", str(out), *extra])
+  assert rc == 0
+  return out
+
+
+def _packed_inputs(variant, seed=1):
+  """(x generated, cond given) in SAT layout [B, T, C, H, W], the packed sequence, timesteps, context."""
+  embed, prompts, frames, learned, task, given, rgb = LAYOUTS[variant]
+  total = frames - 1 if rgb else frames  # RGB: the table has 13 frames, the network takes 12
+  g = torch.Generator().manual_seed(seed)
+  full = torch.randn(2, total, C, H, W, generator=g, dtype=torch.float64)
+  k = 4 if rgb else 9
+  if task == 1:
+    cond, x = full[:, :given], full[:, given:]
+  elif task == 2:
+    cond, x = full[:, k:k + 4], torch.cat([full[:, :k], full[:, k + 4:]], 1)
+  elif task == "seg":
+    cond, x = full[:, total - given:], full[:, :total - given]
+  else:
+    cond, x = None, full
+  context = torch.randn(2, prompts * 226, TEXT_DIM, generator=g, dtype=torch.float64)
+  return x, cond, full, torch.tensor([999, 412]), context
+
+
+@pytest.mark.parametrize("variant", sorted(LAYOUTS))
+def test_import_matches_the_official_forward(tmp_path, capsys, variant):
+  import jax
+  import jax.numpy as jnp
+
+  from layerflow_jax.train import trainer
+  from layerflow_jax.train.experiment import Experiment
+
+  module = make_sat_state_dict(variant)
+  out = _import(tmp_path, variant, module)
+  err = capsys.readouterr().err
+  assert f"variant {variant}" in err and "txt_embedder" in err and "pos_embedding" in err  # which keys decided
+  params, config = trainer.load_params(out)
+  exp = Experiment(config)
+  assert config.model.adapters.motion.blocks == [2, 5] and config.model.adapters.content.blocks == [2, 5]
+  fn = jax.jit(lambda p, x, t, c, s: exp.model(p)(x, t, c, adapter_scales={"motion": s}))
+  x, cond, full, t, context = _packed_inputs(variant)
+  embed, prompts, frames, learned, task, given, rgb = LAYOUTS[variant]
+  task_name = {None: "generate", 1: "fg2bg", 2: "bg2fg", "seg": "decompose"}[task]
+  keep = ~np.asarray(exp.given_frame_table[list(exp.task_probs > 0).index(True)])
+  assert config.diffusion.task_weights[task_name] == 1.0
+  assert keep.shape[0] == full.shape[1]
+  errors = {}
+  outputs = {}
+  for label, s in (("1", [1.0, 1.0]), ("0", [0.0, 0.0]), ("[1,0]", [1.0, 0.0])):
+    ref = reference_forward(module, variant, x, cond, t, context, torch.tensor(s)).numpy()
+    ours = fn(params, jnp.asarray(full.permute(0, 1, 3, 4, 2).numpy(), jnp.float32), jnp.asarray(t.numpy()),
+              jnp.asarray(context.numpy(), jnp.float32), jnp.asarray(s, jnp.float32))
+    ours = np.asarray(ours).transpose(0, 1, 4, 2, 3)[:, keep]
+    errors[label] = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
+    outputs[label] = ref
+  print(f"\n[official] {variant}: max rel err " + ", ".join(f"motion {k}: {v:.2e}" for k, v in errors.items()))
+  assert max(errors.values()) <= REL_TOL, errors
+  # The switch matters (the test would not see a wrong LoRA otherwise): sample 0 of [1, 0] is scale 1's.
+  assert np.max(np.abs(outputs["1"] - outputs["0"])) > 1e-2 * np.max(np.abs(outputs["1"]))
+  np.testing.assert_array_equal(outputs["[1,0]"][0], outputs["1"][0])
+
+
+def test_bf16_tensors_are_kept_as_stored(tmp_path):
+  from layerflow_jax.train import trainer
+
+  module = make_sat_state_dict("gen_rgba", dtype=torch.bfloat16)
+  out = _import(tmp_path, "gen_rgba", module)
+  params, config = trainer.load_params(out)
+  assert config.model.param_dtype == "bfloat16"
+  qkv = module[PREFIX + "transformer.layers.3.attention.query_key_value.original.weight"].float().numpy()
+  kernel = np.asarray(params["blocks.attn1.to_k.kernel"][3])
+  assert str(kernel.dtype) == "bfloat16"
+  np.testing.assert_array_equal(kernel.astype(np.float32), qkv[D:2 * D].T)
+  table = np.asarray(params["pos_table"])
+  assert str(table.dtype) == "bfloat16"
+  np.testing.assert_array_equal(table.astype(np.float32), module[PREFIX + "mixins.pos_embed.pos_embedding"][0]
+                                .float().numpy())
+
+
+def _bad(tmp_path, capsys, src, *extra):
+  out = tmp_path / "bad_out"
+  rc = cli.main(["import-official", str(src), "--out", str(out), *extra])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and not out.exists(), (rc, err)
+  assert len(err.splitlines()) == 1, err
+  return err
+
+
+def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
+  module = make_sat_state_dict("seg_rgb")
+  folder = write_variant_folder(tmp_path, "seg_rgb", module)
+  pt = folder / "1000" / "mp_rank_00_model_states.pt"
+  (folder / "latest").unlink()
+  assert "latest: missing" in _bad(tmp_path, capsys, folder)
+  truncated = tmp_path / "truncated.pt"
+  truncated.write_bytes(pt.read_bytes()[: pt.stat().st_size // 2])
+  assert "truncated.pt: not a readable PyTorch checkpoint" in _bad(tmp_path, capsys, truncated)
+  wrong = tmp_path / "wrong.pt"
+  wrong.write_text("not a checkpoint")
+  assert "wrong.pt: not a readable" in _bad(tmp_path, capsys, wrong)
+
+  def variant_file(name, change):
+    sd = dict(module)
+    change(sd)
+    path = tmp_path / f"{name}.pt"
+    torch.save({"module": sd}, path)
+    return path
+
+  key = PREFIX + "transformer.layers.4.mlp.dense_4h_to_h.weight"
+  err = _bad(tmp_path, capsys, variant_file("missing", lambda sd: sd.pop(key)))
+  assert key in err and f"expected shape [{D}, {MLP}]" in err
+  err = _bad(tmp_path, capsys, variant_file("shape", lambda sd: sd.__setitem__(key, torch.zeros(D, MLP + 1))))
+  assert key in err and f"[{D}, {MLP + 1}], expected [{D}, {MLP}]" in err
+  extra = PREFIX + "transformer.layers.4.mlp.extra.weight"
+  err = _bad(tmp_path, capsys, variant_file("unknown", lambda sd: sd.__setitem__(extra, torch.zeros(2))))
+  assert extra in err and "unknown key" in err
+  table = PREFIX + "mixins.pos_embed.pos_embedding"
+  err = _bad(tmp_path, capsys, variant_file("table", lambda sd: sd.__setitem__(table, torch.zeros(1, 451, D))))
+  assert table in err and "fits no official layout" in err
+  err = _bad(tmp_path, capsys, pt, "--variant", "gen_rgba")
+  assert table in err and "[1, 678 + 16·tokens" in err
