@@ -324,3 +324,28 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
   assert table in err and "fits no official layout" in err
   err = _bad(tmp_path, capsys, pt, "--variant", "gen_rgba")
   assert table in err and "[1, 678 + 16·tokens" in err
+
+
+def test_export_to_diffusers_reproduces_the_official_forward(tmp_path):
+  """import → export → diffusers CogVideoXTransformer3DModel + PEFT content LoRA + the extras' hook = the
+  official forward (motion LoRA off, as sampling runs it; and every adapter on = motion scale 1)."""
+  from layerflow_jax.export import torch_extras
+
+  variant = "fg2bg_rgba"  # layer embedding, 17 frames, a table
+  module = make_sat_state_dict(variant, seed=3)
+  out = _import(tmp_path, variant, module)
+  export = tmp_path / "export"
+  assert cli.main(["export", "--checkpoint", str(out), "--out", str(export)]) == 0
+  x, cond, full, t, context = _packed_inputs(variant, seed=5)
+  keep = np.ones(full.shape[1], bool)
+  keep[:9] = False  # fg2bg gives the first 9 latent frames
+  errors = {}
+  for adapters, scale in (("inference", 0.0), ("all", 1.0)):
+    model = torch_extras.LayerFlowTransformer.from_export(export, adapters=adapters)
+    assert model.info["given_latent_frames"]["fg2bg"] == list(range(9))
+    with torch.no_grad():
+      got = model(full.float(), context.float(), t).double().numpy()[:, keep]
+    ref = reference_forward(module, variant, x, cond, t, context, torch.tensor([scale, scale])).numpy()
+    errors[adapters] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
+  print(f"\n[official export] {variant}: max rel err " + ", ".join(f"{k}: {v:.2e}" for k, v in errors.items()))
+  assert max(errors.values()) <= REL_TOL, errors

@@ -219,7 +219,10 @@ def _layout_info(exp: Experiment) -> dict:
       "layout": layout.name, "clips": list(layout.clips), "num_clips": layout.num_clips,
       "tasks": {task: [clip for clip, g in zip(layout.clips, layers.given_clips(task, layout)) if g]
                 for task in layers.TASK_NAMES},
-      "prompts": list(layers.PROMPTS), "prompt_prefix": "{index}, ",
+      "given_latent_frames": {task: np.flatnonzero(row).tolist()
+                              for task, row in zip(layers.TASK_NAMES, exp.given_frame_table)},
+      "task_weights": {k: float(v) for k, v in config.diffusion.task_weights.items()},
+      "prompts": list(layers.PROMPTS[:exp.model_cfg.num_prompts]), "prompt_prefix": "{index}, ",
       "prompt_length": int(exp.text_encoder.max_length), "unconditional_text": "zeros",
       "latent_frames_per_clip": t, "latent_height": h, "latent_width": w, "latent_channels": c,
       "frames_per_clip": int(config.data.frames), "height": int(config.data.height),
@@ -260,7 +263,8 @@ def export_params(params: Mapping[str, Any], config: mlc.ConfigDict, out: str | 
     adapters.append(entry)
 
   t, h, w, _ = exp.latent_shape
-  conf = dw.diffusers_config(model.cfg, sample_frames=exp.layout.num_clips * t, sample_height=h, sample_width=w,
+  conf = dw.diffusers_config(model.cfg, sample_frames=cfg.lead_frames + exp.layout.num_clips * t,
+                             sample_height=h, sample_width=w,
                              max_text_seq_length=cfg.num_prompts * int(exp.text_encoder.max_length))
   written = folder_lib.write_folder(out, conf, dw.to_diffusers_state_dict(model, dtype=dtype),
                                     max_shard_size=max_shard_size)
@@ -277,6 +281,9 @@ def export_params(params: Mapping[str, Any], config: mlc.ConfigDict, out: str | 
     extras = {k: v.astype(dw._np_dtype(dtype)) for k, v in extras.items()}
   info = {"format_version": FORMAT_VERSION, "layer_embed": cfg.layer_embed, "hidden": cfg.hidden,
           "norm_eps": cfg.norm_eps, "num_prompts": cfg.num_prompts, "pos_embed": cfg.pos_embed,
+          "final_norm_eps": cfg.final_norm_eps, "lead_frames": cfg.lead_frames,
+          "pos_text_tokens": cfg.pos_text_tokens,
+          "pos_table_rows": cfg.pos_text_tokens + int(np.prod(cfg.pos_grid)) if cfg.pos_embed == "learned" else 0,
           "patch_size": cfg.patch_size, **_layout_info(exp), "adapters": adapters,
           "sampling": {k: config.sampling[k] for k in ("sampler", "num_steps", "guidance_scale", "dynamic_cfg",
                                                        "eta")},

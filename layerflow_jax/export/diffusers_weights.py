@@ -351,7 +351,7 @@ def diffusers_config(cfg, sample_frames: int, sample_height: int, sample_width: 
   the joint sequence). LayerFlow extras (layer embeddings, adapters) are not described: they are not in this
   model.
   """
-  if cfg.pos_embed not in ("sincos", "rope"):
+  if cfg.pos_embed not in ("sincos", "rope", "learned"):  # learned: the table goes to the extras (their hook)
     raise ValueError(f"pos_embed {cfg.pos_embed!r} has no CogVideoXTransformer3DModel equivalent")
   if cfg.mlp_ratio != 4:
     raise ValueError(f"mlp_ratio {cfg.mlp_ratio}: diffusers' CogVideoX block has a 4x feed-forward")
