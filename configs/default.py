@@ -101,10 +101,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # ---------------------------------------------------------------- sampling
   c.sampling = mlc.ConfigDict()
-  c.sampling.sampler = "ddim"  # "ddim" (trailing) | "dpmpp_2m"
+  c.sampling.sampler = "ddim"  # "ddim" (trailing) | "dpmpp_2m" | "sat_dpmpp_2m" (the official SAT sampler)
   c.sampling.num_steps = 50
   c.sampling.guidance_scale = 6.0
   c.sampling.dynamic_cfg = False
+  c.sampling.dynamic_cfg_steps = 0  # N of the dynamic curve ((N - t) / N)^5: 0 = num_train_timesteps; official: 50
   c.sampling.eta = 0.0
   c.sampling.remove_adapters = ()  # adapters removed before sampling (stage 3: the motion LoRA)
   c.sampling.adapter_scales = mlc.ConfigDict()  # fixed scales for the adapters kept
