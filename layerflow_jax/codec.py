@@ -73,7 +73,8 @@ class LatentCodec:
   imported without its VAE gets it, so it loads, trains on cached latents and exports; pixel work is refused."""
 
   def __init__(self, spatial: int = 8, temporal: int = 4, latent_channels: int = 16):
-    self.spatial_factor, self.temporal_factor, self.latent_channels = int(spatial), int(temporal), int(latent_channels)
+    self.spatial_factor, self.temporal_factor = int(spatial), int(temporal)
+    self.latent_channels = int(latent_channels)
 
   def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     s, t = self.spatial_factor, self.temporal_factor

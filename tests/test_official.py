@@ -430,3 +430,32 @@ def test_sat_sampler_matches_the_official_loop():
   err = float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
   print(f"\n[official sampler] 50 steps: max rel err {err:.2e}")
   assert err <= REL_TOL
+
+
+@pytest.mark.slow  # a VAE over 48-64 frames on CPU: about 1.5 min each
+@pytest.mark.parametrize("variant", ["seg_rgb", "fg2bg_rgba"])
+def test_sample_cli_runs_the_variant_task(tmp_path, variant):
+  """``layerflow sample --checkpoint CKPT --task <its task>`` with the variant's own inputs (a tiny random
+  CogVideoX VAE from ``--pipeline``): RGB writes fg, bg, blend and no alpha; two prompts for decomposition."""
+  from diffusers import AutoencoderKLCogVideoX
+  from PIL import Image
+
+  torch.manual_seed(0)
+  AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=C, norm_num_groups=4,
+                         sample_height=32, sample_width=48).eval().save_pretrained(tmp_path / "pipe" / "vae")
+  folder = write_variant_folder(tmp_path / "src", variant, make_sat_state_dict(variant))
+  ck = tmp_path / "ck"
+  assert cli.main(["import-official", str(folder), "--out", str(ck), "--pipeline", str(tmp_path / "pipe")]) == 0
+  video = tmp_path / "clip"
+  video.mkdir()
+  rng = np.random.default_rng(0)
+  for i in range(16):
+    Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(video / f"{i:04d}.png")
+  inputs = (["--task", "decompose", "--video", str(video)] if variant == "seg_rgb" else
+            ["--task", "fg2bg", "--fg-video", str(video), "--alpha-video", str(video), "--blend-prompt", "c"])
+  out = tmp_path / "samples"
+  assert cli.main(["sample", "--checkpoint", str(ck), *inputs, "--fg-prompt", "a", "--bg-prompt", "b",
+                   "--steps", "2", "--out", str(out), "--config.autoencoder.tiling=False"]) == 0
+  names = {p.name.split(".")[0] for p in out.iterdir()}
+  assert {"fg", "bg", "blend"} <= names
+  assert ("alpha" in names) == (variant == "fg2bg_rgba")

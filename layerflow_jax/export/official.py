@@ -201,7 +201,8 @@ def expected_shapes(dims: Dims, layer_embed: bool, table_rows: int) -> dict[str,
       "mixins.final_layer.norm_final.weight": (d,), "mixins.final_layer.norm_final.bias": (d,),
       "mixins.final_layer.linear.weight": (p * p * dims.out_channels, d),
       "mixins.final_layer.linear.bias": (p * p * dims.out_channels,),
-      "mixins.final_layer.adaLN_modulation.1.weight": (2 * d, t), "mixins.final_layer.adaLN_modulation.1.bias": (2 * d,),
+      "mixins.final_layer.adaLN_modulation.1.weight": (2 * d, t),
+      "mixins.final_layer.adaLN_modulation.1.bias": (2 * d,),
   }
   if layer_embed:
     out.update({"mixins.pos_embed.txt_embedder.0.weight": (d, 1), "mixins.pos_embed.txt_embedder.0.bias": (d,),
@@ -459,7 +460,13 @@ def make_config(base: mlc.ConfigDict, det: Detected, net: Mapping[str, np.ndarra
     config.text_encoder.update(kind="byte", path="", tokenizer="")
   config.text_encoder.update(max_length=TEXT_TOKENS_PER_PROMPT, dim=dims.text_dim)
   rows, cols = det.grid
-  config.data.update(frames=16, height=rows * dims.patch_size * 8, width=cols * dims.patch_size * 8)
+  spatial = 8  # CogVideoX's VAE; a pipeline's own VAE says (2 ** downsampling blocks)
+  if has("vae"):
+    import json
+
+    spatial = 2 ** (len(json.loads((pathlib.Path(root) / "vae" / "config.json").read_text()).get(
+        "block_out_channels", (0,) * 4)) - 1)
+  config.data.update(frames=16, height=rows * dims.patch_size * spatial, width=cols * dims.patch_size * spatial)
   config.autoencoder = convert.default_autoencoder(config.autoencoder, dims.in_channels,
                                                    f"{root}/vae" if root else "")
   tasks = {t: 1.0 if t == v.task else 0.0 for t in config.diffusion.task_weights}
@@ -470,7 +477,9 @@ def make_config(base: mlc.ConfigDict, det: Detected, net: Mapping[str, np.ndarra
   # Official stage 2: the content LoRA trains with the motion LoRA switched per sample (batch key motion_scale).
   config.train.update(trainable="adapters", trainable_adapters=("content",), ema_decay=0.0)
   config.train.adapter_scale_keys = mlc.ConfigDict({"motion": "motion_scale"})
-  config.sampling.update(remove_adapters=("motion",), guidance_scale=6.0, num_steps=50)
+  # Official sampling: SAT DPM-Solver++(2M), 50 steps, DynamicCFG(6, exp 5, 50 steps), motion LoRA off.
+  config.sampling.update(remove_adapters=("motion",), sampler="sat_dpmpp_2m", guidance_scale=6.0, num_steps=50,
+                         dynamic_cfg=True, dynamic_cfg_steps=50, eta=0.0)
   return config
 
 

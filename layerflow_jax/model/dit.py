@@ -362,7 +362,8 @@ class LayerFlowDiT(nnx.Module):
       enc = (enc.reshape(b, cfg.num_prompts, total // cfg.num_prompts, d) + layer[None, :, None]).reshape(b, total, d)
     if cfg.pos_embed == "learned":
       if enc.shape[1] != cfg.pos_text_tokens:
-        raise ValueError(f"{enc.shape[1]} text tokens, the learned position table has {cfg.pos_text_tokens} text rows")
+        raise ValueError(f"{enc.shape[1]} text tokens, the learned position table has {cfg.pos_text_tokens} "
+                         "text rows")
       enc = enc + self.pos_table[...][:cfg.pos_text_tokens].astype(enc.dtype)[None]
     return shd.constrain(enc, ("batch", "text_tokens", "act_embed"))
 

@@ -200,11 +200,18 @@ class Experiment:
     return self.text_encoder.encode(tokens).reshape(b, p * l, -1)
 
   def encode_video(self, video):
-    """Packed pixels [B, n·T, H, W, 3] → packed latents [B, n·t, h, w, c]."""
-    return codec_lib.encode_clips(self.codec, video, self.layout.num_clips)
+    """Packed pixels [B, n·T, H, W, 3] → packed latents [B, lead + n·t, h, w, c]; lead latent frames (the official
+    fg2bg/bg2fg RGBA layout) encode the first pixel frame on its own, as the VAE's causal first frame does."""
+    z = codec_lib.encode_clips(self.codec, video, self.layout.num_clips)
+    lead = self.model_cfg.lead_frames
+    if lead:
+      first = self.codec.encode(video[:, :1])
+      z = jnp.concatenate([first] * lead + [z], axis=1)
+    return z
 
   def decode_video(self, latents):
-    return codec_lib.decode_clips(self.codec, latents, self.layout.num_clips)
+    """Packed latents [B, lead + n·t, …] → packed pixels [B, n·T, …] (lead frames dropped)."""
+    return codec_lib.decode_clips(self.codec, latents[:, self.model_cfg.lead_frames:], self.layout.num_clips)
 
   def adapter_scales(self, batch: dict) -> dict:
     """Per-sample adapter scales from the batch, as ``config.train.adapter_scale_keys`` maps them."""
