@@ -67,6 +67,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.autoencoder = mlc.ConfigDict(dict(kind="pixel", spatial=2, temporal=2, scaling_factor=1.0, path="",
                                       dtype="float32", tiling=True, tile_height=0, tile_width=0))
   c.autoencoder.latent_channels = 16  # kind "latent" (latents only, no pixel codec) reads it
+  # Encode the packed stack in one pass (no per-clip split, no frame batching or tiling: the official SAT code),
+  # and with it draw the posterior instead of its mode (sampling's given clips).
+  c.autoencoder.packed_pass = False
+  c.autoencoder.sample_posterior = False
   if args.encoders == "cogvideox":
     root = args.pretrained.rstrip("/")
     c.text_encoder.update(kind="t5", max_length=226, dim=4096, dtype="bfloat16",

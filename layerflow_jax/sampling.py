@@ -73,7 +73,8 @@ class LayeredSampler:
                 given_frames=jnp.concatenate([given_frames, given_frames]))
       return v[:b], v[b:]
 
-    given_lat = exp.encode_video(given_video)
+    rng, rng_posterior = jax.random.split(rng)
+    given_lat = exp.encode_video(given_video, rng_posterior)
     rng_noise, rng_solver = jax.random.split(rng)
     x_T = jax.random.normal(rng_noise, given_lat.shape, jnp.float32)
     kw = dict(self.kwargs, num_steps=num_steps, guidance_scale=guidance_scale)

@@ -280,6 +280,14 @@ def test_bf16_tensors_are_kept_as_stored(tmp_path):
   assert str(table.dtype) == "bfloat16"
   np.testing.assert_array_equal(table.astype(np.float32), module[PREFIX + "mixins.pos_embed.pos_embedding"][0]
                                 .float().numpy())
+  # Fine-tuning: configs/official.py is the checkpoint's config with train.init_from set; its state takes them.
+  from configs import official
+  from layerflow_jax.train.experiment import Experiment
+
+  ft = official.get_config(f"checkpoint={out}")
+  assert ft.train.init_from == str(out) and ft.model.to_dict() == config.model.to_dict()
+  state = Experiment(ft).init_state(params=params)
+  assert "adapters.content.q_b" in state.trainable and "blocks.attn1.to_q.kernel" in state.frozen
 
 
 def _bad(tmp_path, capsys, src, *extra):
@@ -459,3 +467,37 @@ def test_sample_cli_runs_the_variant_task(tmp_path, variant):
   names = {p.name.split(".")[0] for p in out.iterdir()}
   assert {"fg", "bg", "blend"} <= names
   assert ("alpha" in names) == (variant == "fg2bg_rgba")
+
+
+def test_vae_packed_pass_matches_diffusers_without_frame_batching(tmp_path):
+  """``autoencoder.packed_pass``: the whole stack in one pass = diffusers' encoder with its frame batch set to the
+  frame count (no 8-frame batching, causal context and GroupNorm statistics across clips), the posterior mode;
+  ``sample_posterior`` draws mean + std · N(0, 1) instead."""
+  import jax
+  import jax.numpy as jnp
+  from diffusers import AutoencoderKLCogVideoX
+
+  from layerflow_jax.encoders import vae
+
+  torch.manual_seed(0)
+  theirs = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=C,
+                                  norm_num_groups=4, sample_height=16, sample_width=16, scaling_factor=0.7).eval()
+  theirs.save_pretrained(tmp_path / "vae")
+  codec = vae.CogVideoXCodec.from_pretrained(str(tmp_path / "vae"), tiling=False)
+  video = np.random.default_rng(0).uniform(-1, 1, (1, 17, 16, 16, 3)).astype(np.float32)  # [dup, 4 clips × 4]
+  theirs.num_sample_frames_batch_size = 17
+  with torch.no_grad():
+    ref = theirs.encode(torch.from_numpy(video).permute(0, 4, 1, 2, 3)).latent_dist
+    mode = (ref.mode() * 0.7).permute(0, 2, 3, 4, 1).numpy()
+    std = (ref.std * 0.7).permute(0, 2, 3, 4, 1).numpy()
+  ours = np.asarray(codec.encode_packed(jnp.asarray(video)))
+  assert ours.shape == (1, 5, 2, 2, C)
+  err = float(np.max(np.abs(ours - mode)) / np.max(np.abs(mode)))
+  print(f"\n[official vae] one pass over 17 frames: max rel err {err:.2e}")
+  assert err <= REL_TOL
+  batched = np.asarray(codec.encode(jnp.asarray(video)))  # diffusers' 8-frame batching: different latents
+  assert np.max(np.abs(batched - mode)) > 1e-3 * np.max(np.abs(mode))
+  key = jax.random.key(2)
+  drawn = np.asarray(codec.encode_packed(jnp.asarray(video), key))
+  noise = np.asarray(jax.random.normal(key, ours.shape, jnp.float32))
+  np.testing.assert_allclose(drawn, ours + std * noise, rtol=1e-4, atol=1e-5 * np.max(np.abs(mode)))

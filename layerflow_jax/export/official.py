@@ -469,6 +469,8 @@ def make_config(base: mlc.ConfigDict, det: Detected, net: Mapping[str, np.ndarra
   config.data.update(frames=16, height=rows * dims.patch_size * spatial, width=cols * dims.patch_size * spatial)
   config.autoencoder = convert.default_autoencoder(config.autoencoder, dims.in_channels,
                                                    f"{root}/vae" if root else "")
+  # The official VAE encodes the packed stack in one pass and samples the posterior (no tiling there).
+  config.autoencoder.update(packed_pass=True, sample_posterior=True, tiling=False)
   tasks = {t: 1.0 if t == v.task else 0.0 for t in config.diffusion.task_weights}
   config.diffusion.task_weights = mlc.ConfigDict(tasks)
   config.diffusion.curriculum_steps = 0

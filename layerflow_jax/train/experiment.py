@@ -199,9 +199,20 @@ class Experiment:
     b, p, l = tokens.shape
     return self.text_encoder.encode(tokens).reshape(b, p * l, -1)
 
-  def encode_video(self, video):
+  def encode_video(self, video, rng=None):
     """Packed pixels [B, n·T, H, W, 3] → packed latents [B, lead + n·t, h, w, c]; lead latent frames (the official
-    fg2bg/bg2fg RGBA layout) encode the first pixel frame on its own, as the VAE's causal first frame does."""
+    fg2bg/bg2fg RGBA layout) encode the first pixel frame on its own, as the VAE's causal first frame does.
+
+    ``autoencoder.packed_pass``: the whole stack (after ``lead`` copies of its first frame) in one pass, as the
+    official code does; ``autoencoder.sample_posterior`` (with it) draws the posterior with ``rng``."""
+    ae, lead = self.config.autoencoder, self.model_cfg.lead_frames
+    if ae.get("packed_pass", False):
+      video = jnp.concatenate([video[:, :1]] * lead + [video], axis=1) if lead else video
+      if not hasattr(self.codec, "encode_packed"):
+        return self.codec.encode(video)
+      return self.codec.encode_packed(video, rng if ae.get("sample_posterior", False) else None)
+    if ae.get("sample_posterior", False):
+      raise ValueError("autoencoder.sample_posterior needs autoencoder.packed_pass=True")
     z = codec_lib.encode_clips(self.codec, video, self.layout.num_clips)
     lead = self.model_cfg.lead_frames
     if lead:
