@@ -299,6 +299,14 @@ def _bad(tmp_path, capsys, src, *extra):
   return err
 
 
+def test_without_torch_one_line(tmp_path, capsys, monkeypatch):
+  import sys
+
+  folder = write_variant_folder(tmp_path, "gen_rgb", {PREFIX + "time_embed.0.bias": torch.zeros(2)})
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` raises ImportError
+  assert "needs PyTorch: pip install 'layerflow-jax[torch]'" in _bad(tmp_path, capsys, folder)
+
+
 def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
   module = make_sat_state_dict("seg_rgb")
   folder = write_variant_folder(tmp_path, "seg_rgb", module)
@@ -501,3 +509,19 @@ def test_vae_packed_pass_matches_diffusers_without_frame_batching(tmp_path):
   drawn = np.asarray(codec.encode_packed(jnp.asarray(video), key))
   noise = np.asarray(jax.random.normal(key, ours.shape, jnp.float32))
   np.testing.assert_allclose(drawn, ours + std * noise, rtol=1e-4, atol=1e-5 * np.max(np.abs(mode)))
+
+
+def test_each_variant_gives_the_fact_sheet_frames():
+  """§4: which packed latent frames each of the eight variants keeps clean (the rest is generated)."""
+  from layerflow_jax import layers
+  from layerflow_jax.export import official
+
+  expected = {"gen_rgba": [], "seg_rgba": list(range(12, 16)), "fg2bg_rgba": list(range(9)),
+              "bg2fg_rgba": list(range(9, 13)), "gen_rgb": [], "seg_rgb": [10, 11], "fg2bg_rgb": list(range(4)),
+              "bg2fg_rgb": list(range(4, 8))}
+  assert set(official.VARIANTS) == set(expected)
+  for name, v in official.VARIANTS.items():
+    mask = layers.given_frame_mask(v.task, layers.get_layout(v.layout), 4, v.lead_frames,
+                                   list(v.given_latent_frames) or None)
+    assert mask.shape[0] == v.lead_frames + 4 * layers.get_layout(v.layout).num_clips
+    assert np.flatnonzero(mask).tolist() == expected[name], name
