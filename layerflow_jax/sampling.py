@@ -73,7 +73,9 @@ class LayeredSampler:
                 given_frames=jnp.concatenate([given_frames, given_frames]))
       return v[:b], v[b:]
 
-    rng, rng_posterior = jax.random.split(rng)
+    rng_posterior = None
+    if exp.config.autoencoder.get("sample_posterior", False):  # else the noise stream stays as it always was
+      rng, rng_posterior = jax.random.split(rng)
     given_lat = exp.encode_video(given_video, rng_posterior)
     rng_noise, rng_solver = jax.random.split(rng)
     x_T = jax.random.normal(rng_noise, given_lat.shape, jnp.float32)
