@@ -27,6 +27,11 @@ def model_config(size: str) -> mlc.ConfigDict:
   m.spatial_interpolation_scale = 1.875
   m.temporal_interpolation_scale = 1.0
   m.layer_embed = "text"  # "none" | "text" (official) | "text+video"
+  m.num_prompts = 3  # prompts per example ("0, fg", "1, bg", "2, blend"; the official decomposition models: 2)
+  # pos_embed "learned" (official SAT table incl. text rows): the latent frames it covers (0 = the packed frames)
+  m.pos_table_frames = 0
+  m.lead_frames = 0  # latent frames before the first sub-clip (official fg2bg/bg2fg RGBA: 1 duplicated frame)
+  m.final_norm_eps = 0.0  # eps of the final adaLN LayerNorm; 0 = norm_eps (diffusers); official SAT: 1e-6
   m.clip_positions = "video"  # "video" (official: positions run over the packed time axis) | "clip"
   m.given_embed = False  # a learned vector on the video tokens of given clips (not official; helps multi-task)
   m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32

@@ -66,6 +66,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                        dtype="float32", attention_mask=False))
   c.autoencoder = mlc.ConfigDict(dict(kind="pixel", spatial=2, temporal=2, scaling_factor=1.0, path="",
                                       dtype="float32", tiling=True, tile_height=0, tile_width=0))
+  c.autoencoder.latent_channels = 16  # kind "latent" (latents only, no pixel codec) reads it
+  # Encode the packed stack in one pass (no per-clip split, no frame batching or tiling: the official SAT code),
+  # and with it draw the posterior instead of its mode (sampling's given clips).
+  c.autoencoder.packed_pass = False
+  c.autoencoder.sample_posterior = False
   if args.encoders == "cogvideox":
     root = args.pretrained.rstrip("/")
     c.text_encoder.update(kind="t5", max_length=226, dim=4096, dtype="bfloat16",
@@ -94,13 +99,17 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.diffusion.curriculum_steps = 0
   c.diffusion.curriculum_weights = mlc.ConfigDict(dict(generate=1.0, decompose=1.0, fg2bg=1.0, bg2fg=1.0))
   c.diffusion.prompt_dropout = 0.1  # p of replacing an example's prompts by the zero embedding
+  # task → the packed latent frame indices it gives, instead of its whole clips (official RGB decomposition:
+  # the last 2 latent frames of the blend clip)
+  c.diffusion.given_latent_frames = mlc.ConfigDict()
 
   # ---------------------------------------------------------------- sampling
   c.sampling = mlc.ConfigDict()
-  c.sampling.sampler = "ddim"  # "ddim" (trailing) | "dpmpp_2m"
+  c.sampling.sampler = "ddim"  # "ddim" (trailing) | "dpmpp_2m" | "sat_dpmpp_2m" (the official SAT sampler)
   c.sampling.num_steps = 50
   c.sampling.guidance_scale = 6.0
   c.sampling.dynamic_cfg = False
+  c.sampling.dynamic_cfg_steps = 0  # N of the dynamic curve ((N - t) / N)^5: 0 = num_train_timesteps; official: 50
   c.sampling.eta = 0.0
   c.sampling.remove_adapters = ()  # adapters removed before sampling (stage 3: the motion LoRA)
   c.sampling.adapter_scales = mlc.ConfigDict()  # fixed scales for the adapters kept

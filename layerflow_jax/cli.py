@@ -81,8 +81,8 @@ def cmd_data_build(args, overrides) -> int:
   return 0
 
 
-def _prompts_required(args):
-  missing = [n for n in ("fg_prompt", "bg_prompt", "blend_prompt") if not getattr(args, n)]
+def _prompts_required(args, num_prompts: int = 3):
+  missing = [n for n in ("fg_prompt", "bg_prompt", "blend_prompt")[:num_prompts] if not getattr(args, n)]
   if missing:
     flags = ", ".join("--" + m.replace("_", "-") for m in missing)
     raise SystemExit(f"error: prompts missing for layer(s): {flags} (every layer needs a prompt)")
@@ -121,7 +121,7 @@ def cmd_sample(args, overrides) -> int:
     given[0] = ex["video"]
     tokens = ex["tokens"][None]
   else:
-    _prompts_required(args)
+    _prompts_required(args, sampler.exp.model_cfg.num_prompts)  # the official decomposition models take 2
     tokens = sampler.tokenize(args.fg_prompt, args.bg_prompt, args.blend_prompt)
     read = lambda p: media.read_video(p, frames=t, height=d.height, width=d.width)
     needs = {"decompose": ["video"], "fg2bg": ["fg_video"] + (["alpha_video"] if layout.has_alpha else []),

@@ -67,6 +67,30 @@ class PixelCodec:
     return x
 
 
+class LatentCodec:
+  """Latents only: the shapes of a ``spatial``×/``temporal``× video autoencoder with ``latent_channels`` channels
+  (CogVideoX: 8, 4, 16; ``1 + 4k`` or ``4k`` frames per clip), and no pixel encoder or decoder. A checkpoint
+  imported without its VAE gets it, so it loads, trains on cached latents and exports; pixel work is refused."""
+
+  def __init__(self, spatial: int = 8, temporal: int = 4, latent_channels: int = 16):
+    self.spatial_factor, self.temporal_factor = int(spatial), int(temporal)
+    self.latent_channels = int(latent_channels)
+
+  def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+    s, t = self.spatial_factor, self.temporal_factor
+    if frames % t not in (0, 1) or frames < 1 or height % s or width % s:
+      raise ValueError(f"clip {frames}x{height}x{width}: a latent codec ({t}x temporal, {s}x spatial) takes "
+                       f"1 + {t}k or {t}k frames and sizes divisible by {s}")
+    return frames // t + frames % t, height // s, width // s, self.latent_channels
+
+  def _refuse(self, *_):
+    raise ValueError("autoencoder.kind 'latent' has no pixel encoder/decoder (the checkpoint was imported without "
+                     "a VAE): set --config.autoencoder.kind=cogvideox --config.autoencoder.path=<CogVideoX-2b>/vae "
+                     "for pixel work")
+
+  encode = decode = _refuse
+
+
 def encode_clips(codec: Autoencoder, video, num_clips: int):
   """Packed pixels [B, num_clips·T, H, W, 3] → packed latents [B, num_clips·t, h, w, c], one clip at a time."""
   clips = layers.unpack(video, num_clips)
@@ -87,6 +111,7 @@ def make_codec(cfg) -> Autoencoder:
   """Builds the autoencoder named by ``cfg.kind`` (a ConfigDict, ``autoencoder`` in the configs).
 
   * ``pixel``: :class:`PixelCodec` (``spatial``, ``temporal``, ``scaling_factor``).
+  * ``latent``: :class:`LatentCodec` (``spatial``, ``temporal``, ``latent_channels``): shapes only, no pixels.
   * ``cogvideox``: CogVideoX's 3D causal VAE (:mod:`layerflow_jax.encoders.vae`) from ``path`` (a diffusers
     ``AutoencoderKLCogVideoX`` directory; its ``config.json`` gives the scaling factor), ``dtype``, ``tiling``
     with ``tile_height`` / ``tile_width`` (0 = diffusers' defaults, 240 × 360). Weights load on first use.
@@ -103,4 +128,6 @@ def make_codec(cfg) -> Autoencoder:
         tile_height=cfg.get("tile_height", 0), tile_width=cfg.get("tile_width", 0))
     weights.hoist_closed_over_weights()
     return codec
-  raise ValueError(f"autoencoder.kind: unknown autoencoder {cfg.kind!r}; expected 'pixel' or 'cogvideox'")
+  if cfg.kind == "latent":
+    return LatentCodec(spatial=cfg.spatial, temporal=cfg.temporal, latent_channels=cfg.latent_channels)
+  raise ValueError(f"autoencoder.kind: unknown autoencoder {cfg.kind!r}; expected 'pixel', 'cogvideox' or 'latent'")

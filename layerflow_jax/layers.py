@@ -84,6 +84,38 @@ def given_table(layout: Layout, tasks: Sequence[str] = TASK_NAMES) -> np.ndarray
   return np.stack([given_clips(t, layout) for t in tasks])
 
 
+def given_frame_mask(task: str, layout: Layout, frames_per_clip: int, lead_frames: int = 0,
+                     frames: Sequence[int] | None = None) -> np.ndarray:
+  """Boolean [lead_frames + num_clips · frames_per_clip]: the packed latent frames the task gives.
+
+  By default the frames of the task's given clips; lead frames (a copy of the first clip's first frame, the
+  official fg2bg/bg2fg RGBA layout) are given when the first clip is. ``frames`` (packed latent frame indices)
+  replaces that choice, e.g. the official RGB decomposition gives only the last 2 latent frames of the blend.
+  """
+  total = lead_frames + layout.num_clips * frames_per_clip
+  if frames is not None and len(frames):
+    idx = [int(i) for i in frames]
+    bad = [i for i in idx if not 0 <= i < total]
+    if bad:
+      raise ValueError(f"task {task!r}: given latent frames {bad} outside [0, {total})")
+    mask = np.zeros(total, bool)
+    mask[idx] = True
+    return mask
+  per_clip = given_clips(task, layout)
+  lead = np.full(lead_frames, bool(per_clip[0]) if len(per_clip) else False)
+  return np.concatenate([lead, np.repeat(per_clip, frames_per_clip)])
+
+
+def given_frame_table(layout: Layout, frames_per_clip: int, lead_frames: int = 0,
+                      overrides: Mapping[str, Sequence[int]] | None = None,
+                      tasks: Sequence[str] = TASK_NAMES) -> np.ndarray:
+  """Boolean [num_tasks, frames], row i = ``given_frame_mask(tasks[i])`` (``overrides``: task → frames)."""
+  overrides = dict(overrides or {})
+  for name in overrides:
+    check_task(name)
+  return np.stack([given_frame_mask(t, layout, frames_per_clip, lead_frames, overrides.get(t)) for t in tasks])
+
+
 def task_weights_vector(weights: Mapping[str, float], tasks: Sequence[str] = TASK_NAMES) -> np.ndarray:
   """Normalised probabilities over ``tasks`` from a name → weight mapping (unknown names refused)."""
   for name in weights:
@@ -179,10 +211,11 @@ def clips_to_layers(clips, layout: Layout) -> dict:
   return out
 
 
-def format_prompts(fg: str, bg: str, blend: str) -> list[str]:
-  """Per-layer prompts with their index prefixes, in the concatenation order (fg, bg, blend)."""
-  prompts = {"fg": fg, "bg": bg, "blend": blend}
+def format_prompts(fg: str, bg: str, blend: str | None, num_prompts: int = 3) -> list[str]:
+  """Per-layer prompts with their index prefixes, in the concatenation order (fg, bg, blend); the official
+  decomposition models take two (fg, bg: ``num_prompts`` 2)."""
+  prompts = dict(zip(PROMPTS[:num_prompts], (fg, bg, blend)))
   missing = [k for k, v in prompts.items() if v is None or not str(v).strip()]
   if missing:
     raise ValueError(f"prompt missing for layer(s): {', '.join(missing)} (every layer needs a prompt)")
-  return [f"{i}, {prompts[name].strip()}" for i, name in enumerate(PROMPTS)]
+  return [f"{i}, {prompts[name].strip()}" for i, name in enumerate(PROMPTS[:num_prompts])]

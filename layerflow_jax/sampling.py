@@ -54,10 +54,12 @@ class LayeredSampler:
   def layout(self) -> layers.Layout:
     return self.exp.layout
 
-  def tokenize(self, fg: str, bg: str, blend: str) -> np.ndarray:
-    return self.exp.text_encoder.tokenize(layers.format_prompts(fg, bg, blend))[None]
+  def tokenize(self, fg: str, bg: str, blend: str | None) -> np.ndarray:
+    """[1, P, L] ids of the prefixed prompts ("0, fg", "1, bg"[, "2, blend"]: the model's prompt count)."""
+    prompts = layers.format_prompts(fg, bg, blend, self.exp.model_cfg.num_prompts)
+    return self.exp.text_encoder.tokenize(prompts)[None]
 
-  def _sample(self, params, tokens, given_video, given_clips, rng, *, num_steps, guidance_scale):
+  def _sample(self, params, tokens, given_video, given_clips, given_frames, rng, *, num_steps, guidance_scale):
     exp = self.exp
     b = tokens.shape[0]
     model = exp.model(params)
@@ -71,8 +73,10 @@ class LayeredSampler:
                 given_frames=jnp.concatenate([given_frames, given_frames]))
       return v[:b], v[b:]
 
-    given_lat = exp.encode_video(given_video)
-    given_frames = layers.clip_time_mask(given_clips, exp.latent_frames)
+    rng_posterior = None
+    if exp.config.autoencoder.get("sample_posterior", False):  # else the noise stream stays as it always was
+      rng, rng_posterior = jax.random.split(rng)
+    given_lat = exp.encode_video(given_video, rng_posterior)
     rng_noise, rng_solver = jax.random.split(rng)
     x_T = jax.random.normal(rng_noise, given_lat.shape, jnp.float32)
     kw = dict(self.kwargs, num_steps=num_steps, guidance_scale=guidance_scale)
@@ -100,9 +104,12 @@ class LayeredSampler:
     if tuple(given_video.shape) != shape:
       raise ValueError(f"given video has shape {tuple(given_video.shape)}, expected {shape}")
     given_video = np.where(layers.clip_time_mask(given, d.frames)[..., None, None, None], given_video, 0.0)
+    # The latent frames the task gives (whole clips, or e.g. the last 2 of the official RGB decomposition).
+    table = exp.given_frame_table
+    frames = np.broadcast_to(table[layers.TASK_NAMES.index(task)], (b, table.shape[1]))
     with shd.use_mesh(exp.mesh):
       out = self._fn(self.params, jnp.asarray(tokens), jnp.asarray(given_video, jnp.float32), jnp.asarray(given),
-                     jax.random.key(seed), num_steps=int(num_steps or self.kwargs["num_steps"]),
+                     jnp.asarray(frames), jax.random.key(seed), num_steps=int(num_steps or self.kwargs["num_steps"]),
                      guidance_scale=float(self.kwargs["guidance_scale"] if guidance_scale is None
                                           else guidance_scale))
     return np.asarray(out)

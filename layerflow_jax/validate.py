@@ -29,7 +29,7 @@ from layerflow_jax.model.dit import REMAT_POLICIES
 from layerflow_jax.sharding import MESH_AXES
 from layerflow_jax.train.experiment import LR_SCHEDULES
 
-ADAPTER_KEYS = ("rank", "alpha", "targets", "blocks")
+ADAPTER_KEYS = ("rank", "alpha", "targets", "blocks", "switch")
 
 # key → smallest allowed integer.
 _INTS = {

@@ -335,6 +335,28 @@ def test_import_refuses_mismatches(tmp_path, capsys):
   assert "patch_size_t=2" in err and "ofs_embed_dim=512" in err
 
 
+def test_import_diffusers_cogvideox_without_config(tmp_path, capsys):
+  """``layerflow import-diffusers <CogVideoX transformer, in_channels 16> --out CKPT`` with no --config: the
+  CogVideoX VAE of the pipeline folder when it has one, else the latents-only codec, which refuses pixels."""
+  from layerflow_jax import codec as codec_lib
+
+  pipe = tmp_path / "CogVideoX-tiny"
+  _diffusers_model(in_channels=16, out_channels=16).save_pretrained(pipe / "transformer")
+  assert cli.main(["import-diffusers", str(pipe / "transformer"), "--out", str(tmp_path / "ck")]) == 0
+  params, config = trainer.load_params(tmp_path / "ck")
+  assert (config.autoencoder.kind, config.autoencoder.latent_channels) == ("latent", 16)
+  assert (config.data.height, config.data.width) == (32, 48)  # the transformer's sample size × 8
+  codec = codec_lib.make_codec(config.autoencoder)
+  with pytest.raises(ValueError, match="no pixel encoder/decoder .*autoencoder.kind=cogvideox"):
+    codec.encode(np.zeros((1, 16, 32, 48, 3), np.float32))
+  (pipe / "vae").mkdir()
+  (pipe / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCogVideoX",
+                                                        "latent_channels": 16}))
+  with_vae = convert.import_config(diffusers_folder.read_config(pipe / "transformer"), default.get_config(),
+                                   pipe / "transformer")
+  assert (with_vae.autoencoder.kind, with_vae.autoencoder.path) == ("cogvideox", str(pipe / "vae"))
+
+
 @pytest.mark.parametrize("size", ["2b", "5b"])
 def test_import_config_infers_2b_and_5b(size):
   """config.json of CogVideoX-2B (sin-cos) / 5B (RoPE) → our model; its shapes = diffusers' (meta device)."""
@@ -348,12 +370,13 @@ def test_import_config_infers_2b_and_5b(size):
   with torch.device("meta"):
     model = CogVideoXTransformer3DModel(**{k: v for k, v in conf.items() if not k.startswith("_")})
   assert dw.expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
-  # A base config with T5-width text and a 16-channel autoencoder takes these sizes as they are; the
-  # built-in pixel codec cannot have 16 channels, which is refused naming the key to set.
+  # A base config with T5-width text takes these sizes as they are; the built-in pixel codec cannot have 16
+  # channels, so the importer picks the latents-only codec (no pipeline folder with a vae/ here).
   base = default.get_config("size=tiny")
   base.text_encoder.dim = 4096
-  with pytest.raises(convert.ExportError, match=r"in_channels 16 .*autoencoder"):
-    convert.import_config(conf, base)
+  latent = convert.import_config(conf, base)
+  assert (latent.autoencoder.kind, latent.autoencoder.latent_channels) == ("latent", 16)
+  assert (latent.data.height, latent.data.width) == (480, 720)
   base.autoencoder.spatial, base.autoencoder.temporal = 2, 2  # 24 channels
   imported = convert.import_config({**conf, "in_channels": 24, "out_channels": 24}, base)
   assert imported.model.size == size and imported.model.num_layers == cfg.num_layers

@@ -29,7 +29,7 @@ import numpy as np
 from layerflow_jax.diffusion.schedule import Schedule
 
 VelocityFn = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, Any]]
-SAMPLERS = ("ddim", "dpmpp_2m")
+SAMPLERS = ("ddim", "dpmpp_2m", "sat_dpmpp_2m")
 
 
 def timesteps(sched: Schedule, num_steps: int) -> np.ndarray:
@@ -49,7 +49,8 @@ def prev_timesteps(sched: Schedule, num_steps: int) -> np.ndarray:
 def dynamic_guidance(g: float, t: np.ndarray, num_train_timesteps: int) -> np.ndarray:
   """LAYERFLOW.md's dynamic CFG scale 1 + g (1 - cos(pi ((N - t) / N)^5)) / 2 with N = num_train_timesteps.
 
-  (diffusers' CogVideoX pipeline puts num_inference_steps in place of N, a different curve.)
+  (diffusers' CogVideoX pipeline and the official SAT code (``DynamicCFG``) put the number of sampling steps in
+  place of N, with t the timestep 999 … 19: a pseudo-random sequence 2.29, 2.54, 6.97, … for 50 steps.)
   """
   n = float(num_train_timesteps)
   return 1.0 + g * (1.0 - np.cos(math.pi * ((n - np.asarray(t, np.float64)) / n) ** 5.0)) / 2.0
@@ -117,6 +118,51 @@ def dpmpp_2m_coefficients(sched: Schedule, num_steps: int) -> dict[str, np.ndarr
   return coefs
 
 
+def sat_dpmpp_2m_coefficients(sched: Schedule, num_steps: int) -> dict[str, np.ndarray]:
+  """Per-step float64 coefficients of the official SAT sampler (``VPSDEDPMPP2MSampler``), as ``x_prev = A x +
+  B x0_hat + C x0_hat_prev_step + D z``.
+
+  Steps: ``linspace(N - 1, 0, num_steps, endpoint=False)`` as ints (999, 979, …, 19 for 50). Its sqrt(alpha)
+  per step is zero-SNR-rescaled on the *sub-sampled* array of the SNR-shifted schedule (anchors: the smallest
+  step keeps its value, the largest becomes 0), with 1 appended after the last step. With a, n, p the values of
+  this, the next and the previous step: lam(s) = log(s / sqrt(1 - s^2)), h = lam(n) - lam(a),
+  A = sqrt((1 - n^2) / (1 - a^2)) e^-h, m2 = expm1(-2h) n, D = sqrt(1 - n^2) sqrt(1 - e^-2h); first step
+  B = -m2, C = 0; then r = (lam(a) - lam(p)) / h, B = -m2 (1 + 1/(2r)), C = m2 / (2r); the last step returns x0
+  (A = 0, B = 1, D = 0). The network gets the step's timestep ``t``; the denoiser snaps each sqrt(alpha) to the
+  nearest value of the full (rescaled) table, at step ``t_x0`` (for 50 steps: t, or t - 1 for the last 8 steps,
+  t <= 159), whose ``a_t`` gives x0 = sqrt(a_t) x - sqrt(1 - a_t) v.
+  """
+  n = sched.num_train_timesteps
+  if sched.shifted_alphas_cumprod is None:
+    raise ValueError("sat_dpmpp_2m needs the schedule's alpha products before the zero-SNR rescale "
+                     "(Schedule.shifted_alphas_cumprod; make_schedule keeps them)")
+  if not 2 <= num_steps <= n:
+    raise ValueError(f"num_steps must be in [2, {n}], got {num_steps}")
+  ts = np.linspace(n - 1, 0, num_steps, endpoint=False).astype(np.int64)  # descending
+  s = np.sqrt(np.asarray(sched.shifted_alphas_cumprod, np.float64)[ts[::-1]])  # ascending t
+  s = (s - s[-1]) * (s[0] / (s[0] - s[-1]))
+  s = np.concatenate([s[::-1], [1.0]])  # per step (descending t), then 1
+  full = np.sqrt(np.asarray(sched.alphas_cumprod, np.float64))
+  t_x0 = np.abs(s[:num_steps, None] - full[None]).argmin(axis=1)
+  with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+    lam = lambda v: np.log(v / np.sqrt(1.0 - v**2))
+    a, nx = s[:num_steps], s[1:]
+    h = lam(nx) - lam(a)
+    A = np.sqrt((1.0 - nx**2) / (1.0 - a**2)) * np.exp(-h)
+    m2 = np.expm1(-2.0 * h) * nx
+    D = np.sqrt(1.0 - nx**2) * np.sqrt(1.0 - np.exp(-2.0 * h))
+    B, C = -m2, np.zeros_like(m2)
+    for i in range(1, num_steps - 1):
+      inv_2r = h[i] / (2.0 * (lam(a[i]) - lam(s[i - 1])))  # 1 / (2r); 0 when the previous step is at SNR 0
+      B[i], C[i] = -m2[i] * (1.0 + inv_2r), m2[i] * inv_2r
+  A[-1], B[-1], C[-1], D[-1] = 0.0, 1.0, 0.0, 0.0
+  coefs = dict(t=ts.astype(np.int32), t_x0=t_x0.astype(np.int32), a_t=full[t_x0] ** 2, A=A, B=B, C=C, D=D)
+  bad = [k for k, v in coefs.items() if not np.all(np.isfinite(v))]
+  if bad:
+    raise ValueError(f"non-finite SAT DPM-Solver++(2M) coefficients {bad} for num_steps={num_steps}")
+  return coefs
+
+
 def step_noise(rng: jax.Array, step: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
   """The float32 Gaussian noise a stochastic sampler adds at step index ``step`` (fold_in(rng, step))."""
   return jax.random.normal(jax.random.fold_in(rng, step), shape, jnp.float32)
@@ -140,6 +186,7 @@ def sample(
     sampler: str = "ddim",
     guidance_scale: float,
     dynamic_cfg: bool = False,
+    dynamic_cfg_steps: int = 0,
     given_latents: jnp.ndarray | None = None,
     given_frames: jnp.ndarray | None = None,
     eta: float = 0.0,
@@ -160,6 +207,11 @@ def sample(
   if sampler == "ddim":
     coefs = ddim_coefficients(sched, num_steps, eta)
     stochastic = eta > 0
+  elif sampler == "sat_dpmpp_2m":
+    if eta:
+      raise ValueError("eta applies to the DDIM sampler only (sat_dpmpp_2m is the official stochastic solver)")
+    coefs = sat_dpmpp_2m_coefficients(sched, num_steps)
+    stochastic = True
   else:
     if eta:
       raise ValueError("eta applies to the DDIM sampler only (dpmpp_2m is CogVideoX's stochastic solver)")
@@ -170,7 +222,7 @@ def sample(
 
   use_cfg = guidance_scale != 1.0
   if dynamic_cfg:
-    g = dynamic_guidance(guidance_scale, coefs["t"], sched.num_train_timesteps)
+    g = dynamic_guidance(guidance_scale, coefs["t"], int(dynamic_cfg_steps) or sched.num_train_timesteps)
   else:
     g = np.full(num_steps, guidance_scale, np.float64)
   f32 = lambda a: jnp.asarray(np.asarray(a, np.float64), jnp.float32)
@@ -195,7 +247,7 @@ def sample(
     v = guided_velocity(v_c, v_u, s["g"] if use_cfg else None)
     x0 = s["sqrt_a"] * x - s["sqrt_1ma"] * v
     x_prev = s["A"] * x + s["B"] * x0
-    if sampler == "dpmpp_2m":
+    if sampler in ("dpmpp_2m", "sat_dpmpp_2m"):
       x_prev = x_prev + s["C"] * x0_old
     if stochastic:
       x_prev = x_prev + s["D"] * step_noise(rng, s["i"], x.shape)
@@ -212,12 +264,13 @@ def sample(
 def sample_kwargs(sampling_cfg: Any) -> dict[str, Any]:
   """``sample`` keyword arguments from ``config.sampling``.
 
-  Keys: sampler, num_steps, guidance_scale, dynamic_cfg, eta.
+  Keys: sampler, num_steps, guidance_scale, dynamic_cfg, dynamic_cfg_steps, eta.
   """
   return dict(
       sampler=str(sampling_cfg.sampler),
       num_steps=int(sampling_cfg.num_steps),
       guidance_scale=float(sampling_cfg.guidance_scale),
       dynamic_cfg=bool(sampling_cfg.dynamic_cfg),
+      dynamic_cfg_steps=int(sampling_cfg.get("dynamic_cfg_steps", 0)),
       eta=float(sampling_cfg.eta),
   )

@@ -37,6 +37,9 @@ class Schedule:
   alphas_cumprod: np.ndarray
   num_train_timesteps: int
   final_alpha_cumprod: float = 1.0
+  # float64 alpha products after the SNR shift and before the zero-SNR rescale (the official SAT sampler
+  # rescales its sub-sampled steps itself); None when the schedule was built from alpha products alone.
+  shifted_alphas_cumprod: np.ndarray | None = None
 
 
 def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
@@ -75,14 +78,12 @@ def make_schedule(diffusion_cfg: Any) -> Schedule:
   Keys: num_train_timesteps, beta_start, beta_end, snr_shift, zero_terminal_snr.
   """
   n = int(_cfg_get(diffusion_cfg, "num_train_timesteps", 1000))
-  ac = alphas_cumprod_f64(
-      num_train_timesteps=n,
-      beta_start=float(_cfg_get(diffusion_cfg, "beta_start", 0.00085)),
-      beta_end=float(_cfg_get(diffusion_cfg, "beta_end", 0.012)),
-      snr_shift=float(_cfg_get(diffusion_cfg, "snr_shift", 3.0)),
-      zero_terminal_snr=bool(_cfg_get(diffusion_cfg, "zero_terminal_snr", True)),
-  )
-  return Schedule(alphas_cumprod=ac.astype(np.float32), num_train_timesteps=n)
+  kw = dict(num_train_timesteps=n, beta_start=float(_cfg_get(diffusion_cfg, "beta_start", 0.00085)),
+            beta_end=float(_cfg_get(diffusion_cfg, "beta_end", 0.012)),
+            snr_shift=float(_cfg_get(diffusion_cfg, "snr_shift", 3.0)))
+  ac = alphas_cumprod_f64(**kw, zero_terminal_snr=bool(_cfg_get(diffusion_cfg, "zero_terminal_snr", True)))
+  return Schedule(alphas_cumprod=ac.astype(np.float32), num_train_timesteps=n,
+                  shifted_alphas_cumprod=alphas_cumprod_f64(**kw, zero_terminal_snr=False))
 
 
 # ----------------------------------------------------------------------------- conversions

@@ -448,9 +448,11 @@ class AutoencoderKLCogVideoX(nnx.Module):
     self.encoder = Encoder3D(cfg, kw)
     self.decoder = Decoder3D(cfg, kw)
 
-  def moments(self, x, tiling: Tiling | None = None):
-    """[B, T, H, W, in] → posterior parameters [B, t, h, w, 2·latent] (mean, then log-variance)."""
-    run = lambda v: _over_time(self.encoder, v, SAMPLE_FRAMES_PER_BATCH)
+  def moments(self, x, tiling: Tiling | None = None, frames_per_batch: int = SAMPLE_FRAMES_PER_BATCH):
+    """[B, T, H, W, in] → posterior parameters [B, t, h, w, 2·latent] (mean, then log-variance).
+
+    ``frames_per_batch``: diffusers' frame batching (8); the number of frames = one pass (the official SAT VAE)."""
+    run = lambda v: _over_time(self.encoder, v, frames_per_batch)
     if tiling is None or (x.shape[3] <= tiling.sample_width and x.shape[2] <= tiling.sample_height):
       return run(x)
     f = self.cfg.spatial_factor
@@ -559,6 +561,20 @@ class CogVideoXCodec:
     if video.shape[-1] != self.cfg.in_channels:
       raise ValueError(f"VAE input has {video.shape[-1]} channels, expected {self.cfg.in_channels}")
     z = self.model.encode(video.astype(self.dtype), self.tiling).astype(jnp.float32)
+    return jax.lax.stop_gradient(z * self.scaling_factor)
+
+  def encode_packed(self, video, rng=None):
+    """The whole video in one pass, without frame batching or tiling, as the official SAT code encodes a packed
+    LayerFlow stack (causal context and GroupNorm statistics across sub-clips); ``rng``: a posterior sample
+    (mean + exp(logvar / 2) · N(0, 1), logvar clipped to [-30, 20] as diffusers does) instead of the mode."""
+    video = jnp.asarray(video)
+    if video.shape[-1] != self.cfg.in_channels:
+      raise ValueError(f"VAE input has {video.shape[-1]} channels, expected {self.cfg.in_channels}")
+    m = self.model.moments(video.astype(self.dtype), None, frames_per_batch=video.shape[1]).astype(jnp.float32)
+    mean, logvar = m[..., :self.latent_channels], m[..., self.latent_channels:]
+    z = mean
+    if rng is not None:
+      z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(rng, mean.shape, jnp.float32)
     return jax.lax.stop_gradient(z * self.scaling_factor)
 
   def decode(self, latents):

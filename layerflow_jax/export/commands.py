@@ -58,6 +58,36 @@ def run_import(args, overrides) -> int:
   return 0
 
 
+# ----------------------------------------------------------------------------- import-official
+
+
+def add_import_official_arguments(p) -> None:
+  p.add_argument("src", help="an official LayerFlow SAT variant folder (latest + <iteration>/"
+                 "mp_rank_00_model_states.pt) or the .pt file")
+  p.add_argument("--out", required=True, help="the work dir to create (OUT/checkpoints/0)")
+  p.add_argument("--variant", default=None, help="gen_rgba, seg_rgba, fg2bg_rgba, bg2fg_rgba, gen_rgb, seg_rgb, "
+                 "fg2bg_rgb or bg2fg_rgb (default: detected from the keys and shapes)")
+  p.add_argument("--pipeline", default="", help="a diffusers CogVideoX-2b pipeline folder: its text_encoder/ "
+                 "(T5) and vae/ are used for sampling (default: byte text encoder, latents-only codec)")
+  p.add_argument("--config", default=DEFAULT_BASE_CONFIG, help="base config whose other settings are kept")
+
+
+def run_import_official(args, overrides) -> int:
+  from layerflow_jax.config import load_config
+  from layerflow_jax.export import official
+
+  base = load_config(_config_spec(args.config), overrides)
+  try:
+    summary = official.import_official(args.src, args.out, base, variant=args.variant, pipeline=args.pipeline)
+  except (official.OfficialImportError, ValueError, FileNotFoundError) as e:
+    return _fail(str(e).splitlines()[0] if str(e) else e)
+  print(f"variant {summary['variant']} ({summary['network']}), decided by:", file=sys.stderr)
+  for reason in summary["decided_by"]:
+    print(f"  {reason}", file=sys.stderr)
+  _print(summary)
+  return 0
+
+
 # ----------------------------------------------------------------------------- export
 
 
@@ -89,6 +119,8 @@ def run_export(args, overrides) -> int:
 COMMANDS = {
     "import-diffusers": ("diffusers CogVideoX transformer folder → a LayerFlow checkpoint work dir",
                          add_import_arguments, run_import),
+    "import-official": ("an official LayerFlow SAT checkpoint (8 variants) → a LayerFlow checkpoint work dir",
+                        add_import_official_arguments, run_import_official),
     "export": ("checkpoint → diffusers folder + PEFT LoRA files + LayerFlow extras", add_export_arguments,
                run_export),
 }

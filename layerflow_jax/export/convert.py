@@ -80,12 +80,32 @@ def _pixel_factors(config: mlc.ConfigDict, channels: int) -> tuple[int, int] | N
   return None
 
 
-def import_config(conf: Mapping[str, Any], base: mlc.ConfigDict) -> mlc.ConfigDict:
+COGVIDEOX_SCALING_FACTOR = 1.15258426
+
+
+def default_autoencoder(ae: mlc.ConfigDict, channels: int, vae_dir: str | pathlib.Path | None) -> mlc.ConfigDict:
+  """An autoencoder setting with ``channels`` latent channels for a CogVideoX transformer: the CogVideoX VAE of
+  ``vae_dir`` when it holds a ``config.json`` with that many latent channels, else the latents-only codec (8×
+  spatial, 4× temporal), which loads, trains on cached latents and exports, and refuses pixel work."""
+  out = mlc.ConfigDict(ae.to_dict())
+  conf = pathlib.Path(vae_dir) / "config.json" if vae_dir else None
+  if conf is not None and conf.is_file() and int(json.loads(conf.read_text()).get("latent_channels", -1)) == channels:
+    out.update(kind="cogvideox", path=str(pathlib.Path(vae_dir)), dtype="bfloat16")
+  else:
+    out.update(kind="latent", spatial=8, temporal=4, latent_channels=int(channels),
+               scaling_factor=COGVIDEOX_SCALING_FACTOR, path="")
+  return out
+
+
+def import_config(conf: Mapping[str, Any], base: mlc.ConfigDict, src: str | pathlib.Path | None = None
+                  ) -> mlc.ConfigDict:
   """``base`` with the model of a diffusers ``config.json`` (a copy; ``base`` is not changed).
 
   The text encoder's width must equal ``text_embed_dim`` and the autoencoder's latent channels
-  ``in_channels``: the built-in byte encoder and pixel codec are resized to fit; any other encoder that does
-  not fit is refused, naming the config key to set.
+  ``in_channels``: the built-in byte encoder and pixel codec are resized to fit. When the pixel codec cannot fit
+  (CogVideoX's 16 channels), the autoencoder becomes the CogVideoX VAE of the pipeline folder holding ``src``
+  (``src/../vae``) or else the latents-only codec (:func:`default_autoencoder`), with the data sizes of the
+  transformer's sample size; any other encoder that does not fit is refused, naming the config key to set.
   """
   conf = {**folder_lib.DIFFUSERS_DEFAULTS, **conf}
   config = mlc.ConfigDict(base.to_dict())
@@ -112,6 +132,14 @@ def import_config(conf: Mapping[str, Any], base: mlc.ConfigDict) -> mlc.ConfigDi
     factors = _pixel_factors(config, channels) if config.autoencoder.kind == "pixel" else None
     if factors is not None:
       config.autoencoder.spatial, config.autoencoder.temporal = factors
+    elif config.autoencoder.kind == "pixel":
+      vae = pathlib.Path(src).absolute().parent / "vae" if src is not None else None
+      config.autoencoder = default_autoencoder(config.autoencoder, channels, vae)
+      p = int(config.model.patch_size)
+      config.data.update(frames=16, height=int(conf["sample_height"]) * 8, width=int(conf["sample_width"]) * 8)
+      if (config.data.height // 8) % p or (config.data.width // 8) % p:
+        problems.append(f"sample size {conf['sample_height']}x{conf['sample_width']} is not divisible by the "
+                        f"patch size {p}")
     else:
       problems.append(f"in_channels {channels} != the autoencoder's latent channels "
                       f"{codec_lib.make_codec(config.autoencoder).latent_channels} (the pixel codec has "
@@ -129,7 +157,7 @@ def import_diffusers(src: str | pathlib.Path, out: str | pathlib.Path, base: mlc
   """
   src, out = pathlib.Path(src), pathlib.Path(out)
   conf = folder_lib.read_config(src)
-  config = import_config(conf, base)
+  config = import_config(conf, base, src)
   if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
     raise ExportError(f"{out} already holds checkpoints; import into a new directory")
   sd = folder_lib.read_state_dict(src)
@@ -176,7 +204,9 @@ def check_params(exp: Experiment, params: Mapping[str, Any]) -> None:
 def scheduler_config(config: mlc.ConfigDict) -> dict:
   """``scheduler_config.json`` of the diffusers CogVideoX scheduler equivalent to our schedule and sampler."""
   d = config.diffusion
-  name = {"ddim": "CogVideoXDDIMScheduler", "dpmpp_2m": "CogVideoXDPMScheduler"}[str(config.sampling.sampler)]
+  # sat_dpmpp_2m: diffusers has the same solver over the full-table schedule (coefficients within 0.1 %)
+  name = {"ddim": "CogVideoXDDIMScheduler", "dpmpp_2m": "CogVideoXDPMScheduler",
+          "sat_dpmpp_2m": "CogVideoXDPMScheduler"}[str(config.sampling.sampler)]
   return {"_class_name": name, "num_train_timesteps": int(d.num_train_timesteps),
           "beta_start": float(d.beta_start), "beta_end": float(d.beta_end), "beta_schedule": "scaled_linear",
           "clip_sample": False, "clip_sample_range": 1.0, "sample_max_value": 1.0, "set_alpha_to_one": True,
@@ -191,7 +221,10 @@ def _layout_info(exp: Experiment) -> dict:
       "layout": layout.name, "clips": list(layout.clips), "num_clips": layout.num_clips,
       "tasks": {task: [clip for clip, g in zip(layout.clips, layers.given_clips(task, layout)) if g]
                 for task in layers.TASK_NAMES},
-      "prompts": list(layers.PROMPTS), "prompt_prefix": "{index}, ",
+      "given_latent_frames": {task: np.flatnonzero(row).tolist()
+                              for task, row in zip(layers.TASK_NAMES, exp.given_frame_table)},
+      "task_weights": {k: float(v) for k, v in config.diffusion.task_weights.items()},
+      "prompts": list(layers.PROMPTS[:exp.model_cfg.num_prompts]), "prompt_prefix": "{index}, ",
       "prompt_length": int(exp.text_encoder.max_length), "unconditional_text": "zeros",
       "latent_frames_per_clip": t, "latent_height": h, "latent_width": w, "latent_channels": c,
       "frames_per_clip": int(config.data.frames), "height": int(config.data.height),
@@ -232,7 +265,8 @@ def export_params(params: Mapping[str, Any], config: mlc.ConfigDict, out: str | 
     adapters.append(entry)
 
   t, h, w, _ = exp.latent_shape
-  conf = dw.diffusers_config(model.cfg, sample_frames=exp.layout.num_clips * t, sample_height=h, sample_width=w,
+  conf = dw.diffusers_config(model.cfg, sample_frames=cfg.lead_frames + exp.layout.num_clips * t,
+                             sample_height=h, sample_width=w,
                              max_text_seq_length=cfg.num_prompts * int(exp.text_encoder.max_length))
   written = folder_lib.write_folder(out, conf, dw.to_diffusers_state_dict(model, dtype=dtype),
                                     max_shard_size=max_shard_size)
@@ -249,6 +283,9 @@ def export_params(params: Mapping[str, Any], config: mlc.ConfigDict, out: str | 
     extras = {k: v.astype(dw._np_dtype(dtype)) for k, v in extras.items()}
   info = {"format_version": FORMAT_VERSION, "layer_embed": cfg.layer_embed, "hidden": cfg.hidden,
           "norm_eps": cfg.norm_eps, "num_prompts": cfg.num_prompts, "pos_embed": cfg.pos_embed,
+          "final_norm_eps": cfg.final_norm_eps, "lead_frames": cfg.lead_frames,
+          "pos_text_tokens": cfg.pos_text_tokens,
+          "pos_table_rows": cfg.pos_text_tokens + int(np.prod(cfg.pos_grid)) if cfg.pos_embed == "learned" else 0,
           "patch_size": cfg.patch_size, **_layout_info(exp), "adapters": adapters,
           "sampling": {k: config.sampling[k] for k in ("sampler", "num_steps", "guidance_scale", "dynamic_cfg",
                                                        "eta")},

@@ -285,6 +285,7 @@ def extras_state_dict(model) -> dict[str, np.ndarray]:
 
   * ``layer_embed.linear.{weight [D, 1], bias [D]}``, ``layer_embed.norm.{weight, bias}`` (layer_embed text*);
   * ``clip_embed.weight`` ``[num_clips, D]`` (layer_embed ``text+video``);
+  * ``pos_embedding.weight`` ``[text rows + video rows, D]`` (pos_embed ``learned``: the official SAT table);
   * per adapter and selected block:
     ``adapters.{name}.transformer_blocks.{N}.{module}.lora_A.weight`` ``[r, in]`` and ``...lora_B.weight``
     ``[out, r]`` (PEFT layout; ``module`` as in diffusers, e.g. ``attn1.to_q``). The alpha / rank multiplier
@@ -298,6 +299,8 @@ def extras_state_dict(model) -> dict[str, np.ndarray]:
         out[f"{prefix}.{suffix}"] = _export(flat[path + (leaf,)], kind, i)
   if ("clip_embed",) in flat:
     out["clip_embed.weight"] = np.array(flat[("clip_embed",)], order="C", copy=True)
+  if ("pos_table",) in flat:
+    out["pos_embedding.weight"] = np.array(flat[("pos_table",)], order="C", copy=True)
   for spec in getattr(model.cfg, "adapters", ()):
     for t in spec.targets:
       a = flat[("adapters", spec.name, f"{t}_a")]  # [n, in, r]
@@ -322,6 +325,8 @@ def from_extras_state_dict(model, state_dict: Mapping[str, Any]) -> None:
         updates[path + (leaf,)] = _import(sd[f"{prefix}.{suffix}"], kind, i)
   if ("clip_embed",) in flat:
     updates[("clip_embed",)] = sd["clip_embed.weight"]
+  if ("pos_table",) in flat:
+    updates[("pos_table",)] = sd["pos_embedding.weight"]
   for spec in getattr(model.cfg, "adapters", ()):
     for t in spec.targets:
       base = lambda blk: f"adapters.{spec.name}.transformer_blocks.{blk}.{_LORA_MODULES[t]}"
@@ -346,7 +351,7 @@ def diffusers_config(cfg, sample_frames: int, sample_height: int, sample_width: 
   the joint sequence). LayerFlow extras (layer embeddings, adapters) are not described: they are not in this
   model.
   """
-  if cfg.pos_embed not in ("sincos", "rope"):
+  if cfg.pos_embed not in ("sincos", "rope", "learned"):  # learned: the table goes to the extras (their hook)
     raise ValueError(f"pos_embed {cfg.pos_embed!r} has no CogVideoXTransformer3DModel equivalent")
   if cfg.mlp_ratio != 4:
     raise ValueError(f"mlp_ratio {cfg.mlp_ratio}: diffusers' CogVideoX block has a 4x feed-forward")

@@ -5,7 +5,10 @@ what diffusers' model has no place for, exactly as our DiT computes it:
 
 * the layer embedding ``LayerNorm(Linear(1 → D)(i))`` of prompt ``i`` added to every token of that prompt after
   the text projection (``layer_embed`` ``text`` / ``text+video``);
-* a learned vector per sub-clip added to that clip's video tokens (``text+video``).
+* a learned vector per sub-clip added to that clip's video tokens (``text+video``);
+* the learned position table (``pos_embed`` ``learned``, the official SAT models): its text rows on the text
+  tokens, its first video rows on the video tokens, in place of diffusers' sin-cos table (switched off on the
+  transformer by ``attach``), and the final adaLN norm's eps (``final_norm_eps``, 1e-6 there).
 
 Both are added to the output of ``transformer.patch_embed`` through a forward hook, i.e. after diffusers'
 text projection and sin-cos table (zeros on text tokens) — the same sums in the same order as ours — so
@@ -63,6 +66,11 @@ class LayerFlowExtras(torch.nn.Module):
       self.layer_embed_norm = torch.nn.LayerNorm(d, eps=float(info["norm_eps"]))
     if self.layer_embed == "text+video":
       self.clip_embed = torch.nn.Parameter(torch.zeros(self.num_clips, d))
+    self.learned_table = info.get("pos_embed") == "learned"
+    if self.learned_table:
+      self.pos_text_tokens = int(info["pos_text_tokens"])
+      self.pos_embedding = torch.nn.Parameter(torch.zeros(int(info["pos_table_rows"]), d))
+    self.final_norm_eps = float(info.get("final_norm_eps") or 0.0)
 
   @classmethod
   def from_file(cls, path: str | pathlib.Path) -> "LayerFlowExtras":
@@ -74,7 +82,8 @@ class LayerFlowExtras(torch.nn.Module):
     module = cls(read_info(path))
     sd = load_file(str(path))
     state = {k.replace("layer_embed.linear.", "layer_embed_linear.").replace("layer_embed.norm.", "layer_embed_norm.")
-             .replace("clip_embed.weight", "clip_embed"): v for k, v in sd.items()}
+             .replace("clip_embed.weight", "clip_embed").replace("pos_embedding.weight", "pos_embedding"): v
+             for k, v in sd.items()}
     module.load_state_dict(state, strict=True)  # kept float32 (exact for bfloat16 files); sums cast to the input dtype
     return module
 
@@ -95,10 +104,16 @@ class LayerFlowExtras(torch.nn.Module):
     return h.to(dtype)
 
   def add(self, embeds: torch.Tensor, num_text: int) -> torch.Tensor:
-    """``patch_embed`` output [B, T + N, D] → with the layer / clip embeddings added."""
-    if self.layer_embed == "none":
-      return embeds
+    """``patch_embed`` output [B, T + N, D] → with the layer / clip embeddings (and a learned table) added."""
     b, total, d = embeds.shape
+    table = None
+    if self.learned_table:
+      if num_text != self.pos_text_tokens or total - num_text > self.pos_embedding.shape[0] - num_text:
+        raise ValueError(f"{num_text} text + {total - num_text} video tokens do not fit the learned table "
+                         f"({self.pos_text_tokens} text rows of {self.pos_embedding.shape[0]})")
+      table = self.pos_embedding.to(embeds.dtype)[:total][None]
+    if self.layer_embed == "none":
+      return embeds if table is None else embeds + table
     if num_text % self.num_prompts:
       raise ValueError(f"{num_text} text tokens cannot be split into {self.num_prompts} prompts")
     text = embeds[:, :num_text].reshape(b, self.num_prompts, num_text // self.num_prompts, d)
@@ -109,10 +124,19 @@ class LayerFlowExtras(torch.nn.Module):
       if n % self.num_clips:
         raise ValueError(f"{n} video tokens cannot be split into {self.num_clips} sub-clips")
       video = video + self.clip_embed.to(embeds.dtype).repeat_interleave(n // self.num_clips, dim=0)[None]
-    return torch.cat([text, video], dim=1)
+    out = torch.cat([text, video], dim=1)
+    return out if table is None else out + table
 
   def attach(self, transformer) -> torch.utils.hooks.RemovableHandle:
-    """Hooks ``transformer.patch_embed`` (``handle.remove()`` detaches); the transformer's state dict is unchanged."""
+    """Hooks ``transformer.patch_embed`` (``handle.remove()`` detaches); the transformer's state dict is unchanged.
+
+    With a learned table the transformer's own sin-cos table is switched off, and ``final_norm_eps`` is set on
+    ``norm_out.norm`` (both stay so after ``remove()``)."""
+    if self.learned_table:
+      transformer.patch_embed.use_positional_embeddings = False
+      transformer.patch_embed.use_learned_positional_embeddings = False
+    if self.final_norm_eps:
+      transformer.norm_out.norm.eps = self.final_norm_eps
 
     def hook(module, args, output):
       return self.add(output, args[0].shape[1])

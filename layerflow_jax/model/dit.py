@@ -47,7 +47,12 @@ class DiTConfig:
   mlp_ratio: int = 4
   norm_eps: float = 1e-5
   qk_norm_eps: float = 1e-6
-  pos_embed: str = "sincos"  # "sincos" | "rope" | "none"
+  pos_embed: str = "sincos"  # "sincos" | "rope" | "none" | "learned"
+  # pos_embed "learned" (the official SAT table, text rows included): a parameter [pos_text_tokens + frames·h·w,
+  # hidden] over the joint sequence [text; video], initialised as the official one (zero text rows, sin-cos video
+  # rows over pos_grid = (latent frames, token rows, token columns)); a shorter video takes its first rows.
+  pos_text_tokens: int = 0
+  pos_grid: tuple[int, int, int] = (0, 0, 0)
   spatial_interpolation_scale: float = 1.875
   temporal_interpolation_scale: float = 1.0
   # "video": temporal positions run over the whole packed time axis (official); "clip": every sub-clip restarts
@@ -59,6 +64,10 @@ class DiTConfig:
   layer_embed: str = "text"  # "none" | "text" | "text+video"
   num_prompts: int = 3
   num_clips: int = 4
+  # Latent frames before the first sub-clip (the official fg2bg/bg2fg RGBA models: 1, a duplicated first frame).
+  lead_frames: int = 0
+  # eps of the final adaLN LayerNorm (norm_out); 0 = norm_eps (diffusers), the official SAT models use 1e-6.
+  final_norm_eps: float = 0.0
   dtype: str = "float32"
   param_dtype: str = "float32"
   scan_layers: bool = True
@@ -86,8 +95,20 @@ class DiTConfig:
     latent_c = codec_lib.make_codec(config.autoencoder).latent_channels
     if m.layer_embed not in ("none", "text", "text+video"):
       raise ValueError(f"model.layer_embed: {m.layer_embed!r} unknown; expected 'none', 'text' or 'text+video'")
-    if m.pos_embed not in ("sincos", "rope", "none"):
-      raise ValueError(f"model.pos_embed: {m.pos_embed!r} unknown; expected 'sincos', 'rope' or 'none'")
+    if m.pos_embed not in ("sincos", "rope", "none", "learned"):
+      raise ValueError(f"model.pos_embed: {m.pos_embed!r} unknown; expected 'sincos', 'rope', 'none' or 'learned'")
+    lead = int(m.get("lead_frames", 0))
+    if lead < 0 or (lead and (m.layer_embed == "text+video" or m.get("clip_positions", "video") == "clip")):
+      raise ValueError(f"model.lead_frames: {lead} must be >= 0, and 0 with layer_embed 'text+video' or "
+                       "clip_positions 'clip' (lead frames belong to no sub-clip)")
+    num_prompts = int(m.get("num_prompts", 3))
+    pos_text, pos_grid = 0, (0, 0, 0)
+    if m.pos_embed == "learned":
+      t, h, w, _ = codec_lib.make_codec(config.autoencoder).latent_shape(
+          config.data.frames, config.data.height, config.data.width)
+      frames = int(m.get("pos_table_frames", 0)) or lead + layout.num_clips * t
+      pos_text, pos_grid = num_prompts * int(config.text_encoder.max_length), (frames, h // m.patch_size,
+                                                                                 w // m.patch_size)
     if m.get("clip_positions", "video") not in ("video", "clip"):
       raise ValueError(f"model.clip_positions: {m.clip_positions!r} unknown; expected 'video' or 'clip'")
     if m.remat not in REMAT_POLICIES:
@@ -103,8 +124,9 @@ class DiTConfig:
         pos_embed=m.pos_embed, spatial_interpolation_scale=m.spatial_interpolation_scale,
         temporal_interpolation_scale=m.temporal_interpolation_scale,
         clip_positions=m.get("clip_positions", "video"), given_embed=bool(m.get("given_embed", False)),
-        layer_embed=m.layer_embed,
-        num_prompts=3, num_clips=layout.num_clips, dtype=m.dtype, param_dtype=m.param_dtype,
+        layer_embed=m.layer_embed, pos_text_tokens=pos_text, pos_grid=pos_grid,
+        num_prompts=num_prompts, num_clips=layout.num_clips, lead_frames=lead,
+        final_norm_eps=float(m.get("final_norm_eps", 0.0)), dtype=m.dtype, param_dtype=m.param_dtype,
         scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
         fused_qkv=bool(m.get("fused_qkv", False)), pad_tokens_to=int(m.get("pad_tokens_to", 0)),
         adapters=adapters)
@@ -297,6 +319,9 @@ class LayerFlowDiT(nnx.Module):
       self.clip_embed = nnx.Param(shd.param(_normal(0.02), ("clips", "embed"))(rngs.params(), (cfg.num_clips, d), pd))
     if cfg.given_embed:
       self.given_embed = nnx.Param(shd.param(_normal(0.02), ("embed",))(rngs.params(), (d,), pd))
+    if cfg.pos_embed == "learned":
+      self.pos_table = nnx.Param(shd.param(lambda *_: jnp.asarray(self._initial_pos_table(), pd), (None, "embed"))(
+          rngs.params(), None, pd))
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -307,12 +332,22 @@ class LayerFlowDiT(nnx.Module):
     self.norm_final = LayerNorm(d, cfg.norm_eps, rngs)
     self.norm_out_linear = _linear(cfg, cfg.time_embed_dim, 2 * d, ("time_embed", "modulation"), rngs,
                                    kernel_init=_zeros)
-    self.norm_out = LayerNorm(d, cfg.norm_eps, rngs)
+    self.norm_out = LayerNorm(d, cfg.final_norm_eps or cfg.norm_eps, rngs)
     self.proj_out = _linear(cfg, d, p * p * cfg.out_channels, ("embed", "channels"), rngs, kernel_init=_zeros)
     self.adapters = nnx.Dict({a.name: lora_lib.Adapter(a, cfg.hidden, cfg.mlp_ratio * cfg.hidden, pd, rngs)
                               for a in cfg.adapters})
 
   # -------------------------------------------------------------------------- pieces
+
+  def _initial_pos_table(self) -> np.ndarray:
+    """The official table at init: zero text rows, then the 3D sin-cos rows of ``pos_grid``."""
+    cfg = self.cfg
+    frames, rows, cols = cfg.pos_grid
+    if min(cfg.pos_grid) < 1 or cfg.pos_text_tokens < 0:
+      raise ValueError(f"pos_embed 'learned' needs a positive pos_grid, got {cfg.pos_grid}")
+    video = emb.sincos_3d(cfg.hidden, frames, rows, cols, cfg.spatial_interpolation_scale,
+                          cfg.temporal_interpolation_scale)
+    return np.concatenate([np.zeros((cfg.pos_text_tokens, cfg.hidden), np.float32), video], axis=0)
 
   def embed_text(self, text):
     """Text embeddings [B, P·L, text_dim] → projected tokens [B, P·L, hidden] with layer embeddings."""
@@ -325,6 +360,11 @@ class LayerFlowDiT(nnx.Module):
       index = jnp.arange(cfg.num_prompts, dtype=jnp.float32)[:, None]  # the prompt's scalar index
       layer = self.layer_embed_norm(self.layer_embed_linear(index.astype(enc.dtype)))  # [P, D]
       enc = (enc.reshape(b, cfg.num_prompts, total // cfg.num_prompts, d) + layer[None, :, None]).reshape(b, total, d)
+    if cfg.pos_embed == "learned":
+      if enc.shape[1] != cfg.pos_text_tokens:
+        raise ValueError(f"{enc.shape[1]} text tokens, the learned position table has {cfg.pos_text_tokens} "
+                         "text rows")
+      enc = enc + self.pos_table[...][:cfg.pos_text_tokens].astype(enc.dtype)[None]
     return shd.constrain(enc, ("batch", "text_tokens", "act_embed"))
 
   def embed_video(self, latents, given_frames=None):
@@ -335,14 +375,20 @@ class LayerFlowDiT(nnx.Module):
       raise ValueError(f"latents have {c} channels, the model expects {cfg.in_channels}")
     if h % p or w % p:
       raise ValueError(f"latent size {h}x{w} is not divisible by the patch size {p}")
-    if f % cfg.num_clips:
-      raise ValueError(f"{f} latent frames cannot be split into {cfg.num_clips} sub-clips")
+    if f <= cfg.lead_frames or (f - cfg.lead_frames) % cfg.num_clips:
+      lead = f" after {cfg.lead_frames} lead frame(s)" if cfg.lead_frames else ""
+      raise ValueError(f"{f} latent frames cannot be split into {cfg.num_clips} sub-clips{lead}")
     x = self.patch_proj(latents.reshape(b * f, h, w, c).astype(DTYPES[cfg.dtype]))
     x = x.reshape(b, f * (h // p) * (w // p), cfg.hidden)
     if cfg.pos_embed == "sincos":
       table = emb.sincos_3d(cfg.hidden, self._position_frames(f), h // p, w // p, cfg.spatial_interpolation_scale,
                             cfg.temporal_interpolation_scale)
       x = x + jnp.asarray(self._tile_positions(table, f), x.dtype)[None]
+    if cfg.pos_embed == "learned":
+      n, rows = x.shape[1], self.pos_table.shape[0] - cfg.pos_text_tokens
+      if n > rows:
+        raise ValueError(f"{n} video tokens, the learned position table has {rows} video rows")
+      x = x + self.pos_table[...][cfg.pos_text_tokens:cfg.pos_text_tokens + n].astype(x.dtype)[None]
     if cfg.layer_embed == "text+video":
       per_clip = (f // cfg.num_clips) * (h // p) * (w // p)
       x = x + jnp.repeat(self.clip_embed[...].astype(x.dtype), per_clip, axis=0)[None]

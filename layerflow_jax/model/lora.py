@@ -38,6 +38,8 @@ class AdapterSpec:
   alpha: float
   targets: tuple[str, ...]
   blocks: tuple[int, ...]
+  # False: the adapter is always on at its alpha / rank (the official content LoRA); a per-sample scale is refused.
+  switch: bool = True
 
   @property
   def multiplier(self) -> float:
@@ -81,7 +83,8 @@ def specs_from_config(adapters_cfg: Mapping[str, Any], num_layers: int) -> tuple
     blocks = parse_blocks(a["blocks"], num_layers, f"{where}.blocks")
     if not blocks:
       raise ValueError(f"{where}.blocks: {a['blocks']!r} selects no block of {num_layers}")
-    specs.append(AdapterSpec(name, rank, float(a.get("alpha", rank)), targets, blocks))
+    specs.append(AdapterSpec(name, rank, float(a.get("alpha", rank)), targets, blocks,
+                             switch=bool(a.get("switch", True))))
   return tuple(specs)
 
 
@@ -137,6 +140,9 @@ def resolve_scales(specs: Sequence[AdapterSpec], given: Mapping[str, Any] | None
   unknown = sorted(set(given) - names)
   if unknown:
     raise ValueError(f"adapter scale given for {unknown}, but the model's adapters are {sorted(names)}")
+  fixed = sorted(s.name for s in specs if not s.switch and s.name in given)
+  if fixed:
+    raise ValueError(f"adapter scale given for {fixed}, which are not switchable (adapters.<name>.switch False)")
   out = {}
   for s in specs:
     scale = jnp.broadcast_to(jnp.asarray(given.get(s.name, 1.0), jnp.float32), (batch,))

@@ -90,6 +90,10 @@ class Experiment:
     self.curriculum_probs = (layers.task_weights_vector(dict(config.diffusion.curriculum_weights))
                              if self.curriculum_steps > 0 else self.task_probs)
     self.given_table = layers.given_table(self.layout)
+    # bool [num_tasks, packed latent frames]: what each task gives, frame by frame (lead frames, overrides)
+    self.given_frame_table = layers.given_frame_table(
+        self.layout, self.latent_shape[0], self.model_cfg.lead_frames,
+        {k: list(v) for k, v in dict(config.diffusion.get("given_latent_frames", {}) or {}).items()})
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
     self.optimizer, self.lr_schedule = make_optimizer(config.train)
 
@@ -195,12 +199,30 @@ class Experiment:
     b, p, l = tokens.shape
     return self.text_encoder.encode(tokens).reshape(b, p * l, -1)
 
-  def encode_video(self, video):
-    """Packed pixels [B, n·T, H, W, 3] → packed latents [B, n·t, h, w, c]."""
-    return codec_lib.encode_clips(self.codec, video, self.layout.num_clips)
+  def encode_video(self, video, rng=None):
+    """Packed pixels [B, n·T, H, W, 3] → packed latents [B, lead + n·t, h, w, c]; lead latent frames (the official
+    fg2bg/bg2fg RGBA layout) encode the first pixel frame on its own, as the VAE's causal first frame does.
+
+    ``autoencoder.packed_pass``: the whole stack (after ``lead`` copies of its first frame) in one pass, as the
+    official code does; ``autoencoder.sample_posterior`` (with it) draws the posterior with ``rng``."""
+    ae, lead = self.config.autoencoder, self.model_cfg.lead_frames
+    if ae.get("packed_pass", False):
+      video = jnp.concatenate([video[:, :1]] * lead + [video], axis=1) if lead else video
+      if not hasattr(self.codec, "encode_packed"):
+        return self.codec.encode(video)
+      return self.codec.encode_packed(video, rng if ae.get("sample_posterior", False) else None)
+    if ae.get("sample_posterior", False):
+      raise ValueError("autoencoder.sample_posterior needs autoencoder.packed_pass=True")
+    z = codec_lib.encode_clips(self.codec, video, self.layout.num_clips)
+    lead = self.model_cfg.lead_frames
+    if lead:
+      first = self.codec.encode(video[:, :1])
+      z = jnp.concatenate([first] * lead + [z], axis=1)
+    return z
 
   def decode_video(self, latents):
-    return codec_lib.decode_clips(self.codec, latents, self.layout.num_clips)
+    """Packed latents [B, lead + n·t, …] → packed pixels [B, n·T, …] (lead frames dropped)."""
+    return codec_lib.decode_clips(self.codec, latents[:, self.model_cfg.lead_frames:], self.layout.num_clips)
 
   def adapter_scales(self, batch: dict) -> dict:
     """Per-sample adapter scales from the batch, as ``config.train.adapter_scale_keys`` maps them."""

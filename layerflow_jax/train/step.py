@@ -43,7 +43,7 @@ def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Arr
   if task_ids is None:
     probs = exp.task_probs if step is None else exp.task_probs_at(step)
     task_ids = loss_lib.sample_tasks(rng_task, b, probs)
-  given = loss_lib.given_frames_for(task_ids, exp.given_table, exp.latent_frames)
+  given = jnp.asarray(exp.given_frame_table, bool)[task_ids]  # per frame: lead frames, frame overrides
   loss_frames = loss_lib.loss_frames_for(given, _valid_frames(exp, batch, exp.latent_frames))
   x_t, t, eps = loss_lib.noisy_input(rng_noise, x0, given, exp.schedule)
   model = exp.model(flat_params)
