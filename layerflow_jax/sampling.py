@@ -100,11 +100,17 @@ class LayeredSampler:
     if tuple(given_video.shape) != shape:
       raise ValueError(f"given video has shape {tuple(given_video.shape)}, expected {shape}")
     given_video = np.where(layers.clip_time_mask(given, d.frames)[..., None, None, None], given_video, 0.0)
+    # None (only) means the config's value: 0 steps or a negative guidance are refused, never replaced.
+    steps = int(self.kwargs["num_steps"] if num_steps is None else num_steps)
+    guidance = float(self.kwargs["guidance_scale"] if guidance_scale is None else guidance_scale)
+    if steps < 1:
+      raise ValueError(f"num_steps={num_steps!r}: expected an integer >= 1 (None: the config's "
+                       f"sampling.num_steps={self.kwargs['num_steps']})")
+    if not np.isfinite(guidance) or guidance < 0:
+      raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number >= 0")
     with shd.use_mesh(exp.mesh):
       out = self._fn(self.params, jnp.asarray(tokens), jnp.asarray(given_video, jnp.float32), jnp.asarray(given),
-                     jax.random.key(seed), num_steps=int(num_steps or self.kwargs["num_steps"]),
-                     guidance_scale=float(self.kwargs["guidance_scale"] if guidance_scale is None
-                                          else guidance_scale))
+                     jax.random.key(seed), num_steps=steps, guidance_scale=guidance)
     return np.asarray(out)
 
   def split_layers(self, video: np.ndarray) -> list[dict]:

@@ -52,17 +52,33 @@ def check_batch(exp: Experiment) -> None:
 
 def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None) -> tuple[dict, Any]:
   """Full flat parameters (EMA when the run used it) and the config of the newest checkpoint under ``path``."""
+  params, config, _ = load_checkpoint(path, mesh, use_ema=use_ema)
+  return params, config
+
+
+def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None
+                    ) -> tuple[dict, Any, dict]:
+  """:func:`load_params` plus which step was used: ``{"step", "newest", "directory", "used"}`` where ``used`` is
+  a one-line description naming the step (and the newer steps skipped as unreadable, if any)."""
+  from layerflow_jax.errors import InputError
+
   workdir = ckpt_lib.find_checkpoint_dir(path)
   ck = ckpt_lib.Checkpointer(workdir)
   try:
+    steps = ck.steps()
+    if not steps:
+      raise InputError(f"{ck.directory}: holds no finished checkpoint; expected checkpoints/<step>/ written by "
+                       f"layerflow train")
     meta = ck.read_meta()
     config = ckpt_lib.config_from_meta(meta["config"])
     exp = Experiment(config, mesh)
     abstract = exp.abstract_state()
     state, _, step = ck.restore_latest(abstract, exp.state_shardings(abstract))
-    if state is None:
-      raise FileNotFoundError(f"{path}: no readable checkpoint")
-    return exp.full_params(state, use_ema), config
+    skipped = [s for s in steps if s > step]
+    used = f"step {step} of {ck.directory}" + (
+        f" (the newer step(s) {skipped} are unreadable; fell back to step {step})" if skipped else "")
+    info = {"step": int(step), "newest": int(steps[-1]), "directory": str(ck.directory), "used": used}
+    return exp.full_params(state, use_ema), config, info
   finally:
     ck.close()
 
