@@ -10,6 +10,7 @@ batches of those steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import signal
@@ -23,9 +24,11 @@ from tqdm import tqdm
 
 from layerflow_jax import sharding as shd
 from layerflow_jax import stopping
+from layerflow_jax.errors import RunError
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib
 from layerflow_jax.train import step as step_lib
+from layerflow_jax.train import workdir_lock
 from layerflow_jax.train.experiment import Experiment
 
 log = logging.getLogger(__name__)
@@ -135,8 +138,100 @@ def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, sto
   from layerflow_jax import distributed
 
   distributed.initialize()  # a multi-process job joins before any device is touched (a no-op for one process)
-  with _StopFlag() as stop:
-    return _train(config, pathlib.Path(workdir), stop, mesh=mesh, stop_after=stop_after, progress=progress)
+  workdir = pathlib.Path(workdir)
+  with _StopFlag() as stop, contextlib.ExitStack() as held:
+    try:
+      return _train(config, workdir, stop, held, mesh=mesh, stop_after=stop_after, progress=progress)
+    except KeyboardInterrupt:  # the second Ctrl-C (see _StopFlag): say what is safe on disk, in one line
+      if not stop.signal:
+        raise
+      raise Interrupted(f"interrupted by a second signal {stop.signal} before the run could save and exit; "
+                        f"{safe_checkpoint(workdir)}") from None
+
+
+class Interrupted(RunError):
+  """A second SIGINT (Ctrl-C) stopped the run at once, without the final save."""
+
+
+def safe_checkpoint(workdir: pathlib.Path) -> str:
+  """Which checkpoint of ``workdir`` a restart resumes from (finished steps only: Orbax renames a step into place
+  when complete, so an interrupted save is a temporary folder that is never read)."""
+  d = pathlib.Path(workdir).absolute() / "checkpoints"
+  steps = sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+  if not steps:
+    return f"no checkpoint was written yet in {d} (a restart begins at step 0)"
+  return f"the newest complete checkpoint is {d / str(steps[-1])} and is safe (a restart resumes from it)"
+
+
+# Keys a resume may change (steps, logging, evaluation and checkpoint cadence); any other difference from the
+# checkpoint's config is refused unless train.allow_config_change.
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.sample_every",
+                     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
+                     "train.allow_config_change")
+
+
+def _flat(d, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_changes(saved_json: str, config: mlc.ConfigDict) -> list[str]:
+  """``key: checkpoint value -> new value`` for every key (but :data:`RESUME_MAY_CHANGE`) that differs."""
+  import json
+
+  old = _flat(json.loads(saved_json))
+  new = _flat(json.loads(ckpt_lib.config_to_meta(config)))
+  missing = "(absent)"
+  show = lambda v: v if v is missing else json.dumps(v)[:60]
+  return [f"{k}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
+          for k in sorted(set(old) | set(new))
+          if k not in RESUME_MAY_CHANGE and old.get(k, missing) != new.get(k, missing)]
+
+
+def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path) -> None:
+  """Refuses (:class:`ConfigError`, listing the keys) a resume whose config differs from the checkpoint's."""
+  from layerflow_jax.config import ConfigError
+
+  changes = config_changes(meta["config"], config)
+  if not changes:
+    return
+  if config.train.get("allow_config_change", False):
+    log.warning("resuming %s with a changed config (train.allow_config_change=True): %s", where,
+                "; ".join(changes))
+    return
+  raise ConfigError(f"{where}: resuming step {meta.get('step', '?')} with a config that differs from the "
+                    f"checkpoint's in {len(changes)} key(s): {'; '.join(changes)}; only "
+                    f"{', '.join(RESUME_MAY_CHANGE[:-1])} may change on resume: use the same config, a new "
+                    f"--workdir, or --config.train.allow_config_change=True")
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+  """Before anything is created: the work dir (and its checkpoints/) must be, or be creatable as, a folder this
+  process can write (a probe file, so a read-only mount or an immutable folder is found now, not at the first
+  save)."""
+  import tempfile
+
+  from layerflow_jax.errors import InputError
+
+  path = workdir.absolute()
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise InputError(f"--workdir {workdir}: {existing} is a regular file, not a folder")
+  for d in (existing, path / "checkpoints"):
+    if not d.is_dir():
+      continue
+    try:
+      with tempfile.TemporaryFile(dir=d, prefix=".layerflow-write-probe-"):
+        pass
+    except OSError as e:
+      raise InputError(f"--workdir {workdir}: {d} is not writable ({e.strerror}); expected a folder this user can "
+                       f"write (checkpoints, metrics and the lock go there)") from None
 
 
 class NonFiniteError(FloatingPointError):
@@ -148,24 +243,33 @@ def _poison(local: dict) -> dict:
   return {**local, "video": np.full_like(np.asarray(local["video"]), np.nan)}
 
 
-def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, mesh, stop_after: int | None,
-           progress: bool) -> dict:
+def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", held: contextlib.ExitStack, *, mesh,
+           stop_after: int | None, progress: bool) -> dict:
   from data_pipelines import mixture
-  from layerflow_jax import validate
+  from layerflow_jax import distributed, validate
 
   tc = config.train
+  # Everything that can be refused is checked before the work dir is created or locked, and before compiling.
   resuming = ckpt_lib.has_checkpoints(workdir)
   validate.validate(config, num_devices=jax.device_count(), process_count=jax.process_count(),
                     mesh_shape=dict(mesh.shape) if mesh is not None else None, check_chain=not resuming)
-  workdir.mkdir(parents=True, exist_ok=True)
+  validate.check_backend(config, jax.default_backend())
+  for warning in validate.ineffective_settings(config):
+    log.warning("%s", warning)
   exp = Experiment(config, mesh)
   validate.check_param_sharding({k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs,
                                 dict(exp.mesh.shape))
-  writer = log_lib.MetricWriter(workdir)
-  ck = ckpt_lib.Checkpointer(workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
-                             every_seconds=float(tc.get("checkpoint_every_seconds", 0.0)), writer=True)
-  iterator = mixture.make_train_iterator(config, shard_index=jax.process_index(),
+  iterator = mixture.make_train_iterator(config, shard_index=jax.process_index(),  # the dataset must be built
                                          shard_count=jax.process_count())
+  check_workdir(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  held.enter_context(workdir_lock.hold(workdir, primary=distributed.is_primary()))
+  ck = held.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
+      workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
+      every_seconds=float(tc.get("checkpoint_every_seconds", 0.0)), writer=True)))
+  if resuming:
+    check_resume_config(config, ck.read_meta(), ck.directory)
+  writer = log_lib.MetricWriter(workdir)
 
   # ------------------------------------------------------------------ state: resume, chain or init
   abstract = exp.abstract_state()
