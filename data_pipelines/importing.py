@@ -38,8 +38,8 @@ class TooManyBadRecords(RuntimeError):
 
 
 def read_json(path: pathlib.Path) -> Any:
-  """A meta file's JSON. Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) so that one bad
-  prompt is one bad record (:func:`text`), not a refused import."""
+  """A meta file's JSON. Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) so that
+  one bad prompt is one bad record (:func:`text`), not a refused import."""
   try:
     return json.loads(pathlib.Path(path).read_bytes().decode("utf-8", errors="surrogateescape"))
   except FileNotFoundError:
@@ -49,8 +49,8 @@ def read_json(path: pathlib.Path) -> Any:
 
 
 def text(value: str, where: str) -> str:
-  """``value`` when it is valid Unicode text; :class:`BadRecord` naming ``where`` when it came from bytes that are
-  not UTF-8 (see :func:`read_json`)."""
+  """``value`` when it is valid Unicode text; :class:`BadRecord` naming ``where`` when it came from bytes that
+  are not UTF-8 (see :func:`read_json`)."""
   try:
     value.encode("utf-8")
   except UnicodeEncodeError as e:

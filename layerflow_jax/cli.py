@@ -267,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
   sm.add_argument("--fg-video", type=cliargs.existing, help="fg2bg: the straight-colour foreground video")
   sm.add_argument("--alpha-video", type=cliargs.existing, help="fg2bg: the matte video (grayscale)")
   sm.add_argument("--bg-video", type=cliargs.existing, help="bg2fg: the background video")
-  sm.add_argument("--from-validation", type=cliargs.index, default=None, help="take prompts and given clips from "
-                  "validation example N instead")
+  sm.add_argument("--from-validation", type=cliargs.index, default=None,
+                  help="take prompts and given clips from validation example N instead")
   sm.add_argument("--out", required=True)
   cliargs.add_overwrite(sm)
   sm.add_argument("--steps", type=cliargs.steps, default=None, help="sampling steps (default: the config's)")
@@ -311,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  """Runs one command. Errors a user can cause print one line ``error: …`` (exit 2: bad input, 1: a failed run;
-  see :mod:`layerflow_jax.errors`); ``LAYERFLOW_DEBUG=1`` lets them raise with the full traceback instead."""
+  """Runs one command. Errors a user can cause print one line ``error: …`` (exit 2: bad input, 1: a failed
+  run; see :mod:`layerflow_jax.errors`); ``LAYERFLOW_DEBUG=1`` lets them raise with the full traceback
+  instead."""
   from layerflow_jax import errors
 
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -322,7 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return int(args.fn(args, overrides) or 0)
-  except SystemExit as e:  # argparse (already printed) or a command's own ``SystemExit("error: …")``: bad input
+  except SystemExit as e:  # argparse's refusal (already printed) or a command's ``SystemExit("error: …")``
+    if e.code == errors.BAD_INPUT:
+      return errors.BAD_INPUT
     if isinstance(e.code, str) and e.code.startswith("error: ") and not errors.debug():
       print(e.code.splitlines()[0], file=sys.stderr)
       return errors.BAD_INPUT

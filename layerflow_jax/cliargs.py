@@ -1,8 +1,8 @@
 """Typed, range-checked command-line arguments (argparse ``type=`` functions) for sample, evaluate and export.
 
 Each refuses a bad value at parse time, before anything heavy is imported, with one line naming the flag, the
-value and the allowed range (``error: layerflow sample: argument --steps: -1 is out of range; expected …``). Zero
-is a value like any other: it is never read as "use the default" (leave the flag out for that).
+value and the allowed range (``error: layerflow sample: argument --steps: -1 is out of range; expected …``).
+Zero is a value like any other: it is never read as "use the default" (leave the flag out for that).
 """
 
 from __future__ import annotations
@@ -81,16 +81,19 @@ def checkpoint(text: str) -> str:
 
   path = pathlib.Path(text)
   if not path.exists():
-    raise argparse.ArgumentTypeError(f"{text}: no such folder; expected a training work dir with checkpoints/")
+    raise argparse.ArgumentTypeError(f"{text}: no such folder; expected a training work dir with "
+                                     f"checkpoints/")
   if not path.is_dir():
     raise argparse.ArgumentTypeError(f"{text}: not a folder; expected a training work dir with checkpoints/")
   work = path.parent if path.name == "checkpoints" else path
   if not ckpt_lib.has_checkpoints(work):
     where = work / "checkpoints"
     problem = "holds no finished checkpoint" if where.is_dir() else "does not exist"
-    raise argparse.ArgumentTypeError(f"{where}: {problem}; expected checkpoints/<step>/ written by layerflow train")
+    raise argparse.ArgumentTypeError(f"{where}: {problem}; expected checkpoints/<step>/ written by layerflow "
+                                     f"train")
   return text
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a non-empty --out folder (default: refuse)")

@@ -37,7 +37,8 @@ def load_module(path: str):
     raise ConfigError(f"config file {path}:{e.lineno}: syntax error: {e.msg}") from None
   except Exception as e:  # the file itself fails to run (a NameError, a bad import …)
     text = str(e).strip().splitlines()
-    raise ConfigError(f"config file {path} fails to load: {type(e).__name__}: {text[0] if text else ''}") from None
+    raise ConfigError(f"config file {path} fails to load: {type(e).__name__}: "
+                      f"{text[0] if text else ''}") from None
   return module
 
 

@@ -1,9 +1,9 @@
-"""The CLI's one error format: ``error: …`` in one line naming the file, key or value; exit 2 for bad input, 1 for
-a run that failed. Full tracebacks only with ``LAYERFLOW_DEBUG=1``.
+"""The CLI's one error format: ``error: …`` in one line naming the file, key or value; exit 2 for bad input, 1
+for a run that failed. Full tracebacks only with ``LAYERFLOW_DEBUG=1``.
 
-Modules raise :class:`InputError` (or :class:`~layerflow_jax.config.ConfigError`, also a ``ValueError``) for input
-the user can fix, :class:`RunError` for a run that could not go on; :func:`describe` maps those and the few foreign
-errors a user can cause (I/O on a path they gave, a Ctrl-C) to ``(exit code, one line)``.
+Modules raise :class:`InputError` (or :class:`~layerflow_jax.config.ConfigError`, also a ``ValueError``) for
+input the user can fix, :class:`RunError` for a run that could not go on; :func:`describe` maps those and the
+few foreign errors a user can cause (I/O on a path they gave, a Ctrl-C) to ``(exit code, one line)``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ BAD_INPUT, FAILED = 2, 1
 
 
 class InputError(ValueError):
-  """Bad input (an argument, a path, a config): exit 2. The message names what is wrong and what is expected."""
+  """Bad input (an argument, a path, a config): exit 2. The message names what is wrong and what is
+  expected."""
 
 
 class RunError(RuntimeError):

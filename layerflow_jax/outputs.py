@@ -1,8 +1,9 @@
 """Writing a command's output folder (``--out``) without losing anything already there.
 
-A destination that exists and is not empty is refused unless ``--overwrite`` is given; the output is written to a
-temporary sibling folder and renamed into place when complete, so a crash or a refusal half-way never leaves a half
-output (nor mixes new files into old ones). With ``--overwrite`` the old folder is replaced as a whole.
+A destination that exists and is not empty is refused unless ``--overwrite`` is given; the output is written
+to a temporary sibling folder and renamed into place when complete, so a crash or a refusal half-way never
+leaves a half output (nor mixes new files into old ones). With ``--overwrite`` the old folder is replaced as a
+whole.
 """
 
 from __future__ import annotations
@@ -17,14 +18,16 @@ from typing import Any, Iterator
 from layerflow_jax.errors import InputError
 
 
-def check_destination(out: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out") -> pathlib.Path:
-  """``out`` as a path, or :class:`InputError` when it cannot be (re)written: a file, a non-empty folder without
-  ``overwrite``, or a parent that is a regular file."""
+def check_destination(out: str | os.PathLike, *, overwrite: bool = False,
+                      flag: str = "--out") -> pathlib.Path:
+  """``out`` as a path, or :class:`InputError` when it cannot be (re)written: a file, a non-empty folder
+  without ``overwrite``, or a parent that is a regular file."""
   path = pathlib.Path(out)
   if path.exists() and not path.is_dir():
     raise InputError(f"{flag} {path}: exists and is not a folder; expected a new or empty folder")
   if path.is_dir() and any(path.iterdir()) and not overwrite:
-    raise InputError(f"{flag} {path}: folder is not empty; pass --overwrite to replace it, or choose a new folder")
+    raise InputError(f"{flag} {path}: folder is not empty; pass --overwrite to replace it, or choose a new "
+                     f"folder")
   for parent in path.absolute().parents:
     if parent.exists():
       if not parent.is_dir():

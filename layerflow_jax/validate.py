@@ -350,7 +350,7 @@ def check_init_from(config: mlc.ConfigDict) -> None:
          "the work dir of a finished earlier stage (with checkpoints/<step>/)")
 
 
-# ----------------------------------------------------------------------------- backend and settings without effect
+# ----------------------------------------------------------------------------- backend; ineffective settings
 
 # attention implementation → the backends (``jax.default_backend()``) that have it.
 ATTENTION_BACKENDS = {"cudnn": ("gpu", "cuda")}
@@ -372,12 +372,13 @@ def ineffective_settings(config: mlc.ConfigDict) -> list[str]:
   if _is_int(steps):
     curriculum = _get(config, "diffusion.curriculum_steps", 0) or 0
     if _is_int(curriculum) and curriculum >= steps:
-      out.append(f"diffusion.curriculum_steps={curriculum} >= train.steps={steps}: the curriculum never ends, so "
-                 f"diffusion.task_weights never take effect (every step uses diffusion.curriculum_weights)")
+      out.append(f"diffusion.curriculum_steps={curriculum} >= train.steps={steps}: the curriculum never "
+                 f"ends, so diffusion.task_weights never take effect (every step uses "
+                 f"diffusion.curriculum_weights)")
     warmup = _get(config, "train.warmup_steps", 0) or 0
     if _is_int(warmup) and warmup >= steps:
-      out.append(f"train.warmup_steps={warmup} >= train.steps={steps}: the warm-up never ends, so the learning "
-                 f"rate never reaches train.lr={_get(config, 'train.lr')}")
+      out.append(f"train.warmup_steps={warmup} >= train.steps={steps}: the warm-up never ends, so the "
+                 f"learning rate never reaches train.lr={_get(config, 'train.lr')}")
   heads, head_dim = _get(config, "model.num_heads"), _get(config, "model.head_dim")
   if _is_int(heads) and _is_int(head_dim):
     width = heads * head_dim  # the smallest side of every LoRA target (q, k, v, out: width²; ff: width × mlp)

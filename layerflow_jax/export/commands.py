@@ -40,7 +40,8 @@ def add_import_arguments(p) -> None:
   p.add_argument("src", help="a diffusers CogVideoXTransformer3DModel folder (config.json + safetensors, sharded "
                  "or not)")
   p.add_argument("--out", required=True, help="the work dir to create (OUT/checkpoints/0)")
-  p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a non-empty --out folder (default: refuse)")
   p.add_argument("--config", default=DEFAULT_BASE_CONFIG,
                  help="base config whose data, encoders, layout and LayerFlow options are kept (model sizes come "
                  "from config.json); configs/FILE.py[:ARG]")
@@ -71,7 +72,8 @@ def add_export_arguments(p) -> None:
   from layerflow_jax import cliargs
 
   p.add_argument("--checkpoint", required=True, type=cliargs.checkpoint,
-                 help="a work dir with checkpoints/ (the newest readable step is exported; the step is printed)")
+                 help="a work dir with checkpoints/ (the newest readable step is exported; the step is "
+                 "printed)")
   p.add_argument("--out", required=True, help="the diffusers folder to write")
   cliargs.add_overwrite(p)
   p.add_argument("--merge-lora", action="store_true",

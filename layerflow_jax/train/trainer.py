@@ -14,6 +14,7 @@ import contextlib
 import logging
 import pathlib
 import signal
+import sys
 import time
 from typing import Any
 
@@ -61,8 +62,8 @@ def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = N
 
 def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None
                     ) -> tuple[dict, Any, dict]:
-  """:func:`load_params` plus which step was used: ``{"step", "newest", "directory", "used"}`` where ``used`` is
-  a one-line description naming the step (and the newer steps skipped as unreadable, if any)."""
+  """:func:`load_params` plus which step was used: ``{"step", "newest", "directory", "used"}`` where ``used``
+  is a one-line description naming the step (and the newer steps skipped as unreadable, if any)."""
   from layerflow_jax.errors import InputError
 
   workdir = ckpt_lib.find_checkpoint_dir(path)
@@ -70,8 +71,8 @@ def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None
   try:
     steps = ck.steps()
     if not steps:
-      raise InputError(f"{ck.directory}: holds no finished checkpoint; expected checkpoints/<step>/ written by "
-                       f"layerflow train")
+      raise InputError(f"{ck.directory}: holds no finished checkpoint; expected checkpoints/<step>/ written "
+                       f"by layerflow train")
     meta = ck.read_meta()
     config = ckpt_lib.config_from_meta(meta["config"])
     exp = Experiment(config, mesh)
@@ -90,16 +91,44 @@ class _StopFlag(stopping.StopSignals):
   """Set by SIGTERM/SIGINT; the loop saves and exits after the current step.
 
   A second signal of the same kind while the first is pending restores the previous handler and re-sends
-  itself, so an impatient Ctrl-C Ctrl-C still stops a run stuck in a long compilation or save.
+  itself, so an impatient Ctrl-C Ctrl-C still stops a run stuck in a long compilation or save. Python ignores
+  an exception raised where the handler happened to run inside a garbage-collector callback or ``__del__``
+  (seen: the second Ctrl-C during start-up was swallowed there and the run went on), so a second SIGINT is
+  also recorded in ``forced`` and :meth:`check` raises it again at the loop's next boundary.
   """
+
+  forced = None
 
   def on_signal(self, signum: int) -> None:
     if self.signal == signum:
-      signal.signal(signum, self.previous_handler(signum))
+      previous = self.previous_handler(signum)
+      if previous is signal.default_int_handler:
+        self.forced = signum
+      signal.signal(signum, previous)
       signal.raise_signal(signum)
       return
     log.warning("signal %d: finishing the current step, then saving and exiting", signum)
     self.signal = signum
+
+
+  def check(self) -> None:
+    """Raises the KeyboardInterrupt of a second SIGINT that an earlier raise could not deliver."""
+    if self.forced:
+      raise KeyboardInterrupt
+
+  def __enter__(self):
+    self._unraisable = sys.unraisablehook
+
+    def hook(info):  # a swallowed KeyboardInterrupt is raised again by check(): no "Exception ignored" trace
+      if not (self.forced and isinstance(info.exc_value, KeyboardInterrupt)):
+        self._unraisable(info)
+
+    sys.unraisablehook = hook
+    return super().__enter__()
+
+  def __exit__(self, *exc):
+    sys.unraisablehook = self._unraisable
+    return super().__exit__(*exc)
 
 
 def _meta(config_json: str, state_step: int) -> dict:
@@ -154,8 +183,8 @@ class Interrupted(RunError):
 
 
 def safe_checkpoint(workdir: pathlib.Path) -> str:
-  """Which checkpoint of ``workdir`` a restart resumes from (finished steps only: Orbax renames a step into place
-  when complete, so an interrupted save is a temporary folder that is never read)."""
+  """Which checkpoint of ``workdir`` a restart resumes from (finished steps only: Orbax renames a step into
+  place when complete, so an interrupted save is a temporary folder that is never read)."""
   d = pathlib.Path(workdir).absolute() / "checkpoints"
   steps = sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
   if not steps:
@@ -212,9 +241,9 @@ def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path)
 
 
 def check_workdir(workdir: pathlib.Path) -> None:
-  """Before anything is created: the work dir (and its checkpoints/) must be, or be creatable as, a folder this
-  process can write (a probe file, so a read-only mount or an immutable folder is found now, not at the first
-  save)."""
+  """Before anything is created: the work dir (and its checkpoints/) must be, or be creatable as, a folder
+  this process can write (a probe file, so a read-only mount or an immutable folder is found now, not at the
+  first save)."""
   import tempfile
 
   from layerflow_jax.errors import InputError
@@ -230,8 +259,8 @@ def check_workdir(workdir: pathlib.Path) -> None:
       with tempfile.TemporaryFile(dir=d, prefix=".layerflow-write-probe-"):
         pass
     except OSError as e:
-      raise InputError(f"--workdir {workdir}: {d} is not writable ({e.strerror}); expected a folder this user can "
-                       f"write (checkpoints, metrics and the lock go there)") from None
+      raise InputError(f"--workdir {workdir}: {d} is not writable ({e.strerror}); expected a folder this "
+                       f"user can write (checkpoints, metrics and the lock go there)") from None
 
 
 class NonFiniteError(FloatingPointError):
@@ -243,8 +272,8 @@ def _poison(local: dict) -> dict:
   return {**local, "video": np.full_like(np.asarray(local["video"]), np.nan)}
 
 
-def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", held: contextlib.ExitStack, *, mesh,
-           stop_after: int | None, progress: bool) -> dict:
+def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", held: contextlib.ExitStack, *,
+           mesh, stop_after: int | None, progress: bool) -> dict:
   from data_pipelines import mixture
   from layerflow_jax import distributed, validate
 
@@ -284,6 +313,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   else:
     state = exp.init_state()
   start = int(state.step)
+  stop.check()
   from layerflow_jax.train import partition
 
   n_trainable = partition.count(state.trainable)
@@ -292,6 +322,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
 
   train_fn = step_lib.compile_train_step(exp, shardings, None)
   eval_fn = step_lib.compile_eval(exp)
+  stop.check()
   val_batches = _validation_batches(exp, int(config.get("eval", {}).get("num_batches", 2)))
   summary = {"workdir": str(workdir), "start_step": start, "trainable_params": n_trainable,
              "total_params": n_total, "optimizer_state_values": n_opt,
@@ -344,6 +375,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   pending = None
   try:
     while step < total and not stop.signal:
+      stop.check()
       local = next(iterator)
       if step + 1 in inject:
         local = _poison(local)
@@ -366,6 +398,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
         ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
     if pending is not None:
       report(*pending)
+    stop.check()
     if stop.signal:  # also when the signal came after this step's save decision (a step on disk is not rewritten)
       ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
       log.warning("signal %d: saved step %d, exiting", stop.signal, step)

@@ -1,10 +1,11 @@
 """The work-dir lock: one training job per work dir.
 
-The job's primary process holds an advisory ``fcntl.flock`` on ``WORKDIR/train.lock`` for the whole run and writes
-its pid, host and start time into it. A second job on the same work dir cannot take the lock and is refused with
-one line naming the holder. The kernel drops the lock when its process dies (kill -9 included), so a lock left by a
-dead job is simply taken; the pid it still names is reported in a note. (flock is advisory: it guards against other
-``layerflow train`` jobs, not against other programs writing into the work dir.)
+The job's primary process holds an advisory ``fcntl.flock`` on ``WORKDIR/train.lock`` for the whole run and
+writes its pid, host and start time into it. A second job on the same work dir cannot take the lock and is
+refused with one line naming the holder. The kernel drops the lock when its process dies (kill -9 included),
+so a lock left by a dead job is simply taken; the pid it still names is reported in a note. (flock is
+advisory: it guards against other ``layerflow train`` jobs, not against other programs writing into the work
+dir.)
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ class WorkdirLock:
     except BlockingIOError:
       holder = _read(fd)
       os.close(fd)
-      raise WorkdirLocked(f"work dir {self.workdir} is in use by another training job: {describe(holder)} (lock "
-                          f"{self.path}); wait for it to finish or stop it, or use another --workdir") from None
+      raise WorkdirLocked(f"work dir {self.workdir} is in use by another training job: {describe(holder)} "
+                          f"(lock {self.path}); wait for it to finish or stop it, or use another --workdir"
+                          ) from None
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         os.close(fd)
@@ -84,11 +86,12 @@ class WorkdirLock:
       log.warning("%s: this file system does not support locks (%s); running without the work-dir lock",
                   self.path, e.strerror)
     previous = _read(fd)
-    if previous:  # the lock is ours, so whoever it names no longer holds it: a job that died without releasing
+    if previous:  # the lock is ours, so whoever it names no longer holds it: a job died without releasing
       host = socket.gethostname()
       state = ("is no longer running" if previous.get("host") == host and "pid" in previous
                and not _alive(int(previous["pid"])) else "no longer holds it")
-      log.warning("work dir %s: taking over the stale lock of %s, which %s", self.workdir, describe(previous), state)
+      log.warning("work dir %s: taking over the stale lock of %s, which %s", self.workdir, describe(previous),
+                  state)
     me = {"pid": os.getpid(), "host": socket.gethostname(),
           "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     os.ftruncate(fd, 0)
