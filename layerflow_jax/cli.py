@@ -175,8 +175,8 @@ def cmd_evaluate(args, overrides) -> int:
   apply_overrides(config, overrides)
   tasks = args.tasks
   sampler = LayeredSampler(config, params)
-  batches = eval_lib.eval_batches(config, args.split, num_batches=args.num_batches)
-  try:
+  try:  # an unknown --split or an empty one is bad input (exit 2), like an unknown task
+    batches = eval_lib.eval_batches(config, args.split, num_batches=args.num_batches)
     result, previews = eval_lib.evaluate(sampler, batches, num_steps=args.steps, guidance_scale=args.guidance,
                                          **({"tasks": tasks} if tasks else {}))
   except ValueError as e:

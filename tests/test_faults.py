@@ -366,6 +366,12 @@ def test_bad_arguments_are_refused_in_one_line(command, extra, message, run_dir,
   assert not (tmp_path / "out").exists()
 
 
+def test_evaluate_unknown_split_is_bad_input(run_dir, tmp_path, capsys):
+  rc = cli.main(["evaluate", "--checkpoint", str(run_dir), "--out", str(tmp_path / "out"), "--split", "nope"])
+  line = _error_line(capsys.readouterr().err)
+  assert rc == 2 and "Unknown split 'nope'" in line and not (tmp_path / "out").exists()
+
+
 def test_sampler_never_reads_zero_steps_as_the_default(run_dir):
   from layerflow_jax.sampling import LayeredSampler
 
