@@ -41,6 +41,9 @@ def drop_adapters(config: mlc.ConfigDict, params: dict, names: Sequence[str]) ->
 
 class LayeredSampler:
   def __init__(self, config: mlc.ConfigDict, params: dict, *, mesh=None, keep_adapters: Sequence[str] = ()):
+    from layerflow_jax import validate
+
+    validate.check_backend(config, jax.default_backend())  # e.g. a cuDNN-attention checkpoint sampled on a CPU
     remove = [n for n in config.sampling.get("remove_adapters", ()) if n not in keep_adapters]
     config, params = drop_adapters(config, params, remove)
     self.exp = Experiment(config, mesh)

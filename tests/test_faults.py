@@ -237,6 +237,14 @@ def test_attention_the_backend_lacks_is_refused_before_the_work_dir_is_created(d
   assert not work.exists()
 
 
+def test_sampling_a_checkpoint_with_attention_the_backend_lacks_is_one_line(run_dir, tmp_path, capsys):
+  rc = cli.main(["sample", "--checkpoint", str(run_dir), "--task", "generate", "--from-validation", "0",
+                 "--out", str(tmp_path / "out"), "--config.model.attention='cudnn'"])
+  line = _error_line(capsys.readouterr().err)
+  assert rc == 2 and line.startswith("error: model.attention='cudnn': needs an NVIDIA GPU")
+  assert not (tmp_path / "out").exists()
+
+
 def test_work_dir_under_a_regular_file_is_refused(data_dir, tmp_path, capsys):
   (tmp_path / "file").write_text("not a folder")
   work = tmp_path / "file" / "w"
