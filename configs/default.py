@@ -142,6 +142,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.train.checkpoint_every_seconds = 0.0  # and/or at least this long after the previous checkpoint (0 = off)
   c.train.keep_checkpoints = 2
   c.train.init_from = ""  # a checkpoint dir to start the parameters from (fresh optimizer)
+  # A resume whose config differs from the checkpoint's (beyond steps, logging and checkpoint cadence) is
+  # refused, listing the keys; True lets it go on (with a warning naming them).
+  c.train.allow_config_change = False
 
   # ---------------------------------------------------------------- mesh
   c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1, sequence=1))

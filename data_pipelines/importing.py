@@ -38,12 +38,25 @@ class TooManyBadRecords(RuntimeError):
 
 
 def read_json(path: pathlib.Path) -> Any:
+  """A meta file's JSON. Bytes that are not UTF-8 are kept as lone surrogates (``surrogateescape``) so that
+  one bad prompt is one bad record (:func:`text`), not a refused import."""
   try:
-    return json.loads(pathlib.Path(path).read_text())
+    return json.loads(pathlib.Path(path).read_bytes().decode("utf-8", errors="surrogateescape"))
   except FileNotFoundError:
     raise LayoutError(f"{path}: no such file") from None
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise LayoutError(f"{path}: not readable JSON ({type(e).__name__}: {e})") from None
+
+
+def text(value: str, where: str) -> str:
+  """``value`` when it is valid Unicode text; :class:`BadRecord` naming ``where`` when it came from bytes that
+  are not UTF-8 (see :func:`read_json`)."""
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError as e:
+    bad = value[e.start:e.end].encode("utf-8", errors="surrogateescape")
+    raise BadRecord(f"{where}: is not UTF-8 text (bytes {bad!r} at character {e.start})") from None
+  return value
 
 
 def local_code_path(cls):

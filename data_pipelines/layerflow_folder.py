@@ -67,7 +67,7 @@ def _prompt(entry: dict, key: str, where: str) -> str:
   value = entry.get(key)
   if not isinstance(value, str) or not value.strip():
     raise BadRecord(f"{where}: {key!r} is missing or empty")
-  return value.strip()
+  return importing.text(value.strip(), f"{where}: {key!r}")
 
 
 def _frame_names(entry: dict, bl_dir: pathlib.Path, where: str) -> list[str]:

@@ -76,7 +76,7 @@ def load_image(meta_file: pathlib.Path, key: str, entry: Any, c: LayerflowImages
     v = entry.get(theirs)
     if not isinstance(v, str) or not v.strip():
       raise BadRecord(f"{where}: {theirs!r} is missing or empty")
-    prompts[ours] = v.strip()
+    prompts[ours] = importing.text(v.strip(), f"{where}: {theirs!r}")
   base = meta_file.parent
   paths = {k: _path(base, entry.get(k), k, where) for k in ("images", "images_bg", "images_fg")}
   if paths["images_fg"] is None:

@@ -86,7 +86,7 @@ def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[t
     prompt = table.get(rel, table.get(p.stem))
     txt = p.with_suffix(".txt")
     if prompt is None and txt.is_file():
-      prompt = txt.read_text().strip()
+      prompt = txt.read_bytes().decode("utf-8", errors="surrogateescape").strip()  # checked per record
     items.append((p, rel, prompt))
   return importing.hold_out_validation({"train": items}, num_validation, root, "videos")
 
@@ -94,6 +94,7 @@ def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[t
 def load_video(path: pathlib.Path, key: str, prompt: str | None, c: LayerflowVideosConfig) -> dict[str, Any]:
   if not prompt or not prompt.strip():
     raise BadRecord(f"{path}: no caption (add it to prompts.json or {path.with_suffix('.txt').name})")
+  prompt = importing.text(prompt, f"{path}: caption")
   video = read_frames(path)
   try:
     idx = importing.evenly_spaced(len(video), c.frames, c.frame_window)

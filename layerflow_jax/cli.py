@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import pathlib
 import sys
 from typing import Sequence
 
@@ -91,7 +92,7 @@ def _prompts_required(args, num_prompts: int = 3):
 def cmd_sample(args, overrides) -> int:
   import numpy as np
 
-  from layerflow_jax import layers, media
+  from layerflow_jax import layers, media, outputs
   from layerflow_jax.config import apply_overrides
   from layerflow_jax.sampling import LayeredSampler
   from layerflow_jax.train import trainer
@@ -100,7 +101,9 @@ def cmd_sample(args, overrides) -> int:
     layers.check_task(args.task)
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
-  params, config = trainer.load_params(args.checkpoint)
+  outputs.check_destination(args.out, overwrite=args.overwrite)
+  params, config, used = trainer.load_checkpoint(args.checkpoint)
+  print(f"checkpoint: {used['used']}")
   apply_overrides(config, overrides)
   sampler = LayeredSampler(config, params, keep_adapters=("motion",) if args.keep_motion_adapter else ())
   d = config.data
@@ -145,8 +148,10 @@ def cmd_sample(args, overrides) -> int:
       raise SystemExit(f"error: {e}") from None
   video = sampler.sample(tokens, args.task, given_video=given, seed=args.seed, num_steps=args.steps,
                          guidance_scale=args.guidance)
-  written = media.write_layers(args.out, sampler.split_layers(video)[0], fps=args.fps)
-  print(f"task {args.task}: wrote {len(written)} outputs to {args.out}")
+  with outputs.staged(args.out, overwrite=args.overwrite) as tmp:
+    written = outputs.relocate(media.write_layers(tmp, sampler.split_layers(video)[0], fps=args.fps), tmp,
+                               pathlib.Path(args.out).absolute())
+  print(f"task {args.task}: wrote {len(written)} outputs to {args.out} (step {used['step']})")
   for k, v in written.items():
     print(f"  {k}: {v}")
   return 0
@@ -154,26 +159,33 @@ def cmd_sample(args, overrides) -> int:
 
 def cmd_evaluate(args, overrides) -> int:
   from layerflow_jax import evaluate as eval_lib
+  from layerflow_jax import outputs
   from layerflow_jax.config import apply_overrides
   from layerflow_jax.sampling import LayeredSampler
   from layerflow_jax.train import trainer
 
-  params, config = trainer.load_params(args.checkpoint)
+  outputs.check_destination(args.out, overwrite=args.overwrite)
+  params, config, used = trainer.load_checkpoint(args.checkpoint)
+  print(f"checkpoint: {used['used']}")
   if args.config:  # the evaluation's data and sampling settings; the model stays the checkpoint's
     other = _load(args.config, ())
     for section in ("data", "sampling", "eval"):
       if section in other:
         config[section] = other[section]
   apply_overrides(config, overrides)
-  tasks = tuple(t.strip() for t in args.tasks.split(",")) if args.tasks else None
+  tasks = args.tasks
   sampler = LayeredSampler(config, params)
-  batches = eval_lib.eval_batches(config, args.split, num_batches=args.num_batches)
-  try:
+  try:  # an unknown --split or an empty one is bad input (exit 2), like an unknown task
+    batches = eval_lib.eval_batches(config, args.split, num_batches=args.num_batches)
     result, previews = eval_lib.evaluate(sampler, batches, num_steps=args.steps, guidance_scale=args.guidance,
                                          **({"tasks": tasks} if tasks else {}))
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
-  paths = eval_lib.write_report(args.out, result, previews, title=f"{args.checkpoint} on {args.split}")
+  result["checkpoint_step"] = used["step"]
+  with outputs.staged(args.out, overwrite=args.overwrite) as tmp:
+    paths = outputs.relocate(eval_lib.write_report(tmp, result, previews, title=f"{args.checkpoint} (step "
+                                                   f"{used['step']}) on {args.split}"),
+                             tmp, pathlib.Path(args.out).absolute())
   print(eval_lib.markdown_table({"value": result}))
   for k, v in paths.items():
     print(f"{k}: {v}")
@@ -216,8 +228,18 @@ def _add_module_commands(sub, table) -> None:
 # ----------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+  """argparse with the CLI's one-line error format (``error: …``, exit 2) instead of a usage block."""
+
+  def error(self, message):
+    print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="layerflow", description=__doc__.splitlines()[0])
+  from layerflow_jax import cliargs
+
+  p = _Parser(prog="layerflow", description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
 
   t = sub.add_parser("train", help="train one stage from a config (auto-resumes from --workdir)")
@@ -235,34 +257,38 @@ def build_parser() -> argparse.ArgumentParser:
   s.set_defaults(fn=cmd_train_stages)
 
   sm = sub.add_parser("sample", help="sample a task with a trained checkpoint")
-  sm.add_argument("--checkpoint", required=True, help="a work dir with checkpoints/")
-  sm.add_argument("--task", required=True, help="generate | decompose | fg2bg | bg2fg")
+  sm.add_argument("--checkpoint", required=True, type=cliargs.checkpoint, help="a work dir with checkpoints/")
+  sm.add_argument("--task", required=True, type=cliargs.task, help="generate | decompose | fg2bg | bg2fg")
   sm.add_argument("--fg-prompt")
   sm.add_argument("--bg-prompt")
   sm.add_argument("--blend-prompt")
-  sm.add_argument("--video", help="decompose: the blended video (mp4/gif/webp or a folder of frames)")
-  sm.add_argument("--fg-video", help="fg2bg: the straight-colour foreground video")
-  sm.add_argument("--alpha-video", help="fg2bg: the matte video (grayscale)")
-  sm.add_argument("--bg-video", help="bg2fg: the background video")
-  sm.add_argument("--from-validation", type=int, default=None, help="take prompts and given clips from "
-                  "validation example N instead")
+  sm.add_argument("--video", type=cliargs.existing,
+                  help="decompose: the blended video (mp4/gif/webp or a folder of frames)")
+  sm.add_argument("--fg-video", type=cliargs.existing, help="fg2bg: the straight-colour foreground video")
+  sm.add_argument("--alpha-video", type=cliargs.existing, help="fg2bg: the matte video (grayscale)")
+  sm.add_argument("--bg-video", type=cliargs.existing, help="bg2fg: the background video")
+  sm.add_argument("--from-validation", type=cliargs.index, default=None,
+                  help="take prompts and given clips from validation example N instead")
   sm.add_argument("--out", required=True)
-  sm.add_argument("--steps", type=int, default=None)
-  sm.add_argument("--guidance", type=float, default=None)
-  sm.add_argument("--seed", type=int, default=0)
-  sm.add_argument("--fps", type=int, default=8)
+  cliargs.add_overwrite(sm)
+  sm.add_argument("--steps", type=cliargs.steps, default=None, help="sampling steps (default: the config's)")
+  sm.add_argument("--guidance", type=cliargs.guidance, default=None, help="CFG scale (default: the config's)")
+  sm.add_argument("--seed", type=cliargs.seed, default=0)
+  sm.add_argument("--fps", type=cliargs.fps, default=8)
   sm.add_argument("--keep-motion-adapter", action="store_true", help="do not remove the motion LoRA")
   sm.set_defaults(fn=cmd_sample)
 
   e = sub.add_parser("evaluate", help="layer metrics of a checkpoint on held-out clips (JSON, Markdown, PNG)")
-  e.add_argument("--checkpoint", required=True)
+  e.add_argument("--checkpoint", required=True, type=cliargs.checkpoint)
   e.add_argument("--config", default=None, help="take data/sampling/eval settings from this config[:ARG]")
   e.add_argument("--split", default="validation")
   e.add_argument("--out", required=True)
-  e.add_argument("--tasks", default=None, help="comma-separated subset of generate,decompose,fg2bg,bg2fg")
-  e.add_argument("--num-batches", type=int, default=None, help="default: the whole split")
-  e.add_argument("--steps", type=int, default=None)
-  e.add_argument("--guidance", type=float, default=None)
+  cliargs.add_overwrite(e)
+  e.add_argument("--tasks", type=cliargs.tasks, default=None,
+                 help="comma-separated subset of generate,decompose,fg2bg,bg2fg")
+  e.add_argument("--num-batches", type=cliargs.count, default=None, help="default: the whole split")
+  e.add_argument("--steps", type=cliargs.steps, default=None, help="sampling steps (default: the config's)")
+  e.add_argument("--guidance", type=cliargs.guidance, default=None, help="CFG scale (default: the config's)")
   e.set_defaults(fn=cmd_evaluate)
 
   d = sub.add_parser("data", help="datasets")
@@ -285,26 +311,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Runs one command. Errors a user can cause print one line ``error: …`` (exit 2: bad input, 1: a failed
+  run; see :mod:`layerflow_jax.errors`); ``LAYERFLOW_DEBUG=1`` lets them raise with the full traceback
+  instead."""
+  from layerflow_jax import errors
+
   argv = list(sys.argv[1:] if argv is None else argv)
-  rest, overrides = _split_overrides(argv)
-  args = build_parser().parse_args(rest)
-  logging.basicConfig(level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,
-                      format="%(levelname)s %(name)s: %(message)s")
-  from layerflow_jax.config import ConfigError
-
   try:
+    rest, overrides = _split_overrides(argv)
+    args = build_parser().parse_args(rest)
+    logging.basicConfig(level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     return int(args.fn(args, overrides) or 0)
-  except ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except Exception as e:  # the run's own clear stops (non-finite steps, unreadable checkpoints): one line, exit 1
-    from layerflow_jax.train.checkpoint import CheckpointError
-    from layerflow_jax.train.trainer import NonFiniteError
-
-    if isinstance(e, (NonFiniteError, CheckpointError)):
-      print(f"error: {e}", file=sys.stderr)
-      return 1
+  except SystemExit as e:  # argparse's refusal (already printed) or a command's ``SystemExit("error: …")``
+    if e.code == errors.BAD_INPUT:
+      return errors.BAD_INPUT
+    if isinstance(e.code, str) and e.code.startswith("error: ") and not errors.debug():
+      print(e.code.splitlines()[0], file=sys.stderr)
+      return errors.BAD_INPUT
     raise
+  except BaseException as e:
+    described = None if errors.debug() else errors.describe(e)
+    if described is None:
+      raise
+    code, line = described
+    print(f"error: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -31,7 +31,14 @@ def load_module(path: str):
   repo = str(file.resolve().parent.parent)
   if repo not in sys.path:  # so config files can `from configs import common`
     sys.path.insert(0, repo)
-  spec.loader.exec_module(module)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"config file {path}:{e.lineno}: syntax error: {e.msg}") from None
+  except Exception as e:  # the file itself fails to run (a NameError, a bad import …)
+    text = str(e).strip().splitlines()
+    raise ConfigError(f"config file {path} fails to load: {type(e).__name__}: "
+                      f"{text[0] if text else ''}") from None
   return module
 
 

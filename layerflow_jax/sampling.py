@@ -41,6 +41,9 @@ def drop_adapters(config: mlc.ConfigDict, params: dict, names: Sequence[str]) ->
 
 class LayeredSampler:
   def __init__(self, config: mlc.ConfigDict, params: dict, *, mesh=None, keep_adapters: Sequence[str] = ()):
+    from layerflow_jax import validate
+
+    validate.check_backend(config, jax.default_backend())  # e.g. a cuDNN-attention checkpoint sampled on a CPU
     remove = [n for n in config.sampling.get("remove_adapters", ()) if n not in keep_adapters]
     config, params = drop_adapters(config, params, remove)
     self.exp = Experiment(config, mesh)
@@ -107,11 +110,17 @@ class LayeredSampler:
     # The latent frames the task gives (whole clips, or e.g. the last 2 of the official RGB decomposition).
     table = exp.given_frame_table
     frames = np.broadcast_to(table[layers.TASK_NAMES.index(task)], (b, table.shape[1]))
+    # None (only) means the config's value: 0 steps or a negative guidance are refused, never replaced.
+    steps = int(self.kwargs["num_steps"] if num_steps is None else num_steps)
+    guidance = float(self.kwargs["guidance_scale"] if guidance_scale is None else guidance_scale)
+    if steps < 1:
+      raise ValueError(f"num_steps={num_steps!r}: expected an integer >= 1 (None: the config's "
+                       f"sampling.num_steps={self.kwargs['num_steps']})")
+    if not np.isfinite(guidance) or guidance < 0:
+      raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number >= 0")
     with shd.use_mesh(exp.mesh):
       out = self._fn(self.params, jnp.asarray(tokens), jnp.asarray(given_video, jnp.float32), jnp.asarray(given),
-                     jnp.asarray(frames), jax.random.key(seed), num_steps=int(num_steps or self.kwargs["num_steps"]),
-                     guidance_scale=float(self.kwargs["guidance_scale"] if guidance_scale is None
-                                          else guidance_scale))
+                     jnp.asarray(frames), jax.random.key(seed), num_steps=steps, guidance_scale=guidance)
     return np.asarray(out)
 
   def split_layers(self, video: np.ndarray) -> list[dict]:

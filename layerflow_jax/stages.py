@@ -41,7 +41,6 @@ def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str
   from layerflow_jax.train import trainer
 
   root = pathlib.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
   names = stage_names(spec)
   if not names:
     raise ConfigError(f"{spec}: the config lists no stages (config.stages)")
@@ -56,6 +55,8 @@ def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str
   for name in wanted:  # every stage's config is checked before the first compiles (chain sources come later)
     validate.validate(load_config(stage_spec(spec, name), overrides), num_devices=jax.device_count(),
                       process_count=jax.process_count(), check_chain=False)
+  trainer.check_workdir(root)
+  root.mkdir(parents=True, exist_ok=True)  # only once every stage's config is known to be usable
   results = {}
   for name in names:
     if name not in wanted:

@@ -350,6 +350,46 @@ def check_init_from(config: mlc.ConfigDict) -> None:
          "the work dir of a finished earlier stage (with checkpoints/<step>/)")
 
 
+# ----------------------------------------------------------------------------- backend; ineffective settings
+
+# attention implementation → the backends (``jax.default_backend()``) that have it.
+ATTENTION_BACKENDS = {"cudnn": ("gpu", "cuda")}
+
+
+def check_backend(config: mlc.ConfigDict, platform: str) -> None:
+  """The chosen attention must exist on this backend (cuDNN attention only compiles on NVIDIA GPUs)."""
+  impl = _get(config, "model.attention", "xla")
+  allowed = ATTENTION_BACKENDS.get(impl)
+  if allowed is not None and platform not in allowed:
+    fail("model.attention", impl, f"needs an NVIDIA GPU but this backend is {platform!r}",
+         "'xla' or 'chunked' here (--config.model.attention=xla)")
+
+
+def ineffective_settings(config: mlc.ConfigDict) -> list[str]:
+  """One-line warnings for settings that cannot take effect in this run (the run itself is valid)."""
+  out = []
+  steps = _get(config, "train.steps")
+  if _is_int(steps):
+    curriculum = _get(config, "diffusion.curriculum_steps", 0) or 0
+    if _is_int(curriculum) and curriculum >= steps:
+      out.append(f"diffusion.curriculum_steps={curriculum} >= train.steps={steps}: the curriculum never "
+                 f"ends, so diffusion.task_weights never take effect (every step uses "
+                 f"diffusion.curriculum_weights)")
+    warmup = _get(config, "train.warmup_steps", 0) or 0
+    if _is_int(warmup) and warmup >= steps:
+      out.append(f"train.warmup_steps={warmup} >= train.steps={steps}: the warm-up never ends, so the "
+                 f"learning rate never reaches train.lr={_get(config, 'train.lr')}")
+  heads, head_dim = _get(config, "model.num_heads"), _get(config, "model.head_dim")
+  if _is_int(heads) and _is_int(head_dim):
+    width = heads * head_dim  # the smallest side of every LoRA target (q, k, v, out: width²; ff: width × mlp)
+    for name, a in sorted(dict(_get(config, "model.adapters", {}) or {}).items()):
+      rank = a.get("rank") if isinstance(a, (Mapping, mlc.ConfigDict)) else None
+      if _is_int(rank) and rank > width:
+        out.append(f"model.adapters.{name}.rank={rank} > the layer width {width} (model.num_heads × "
+                   f"model.head_dim): a rank above {width} adds parameters but no capacity")
+  return out
+
+
 # ----------------------------------------------------------------------------- all
 
 

@@ -40,18 +40,25 @@ def add_import_arguments(p) -> None:
   p.add_argument("src", help="a diffusers CogVideoXTransformer3DModel folder (config.json + safetensors, sharded "
                  "or not)")
   p.add_argument("--out", required=True, help="the work dir to create (OUT/checkpoints/0)")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a non-empty --out folder (default: refuse)")
   p.add_argument("--config", default=DEFAULT_BASE_CONFIG,
                  help="base config whose data, encoders, layout and LayerFlow options are kept (model sizes come "
                  "from config.json); configs/FILE.py[:ARG]")
 
 
 def run_import(args, overrides) -> int:
+  from layerflow_jax import outputs
   from layerflow_jax.config import load_config
   from layerflow_jax.export import convert, diffusers_folder
 
   base = load_config(_config_spec(args.config), overrides)
+  out = pathlib.Path(args.out).absolute()
   try:
-    summary = convert.import_diffusers(args.src, args.out, base)
+    if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
+      raise convert.ExportError(f"{args.out} already holds checkpoints; import into a new directory")
+    with outputs.staged(out, overwrite=args.overwrite) as tmp:
+      summary = outputs.relocate(convert.import_diffusers(args.src, tmp, base), tmp, out)
   except (convert.ExportError, diffusers_folder.FolderError, ValueError, FileNotFoundError) as e:
     return _fail(e)
   _print(summary)
@@ -70,15 +77,21 @@ def add_import_official_arguments(p) -> None:
   p.add_argument("--pipeline", default="", help="a diffusers CogVideoX-2b pipeline folder: its text_encoder/ "
                  "(T5) and vae/ are used for sampling (default: byte text encoder, latents-only codec)")
   p.add_argument("--config", default=DEFAULT_BASE_CONFIG, help="base config whose other settings are kept")
+  p.add_argument("--overwrite", action="store_true",
+                 help="replace a non-empty --out folder (default: refuse)")
 
 
 def run_import_official(args, overrides) -> int:
+  from layerflow_jax import outputs
   from layerflow_jax.config import load_config
   from layerflow_jax.export import official
 
   base = load_config(_config_spec(args.config), overrides)
+  out = pathlib.Path(args.out).absolute()
   try:
-    summary = official.import_official(args.src, args.out, base, variant=args.variant, pipeline=args.pipeline)
+    with outputs.staged(out, overwrite=args.overwrite) as tmp:  # a failed import leaves --out as it was
+      summary = outputs.relocate(official.import_official(args.src, tmp, base, variant=args.variant,
+                                                          pipeline=args.pipeline), tmp, out)
   except (official.OfficialImportError, ValueError, FileNotFoundError) as e:
     return _fail(str(e).splitlines()[0] if str(e) else e)
   print(f"variant {summary['variant']} ({summary['network']}), decided by:", file=sys.stderr)
@@ -92,8 +105,13 @@ def run_import_official(args, overrides) -> int:
 
 
 def add_export_arguments(p) -> None:
-  p.add_argument("--checkpoint", required=True, help="a work dir with checkpoints/ (the newest step is exported)")
+  from layerflow_jax import cliargs
+
+  p.add_argument("--checkpoint", required=True, type=cliargs.checkpoint,
+                 help="a work dir with checkpoints/ (the newest readable step is exported; the step is "
+                 "printed)")
   p.add_argument("--out", required=True, help="the diffusers folder to write")
+  cliargs.add_overwrite(p)
   p.add_argument("--merge-lora", action="store_true",
                  help="fold the adapters kept at sampling into the base weights (at their sampling scale); "
                  "adapters removed at sampling are still written as separate files")
@@ -104,14 +122,19 @@ def add_export_arguments(p) -> None:
 
 
 def run_export(args, overrides) -> int:
+  from layerflow_jax import outputs
   from layerflow_jax.export import convert
 
   size = int(args.max_shard_size) if str(args.max_shard_size).isdigit() else args.max_shard_size
+  out = pathlib.Path(args.out).absolute()
   try:
-    summary = convert.export_checkpoint(args.checkpoint, args.out, overrides=overrides, merge_lora=args.merge_lora,
-                                        dtype=args.dtype, max_shard_size=size)
+    with outputs.staged(out, overwrite=args.overwrite) as tmp:  # a failed export leaves --out as it was
+      summary = outputs.relocate(convert.export_checkpoint(args.checkpoint, tmp, overrides=overrides,
+                                                           merge_lora=args.merge_lora, dtype=args.dtype,
+                                                           max_shard_size=size), tmp, out)
   except (convert.ExportError, ValueError, FileNotFoundError) as e:
     return _fail(str(e).splitlines()[0] if isinstance(e, convert.ExportError) else e)
+  print(f"checkpoint: {summary['checkpoint']['used']}", file=sys.stderr)
   _print(summary)
   return 0
 

@@ -305,11 +305,14 @@ def export_params(params: Mapping[str, Any], config: mlc.ConfigDict, out: str | 
 
 def export_checkpoint(checkpoint: str | pathlib.Path, out: str | pathlib.Path, *, overrides: Sequence[str] = (),
                       **kwargs) -> dict:
-  """``export_params`` of the newest checkpoint in a work dir (EMA parameters when the run kept them)."""
+  """``export_params`` of the newest readable checkpoint in a work dir (EMA parameters when the run kept
+  them); the summary's ``checkpoint`` says which step that was (an older one when the newest is damaged)."""
   from layerflow_jax.config import apply_overrides
   from layerflow_jax.train import trainer
 
-  params, config = trainer.load_params(checkpoint)
+  params, config, used = trainer.load_checkpoint(checkpoint)
   apply_overrides(config, overrides)
   params = jax.device_get(params)
-  return export_params(params, config, out, source=str(pathlib.Path(checkpoint).absolute()), **kwargs)
+  source = str(pathlib.Path(used["directory"]) / str(used["step"]))
+  summary = export_params(params, config, out, source=source, **kwargs)
+  return {**summary, "checkpoint": used}

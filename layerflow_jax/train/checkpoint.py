@@ -198,6 +198,10 @@ class Checkpointer:
     raise CheckpointError(f"{self.directory}: no readable checkpoint meta ({'; '.join(errors)})")
 
   def close(self) -> None:
+    """Waits for pending saves and closes the manager (a second call does nothing)."""
+    if getattr(self, "_closed", False):
+      return
+    self._closed = True
     self.manager.wait_until_finished()
     self.manager.close()
 

@@ -10,9 +10,11 @@ batches of those steps.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import signal
+import sys
 import time
 from typing import Any
 
@@ -23,9 +25,11 @@ from tqdm import tqdm
 
 from layerflow_jax import sharding as shd
 from layerflow_jax import stopping
+from layerflow_jax.errors import RunError
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib
 from layerflow_jax.train import step as step_lib
+from layerflow_jax.train import workdir_lock
 from layerflow_jax.train.experiment import Experiment
 
 log = logging.getLogger(__name__)
@@ -52,17 +56,33 @@ def check_batch(exp: Experiment) -> None:
 
 def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None) -> tuple[dict, Any]:
   """Full flat parameters (EMA when the run used it) and the config of the newest checkpoint under ``path``."""
+  params, config, _ = load_checkpoint(path, mesh, use_ema=use_ema)
+  return params, config
+
+
+def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None
+                    ) -> tuple[dict, Any, dict]:
+  """:func:`load_params` plus which step was used: ``{"step", "newest", "directory", "used"}`` where ``used``
+  is a one-line description naming the step (and the newer steps skipped as unreadable, if any)."""
+  from layerflow_jax.errors import InputError
+
   workdir = ckpt_lib.find_checkpoint_dir(path)
   ck = ckpt_lib.Checkpointer(workdir)
   try:
+    steps = ck.steps()
+    if not steps:
+      raise InputError(f"{ck.directory}: holds no finished checkpoint; expected checkpoints/<step>/ written "
+                       f"by layerflow train")
     meta = ck.read_meta()
     config = ckpt_lib.config_from_meta(meta["config"])
     exp = Experiment(config, mesh)
     abstract = exp.abstract_state()
     state, _, step = ck.restore_latest(abstract, exp.state_shardings(abstract))
-    if state is None:
-      raise FileNotFoundError(f"{path}: no readable checkpoint")
-    return exp.full_params(state, use_ema), config
+    skipped = [s for s in steps if s > step]
+    used = f"step {step} of {ck.directory}" + (
+        f" (the newer step(s) {skipped} are unreadable; fell back to step {step})" if skipped else "")
+    info = {"step": int(step), "newest": int(steps[-1]), "directory": str(ck.directory), "used": used}
+    return exp.full_params(state, use_ema), config, info
   finally:
     ck.close()
 
@@ -71,16 +91,44 @@ class _StopFlag(stopping.StopSignals):
   """Set by SIGTERM/SIGINT; the loop saves and exits after the current step.
 
   A second signal of the same kind while the first is pending restores the previous handler and re-sends
-  itself, so an impatient Ctrl-C Ctrl-C still stops a run stuck in a long compilation or save.
+  itself, so an impatient Ctrl-C Ctrl-C still stops a run stuck in a long compilation or save. Python ignores
+  an exception raised where the handler happened to run inside a garbage-collector callback or ``__del__``
+  (seen: the second Ctrl-C during start-up was swallowed there and the run went on), so a second SIGINT is
+  also recorded in ``forced`` and :meth:`check` raises it again at the loop's next boundary.
   """
+
+  forced = None
 
   def on_signal(self, signum: int) -> None:
     if self.signal == signum:
-      signal.signal(signum, self.previous_handler(signum))
+      previous = self.previous_handler(signum)
+      if previous is signal.default_int_handler:
+        self.forced = signum
+      signal.signal(signum, previous)
       signal.raise_signal(signum)
       return
     log.warning("signal %d: finishing the current step, then saving and exiting", signum)
     self.signal = signum
+
+
+  def check(self) -> None:
+    """Raises the KeyboardInterrupt of a second SIGINT that an earlier raise could not deliver."""
+    if self.forced:
+      raise KeyboardInterrupt
+
+  def __enter__(self):
+    self._unraisable = sys.unraisablehook
+
+    def hook(info):  # a swallowed KeyboardInterrupt is raised again by check(): no "Exception ignored" trace
+      if not (self.forced and isinstance(info.exc_value, KeyboardInterrupt)):
+        self._unraisable(info)
+
+    sys.unraisablehook = hook
+    return super().__enter__()
+
+  def __exit__(self, *exc):
+    sys.unraisablehook = self._unraisable
+    return super().__exit__(*exc)
 
 
 def _meta(config_json: str, state_step: int) -> dict:
@@ -119,8 +167,100 @@ def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, sto
   from layerflow_jax import distributed
 
   distributed.initialize()  # a multi-process job joins before any device is touched (a no-op for one process)
-  with _StopFlag() as stop:
-    return _train(config, pathlib.Path(workdir), stop, mesh=mesh, stop_after=stop_after, progress=progress)
+  workdir = pathlib.Path(workdir)
+  with _StopFlag() as stop, contextlib.ExitStack() as held:
+    try:
+      return _train(config, workdir, stop, held, mesh=mesh, stop_after=stop_after, progress=progress)
+    except KeyboardInterrupt:  # the second Ctrl-C (see _StopFlag): say what is safe on disk, in one line
+      if not stop.signal:
+        raise
+      raise Interrupted(f"interrupted by a second signal {stop.signal} before the run could save and exit; "
+                        f"{safe_checkpoint(workdir)}") from None
+
+
+class Interrupted(RunError):
+  """A second SIGINT (Ctrl-C) stopped the run at once, without the final save."""
+
+
+def safe_checkpoint(workdir: pathlib.Path) -> str:
+  """Which checkpoint of ``workdir`` a restart resumes from (finished steps only: Orbax renames a step into
+  place when complete, so an interrupted save is a temporary folder that is never read)."""
+  d = pathlib.Path(workdir).absolute() / "checkpoints"
+  steps = sorted(int(p.name) for p in d.iterdir() if p.is_dir() and p.name.isdigit()) if d.is_dir() else []
+  if not steps:
+    return f"no checkpoint was written yet in {d} (a restart begins at step 0)"
+  return f"the newest complete checkpoint is {d / str(steps[-1])} and is safe (a restart resumes from it)"
+
+
+# Keys a resume may change (steps, logging, evaluation and checkpoint cadence); any other difference from the
+# checkpoint's config is refused unless train.allow_config_change.
+RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.sample_every",
+                     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
+                     "train.allow_config_change")
+
+
+def _flat(d, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) and v:
+      out.update(_flat(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_changes(saved_json: str, config: mlc.ConfigDict) -> list[str]:
+  """``key: checkpoint value -> new value`` for every key (but :data:`RESUME_MAY_CHANGE`) that differs."""
+  import json
+
+  old = _flat(json.loads(saved_json))
+  new = _flat(json.loads(ckpt_lib.config_to_meta(config)))
+  missing = "(absent)"
+  show = lambda v: v if v is missing else json.dumps(v)[:60]
+  return [f"{k}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
+          for k in sorted(set(old) | set(new))
+          if k not in RESUME_MAY_CHANGE and old.get(k, missing) != new.get(k, missing)]
+
+
+def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path) -> None:
+  """Refuses (:class:`ConfigError`, listing the keys) a resume whose config differs from the checkpoint's."""
+  from layerflow_jax.config import ConfigError
+
+  changes = config_changes(meta["config"], config)
+  if not changes:
+    return
+  if config.train.get("allow_config_change", False):
+    log.warning("resuming %s with a changed config (train.allow_config_change=True): %s", where,
+                "; ".join(changes))
+    return
+  raise ConfigError(f"{where}: resuming step {meta.get('step', '?')} with a config that differs from the "
+                    f"checkpoint's in {len(changes)} key(s): {'; '.join(changes)}; only "
+                    f"{', '.join(RESUME_MAY_CHANGE[:-1])} may change on resume: use the same config, a new "
+                    f"--workdir, or --config.train.allow_config_change=True")
+
+
+def check_workdir(workdir: pathlib.Path) -> None:
+  """Before anything is created: the work dir (and its checkpoints/) must be, or be creatable as, a folder
+  this process can write (a probe file, so a read-only mount or an immutable folder is found now, not at the
+  first save)."""
+  import tempfile
+
+  from layerflow_jax.errors import InputError
+
+  path = workdir.absolute()
+  existing = next(p for p in (path, *path.parents) if p.exists())
+  if not existing.is_dir():
+    raise InputError(f"--workdir {workdir}: {existing} is a regular file, not a folder")
+  for d in (existing, path / "checkpoints"):
+    if not d.is_dir():
+      continue
+    try:
+      with tempfile.TemporaryFile(dir=d, prefix=".layerflow-write-probe-"):
+        pass
+    except OSError as e:
+      raise InputError(f"--workdir {workdir}: {d} is not writable ({e.strerror}); expected a folder this "
+                       f"user can write (checkpoints, metrics and the lock go there)") from None
 
 
 class NonFiniteError(FloatingPointError):
@@ -132,24 +272,33 @@ def _poison(local: dict) -> dict:
   return {**local, "video": np.full_like(np.asarray(local["video"]), np.nan)}
 
 
-def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, mesh, stop_after: int | None,
-           progress: bool) -> dict:
+def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", held: contextlib.ExitStack, *,
+           mesh, stop_after: int | None, progress: bool) -> dict:
   from data_pipelines import mixture
-  from layerflow_jax import validate
+  from layerflow_jax import distributed, validate
 
   tc = config.train
+  # Everything that can be refused is checked before the work dir is created or locked, and before compiling.
   resuming = ckpt_lib.has_checkpoints(workdir)
   validate.validate(config, num_devices=jax.device_count(), process_count=jax.process_count(),
                     mesh_shape=dict(mesh.shape) if mesh is not None else None, check_chain=not resuming)
-  workdir.mkdir(parents=True, exist_ok=True)
+  validate.check_backend(config, jax.default_backend())
+  for warning in validate.ineffective_settings(config):
+    log.warning("%s", warning)
   exp = Experiment(config, mesh)
   validate.check_param_sharding({k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs,
                                 dict(exp.mesh.shape))
-  writer = log_lib.MetricWriter(workdir)
-  ck = ckpt_lib.Checkpointer(workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
-                             every_seconds=float(tc.get("checkpoint_every_seconds", 0.0)), writer=True)
-  iterator = mixture.make_train_iterator(config, shard_index=jax.process_index(),
+  iterator = mixture.make_train_iterator(config, shard_index=jax.process_index(),  # the dataset must be built
                                          shard_count=jax.process_count())
+  check_workdir(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  held.enter_context(workdir_lock.hold(workdir, primary=distributed.is_primary()))
+  ck = held.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
+      workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
+      every_seconds=float(tc.get("checkpoint_every_seconds", 0.0)), writer=True)))
+  if resuming:
+    check_resume_config(config, ck.read_meta(), ck.directory)
+  writer = log_lib.MetricWriter(workdir)
 
   # ------------------------------------------------------------------ state: resume, chain or init
   abstract = exp.abstract_state()
@@ -164,6 +313,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
   else:
     state = exp.init_state()
   start = int(state.step)
+  stop.check()
   from layerflow_jax.train import partition
 
   n_trainable = partition.count(state.trainable)
@@ -172,6 +322,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
 
   train_fn = step_lib.compile_train_step(exp, shardings, None)
   eval_fn = step_lib.compile_eval(exp)
+  stop.check()
   val_batches = _validation_batches(exp, int(config.get("eval", {}).get("num_batches", 2)))
   summary = {"workdir": str(workdir), "start_step": start, "trainable_params": n_trainable,
              "total_params": n_total, "optimizer_state_values": n_opt,
@@ -224,6 +375,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
   pending = None
   try:
     while step < total and not stop.signal:
+      stop.check()
       local = next(iterator)
       if step + 1 in inject:
         local = _poison(local)
@@ -246,6 +398,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", *, 
         ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
     if pending is not None:
       report(*pending)
+    stop.check()
     if stop.signal:  # also when the signal came after this step's save decision (a step on disk is not rewritten)
       ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
       log.warning("signal %d: saved step %d, exiting", stop.signal, step)
