@@ -93,6 +93,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # A task curriculum: the first `curriculum_steps` steps draw tasks from `curriculum_weights` (0 = off).
   c.diffusion.curriculum_steps = 0
   c.diffusion.curriculum_weights = mlc.ConfigDict(dict(generate=1.0, decompose=1.0, fg2bg=1.0, bg2fg=1.0))
+  # Training timesteps t = floor(N · u^(1/p)): 1 = uniform (the paper), > 1 weighted towards high noise.
+  c.diffusion.timestep_power = 1.0
   c.diffusion.prompt_dropout = 0.1  # p of replacing an example's prompts by the zero embedding
 
   # ---------------------------------------------------------------- sampling

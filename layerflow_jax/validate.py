@@ -54,6 +54,7 @@ _NUMBERS = {
     "train.checkpoint_every_seconds": (0.0, math.inf, True, False),
     "diffusion.prompt_dropout": (0.0, 1.0, True, True),
     "diffusion.snr_shift": (0.0, math.inf, False, False),
+    "diffusion.timestep_power": (0.0, math.inf, False, False),
     "sampling.guidance_scale": (0.0, math.inf, True, False),
 }
 # (model.dtype, pos_embed, layer_embed … are checked with the same kind of message by DiTConfig.from_config.)
