@@ -108,7 +108,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.sampling.adapter_scales = mlc.ConfigDict()  # fixed scales for the adapters kept
 
   # ---------------------------------------------------------------- evaluation
-  c.eval = mlc.ConfigDict(dict(num_batches=2))
+  # multistage: also the metrics of the multi-stage mechanism (layerflow_jax/evaluate.py: multistage_metrics) on
+  # the held-out clips of image_data (high-quality layered images) and video_data (videos).
+  c.eval = mlc.ConfigDict(dict(num_batches=2, multistage=False, image_data="layerflow_synthetic_images",
+                               video_data="layerflow_synthetic_copypaste"))
 
   # ---------------------------------------------------------------- training
   c.train = mlc.ConfigDict()
