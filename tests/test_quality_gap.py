@@ -130,3 +130,13 @@ def test_multistage_sweep_rows():
   assert [e["name"] for e in base.data.mixture] == ["layerflow_synthetic_lowq"]
   assert [(e["name"], e["transform"], e["motion_scale"]) for e in remove.data.mixture] == [
       ("layerflow_synthetic_images", "static", 1.0), ("layerflow_synthetic_copypaste", "video", 0.0)]
+
+
+def test_relative_change_ignores_contrast():
+  clip = synthetic.make_example("clean", 1, F, S, S)["bg"].astype(np.float32) / 127.5 - 1.0
+  still = np.repeat(clip[:1], F, axis=0)
+  assert evaluate.relative_change(still) == 0.0
+  r = evaluate.relative_change(clip)
+  assert r > 0.05
+  # Twice the contrast doubles the pixel-unit change but not the relative one.
+  assert evaluate.relative_change(2.0 * clip + 0.3) == pytest.approx(r, rel=1e-6)
