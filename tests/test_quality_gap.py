@@ -95,6 +95,9 @@ def test_matte_scores_edge_band_and_semi_transparency():
   opaque = np.where(t > 0, 1.0, 0.0)
   m = evaluate.matte_scores(opaque, t)
   assert m["semi_reproduced"] == 0.0 and m["semi_alpha_mae"] == pytest.approx(0.5)
+  # Noise at the right level is no reproduction either.
+  noisy = np.where(t > 0, np.random.default_rng(0).choice([0.1, 0.55], t.shape), 0.0)
+  assert evaluate.matte_scores(noisy, t)["semi_reproduced"] == 0.0
   assert m["edge_alpha_mae"] > 0.2
   # An opaque true matte has no semi-transparency score; a blurred prediction costs in the edge band only.
   hard = np.where(t > 0, 1.0, 0.0)
