@@ -143,3 +143,15 @@ def test_relative_change_ignores_contrast():
   assert r > 0.05
   # Twice the contrast doubles the pixel-unit change but not the relative one.
   assert evaluate.relative_change(2.0 * clip + 0.3) == pytest.approx(r, rel=1e-6)
+
+
+def test_timestep_power_leans_to_high_noise():
+  import jax
+
+  from layerflow_jax.diffusion import loss as loss_lib
+
+  uniform = np.asarray(loss_lib.sample_timesteps(jax.random.key(0), 4096, 1000, 1.0))
+  high = np.asarray(loss_lib.sample_timesteps(jax.random.key(0), 4096, 1000, 3.0))
+  assert uniform.min() >= 0 and uniform.max() <= 999 and high.min() >= 0 and high.max() <= 999
+  assert abs(uniform.mean() - 499.5) < 20
+  assert abs(high.mean() - 750) < 20  # density 3x²: mean 3/4 of the range
