@@ -5,6 +5,13 @@
   sweep=motion_lora   stage 3: motion LoRA on (switched per sample) / off (none)       arg.motion_lora
   sweep=content_rank  stage 3: content LoRA rank 64 / 256                              model.adapters.content.rank
   sweep=mixture       stage 3: share of static image clips vs copy-paste video clips   arg.image_weight
+  sweep=multistage    the paper's multi-stage ablation, on the quality-gap data          arg.variant
+                        stage1     stage 1 only (low-quality layered video)
+                        no_motion  stage 1 → content LoRA on images + videos, no motion LoRA
+                        remove     the three stages, motion LoRA removed at inference (the method)
+                        keep       the three stages, motion LoRA kept (scale 1) at inference
+                      stage1 / remove / keep evaluate the shared stage checkpoints (train.steps=0): the stages
+                      train once; every row reports eval.multistage's metrics.
 
 Stage-3 runs start from stage 2 (or stage 1 when the motion LoRA is off); the sweep runner trains those earlier
 stages once in ``DIR/_shared`` and starts every run from them.
@@ -31,15 +38,23 @@ SWEEPS = {
     "motion_lora": ("stage3_content_lora", lambda: hyper.axis("arg.motion_lora", [True, False])),
     "content_rank": ("stage3_content_lora", lambda: hyper.axis("model.adapters.content.rank", [64, 256])),
     "mixture": ("stage3_content_lora", lambda: hyper.axis("arg.image_weight", [0.25, 0.5, 0.75])),
+    "multistage": ("", lambda: hyper.axis("arg.variant", list(VARIANTS))),
 }
 DATA = ("video", "joint")
+# multistage row → (the stage its config is, the checkpoint it evaluates: "" = it trains)
+VARIANTS = {"stage1": ("stage1_base", "stage1_base"), "no_motion": ("stage3_content_lora", ""),
+            "remove": ("stage3_content_lora", "stage3_content_lora"),
+            "keep": ("stage3_content_lora", "stage3_content_lora")}
 
 
 def _args(arg: str | None) -> mlc.ConfigDict:
   a = common.parse_arg(arg, sweep="layer_embed", stage="", size="tiny", layout="rgba", demo=False, runlocal=False,
-                       motion_rank=8, content_rank=256, image_weight=0.5, data="video", motion_lora=True)
+                       motion_rank=8, content_rank=256, image_weight=0.5, data="video", motion_lora=True,
+                       variant="remove", motion_placement="tuned")
   if a.sweep not in SWEEPS:
     raise ValueError(f"sweep {a.sweep!r} unknown; expected one of {sorted(SWEEPS)}")
+  if a.variant not in VARIANTS:
+    raise ValueError(f"variant {a.variant!r} unknown; expected one of {sorted(VARIANTS)}")
   if a.data not in DATA:
     raise ValueError(f"data {a.data!r} unknown; expected one of {DATA}")
   if not 0.0 < a.image_weight < 1.0:
@@ -49,9 +64,11 @@ def _args(arg: str | None) -> mlc.ConfigDict:
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   a = _args(arg)
-  stage = a.stage or SWEEPS[a.sweep][0]
+  multistage = a.sweep == "multistage"
+  stage = a.stage or (VARIANTS[a.variant][0] if multistage else SWEEPS[a.sweep][0])
   c = stages.get_config(f"stage={stage},size={a.size},layout={a.layout},demo={a.demo},runlocal={a.runlocal},"
-                        f"motion_rank={a.motion_rank},content_rank={a.content_rank},image_weight={a.image_weight}")
+                        f"motion_rank={a.motion_rank},content_rank={a.content_rank},image_weight={a.image_weight},"
+                        f"motion_placement={a.motion_placement},quality_gap={multistage}")
   name = c.data.name
   if stage == "stage1_base" and a.data == "joint":
     # The paper's "joint training" baseline: layered images (static clips) and videos in one stage, no LoRA.
@@ -63,6 +80,20 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.train.adapter_scale_keys = mlc.ConfigDict()
     c.train.init_from = "stage1_base"
     c.sampling.remove_adapters = ()
+  if multistage:
+    if stage == "stage3_content_lora" and a.variant == "no_motion":
+      # Images trained as if they were video: no motion LoRA, no per-sample switch.
+      del c.model.adapters["motion"]
+      c.train.adapter_scale_keys = mlc.ConfigDict()
+      c.train.init_from = "stage1_base"
+      c.sampling.remove_adapters = ()
+    evaluates = VARIANTS[a.variant][1]
+    if not a.stage and evaluates:  # the row itself (not an earlier stage it starts from): evaluation only
+      c.train.init_from = evaluates
+      c.train.steps = 0
+      if a.variant == "keep":
+        c.sampling.remove_adapters = ()
+        c.sampling.adapter_scales.motion = 1.0
   return c
 
 

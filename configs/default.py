@@ -98,6 +98,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # A task curriculum: the first `curriculum_steps` steps draw tasks from `curriculum_weights` (0 = off).
   c.diffusion.curriculum_steps = 0
   c.diffusion.curriculum_weights = mlc.ConfigDict(dict(generate=1.0, decompose=1.0, fg2bg=1.0, bg2fg=1.0))
+  # Training timesteps t = floor(N · u^(1/p)): 1 = uniform (the paper), > 1 weighted towards high noise.
+  c.diffusion.timestep_power = 1.0
   c.diffusion.prompt_dropout = 0.1  # p of replacing an example's prompts by the zero embedding
   # task → the packed latent frame indices it gives, instead of its whole clips (official RGB decomposition:
   # the last 2 latent frames of the blend clip)
@@ -115,7 +117,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.sampling.adapter_scales = mlc.ConfigDict()  # fixed scales for the adapters kept
 
   # ---------------------------------------------------------------- evaluation
-  c.eval = mlc.ConfigDict(dict(num_batches=2))
+  # multistage: also the metrics of the multi-stage mechanism (layerflow_jax/evaluate.py: multistage_metrics) on
+  # the held-out clips of image_data (high-quality layered images) and video_data (videos).
+  c.eval = mlc.ConfigDict(dict(num_batches=2, multistage=False, image_data="layerflow_synthetic_images",
+                               video_data="layerflow_synthetic_copypaste"))
 
   # ---------------------------------------------------------------- training
   c.train = mlc.ConfigDict()

@@ -1,5 +1,10 @@
 """TFDS builder ``layerflow_synthetic``: synthetic layered videos (see :mod:`data_pipelines.synthetic`).
 
+One builder, several dataset names (:data:`NAMES`): each name is a kind of :data:`synthetic.KINDS`, the quality
+gap of the paper's sources — ``layerflow_synthetic`` (clean), ``layerflow_synthetic_lowq`` (stage-1 layered
+video with annotation artifacts), ``layerflow_synthetic_images`` (stage-3 high-quality layered images),
+``layerflow_synthetic_copypaste`` (copy-paste videos). Every name has its held-out ``validation`` split.
+
 Written as ArrayRecord so that Grain reads it by random access; neither building nor reading needs
 TensorFlow. Each builder config is named from its sizes (``h32_w32_f8_n512_v32_s0``), so datasets of
 different sizes live side by side in one ``data_dir``.
@@ -16,6 +21,8 @@ import tensorflow_datasets as tfds
 from data_pipelines import importing, synthetic
 
 NAME = "layerflow_synthetic"
+NAMES = {NAME: "clean", f"{NAME}_lowq": "lowq_video", f"{NAME}_images": "hq_image",
+         f"{NAME}_copypaste": "copy_paste"}
 _SPLIT_CODES = {"train": 0, "validation": 1}  # folded into every example's seed: the splits never share one
 _TEXT_KEYS = ("fg_prompt", "bg_prompt", "blend_prompt", "fg_color", "fg_shape", "motion", "bg_color",
               "bg_texture", "bg_motion")
@@ -31,20 +38,25 @@ class LayerflowSyntheticConfig(tfds.core.BuilderConfig):
   num_train: int = 512
   num_validation: int = 32
   seed: int = 0
+  kind: str = "clean"  # one of synthetic.KINDS
 
 
-def config_name(height: int, width: int, frames: int, num_train: int, num_validation: int, seed: int) -> str:
-  return f"h{height}_w{width}_f{frames}_n{num_train}_v{num_validation}_s{seed}"
+def config_name(height: int, width: int, frames: int, num_train: int, num_validation: int, seed: int,
+                kind: str = "clean") -> str:
+  base = f"h{height}_w{width}_f{frames}_n{num_train}_v{num_validation}_s{seed}"
+  return base if kind == "clean" else f"{base}_{kind}"
 
 
 def make_config(height: int = 32, width: int = 32, frames: int = 8, num_train: int = 512,
-                num_validation: int = 32, seed: int = 0) -> LayerflowSyntheticConfig:
+                num_validation: int = 32, seed: int = 0, kind: str = "clean") -> LayerflowSyntheticConfig:
   """A builder config whose name is derived from its values."""
+  if kind not in synthetic.KINDS:
+    raise ValueError(f"synthetic kind {kind!r} unknown; expected one of {synthetic.KINDS}")
   values = dict(height=height, width=width, frames=frames, num_train=num_train,
                 num_validation=num_validation, seed=seed)
   values = {k: int(v) for k, v in values.items()}
-  return LayerflowSyntheticConfig(name=config_name(**values), description="synthetic layered scenes",
-                                  **values)
+  return LayerflowSyntheticConfig(name=config_name(**values, kind=kind),
+                                  description=f"synthetic layered scenes ({kind})", kind=kind, **values)
 
 
 class LayerflowSynthetic(tfds.core.GeneratorBasedBuilder):
@@ -93,7 +105,7 @@ class LayerflowSynthetic(tfds.core.GeneratorBasedBuilder):
     c = self.builder_config
     for i in range(count):
       seed = np.random.SeedSequence([c.seed, _SPLIT_CODES[split], i])
-      scene = synthetic.make_scene(seed, c.frames, c.height, c.width)
+      scene = synthetic.make_example(c.kind, seed, c.frames, c.height, c.width)
       key = f"{split}_{i:06d}"
       fields = {k: scene[k] for k in ("fg", "alpha", "bg", "blend", *_TEXT_KEYS)}
       yield key, {"id": key, "has_bg": True, **fields}
@@ -101,10 +113,11 @@ class LayerflowSynthetic(tfds.core.GeneratorBasedBuilder):
 
 def make_builder(data_cfg) -> LayerflowSynthetic:
   """The builder for ``data_cfg`` (``c.data`` of the config: sizes, ``builder_seed``, ``data_dir``)."""
-  if data_cfg.get("name", NAME) != NAME:
-    raise ValueError(f"data.name is {data_cfg.name!r}; this module builds {NAME!r}")
+  name = data_cfg.get("name", NAME)
+  if name not in NAMES:
+    raise ValueError(f"data.name is {name!r}; this module builds {sorted(NAMES)}")
   config = make_config(data_cfg.height, data_cfg.width, data_cfg.frames, data_cfg.num_train,
-                       data_cfg.num_validation, data_cfg.get("builder_seed", 0))
+                       data_cfg.num_validation, data_cfg.get("builder_seed", 0), kind=NAMES[name])
   return importing.make_array_record_builder(LayerflowSynthetic, config, data_cfg.data_dir)
 
 
@@ -119,7 +132,8 @@ def load_source(data_cfg, split: str):
   """Random-access source of ``split`` (``len`` and ``[i]`` → dict of NumPy arrays; texts as bytes)."""
   builder = make_builder(data_cfg)
   if not builder.is_prepared():
+    name = data_cfg.get("name", NAME)
     raise FileNotFoundError(
         f"dataset {NAME}/{builder.builder_config.name} is not built in {data_cfg.data_dir!s}: "
-        f"run `layerflow data build {NAME}` (or data_pipelines.layerflow_synthetic.build) first")
+        f"run `layerflow data build {name}` (or data_pipelines.layerflow_synthetic.build) first")
   return builder.as_data_source(split)

@@ -181,6 +181,12 @@ def cmd_evaluate(args, overrides) -> int:
                                          **({"tasks": tasks} if tasks else {}))
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
+  if config.eval.get("multistage", False):
+    from data_pipelines import registry
+
+    registry.build_eval(config)
+    result.update(eval_lib.multistage_metrics(config, params, num_batches=args.num_batches, num_steps=args.steps,
+                                              guidance_scale=args.guidance))
   result["checkpoint_step"] = used["step"]
   with outputs.staged(args.out, overwrite=args.overwrite) as tmp:
     paths = outputs.relocate(eval_lib.write_report(tmp, result, previews, title=f"{args.checkpoint} (step "

@@ -95,7 +95,8 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
   total = time.time() - t_start
   timing = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
   text = (f"{table}\n\nmotion LoRA (stage-2 model, generated clips): mean frame-to-frame change "
-          f"{motion['off']:.4f} with it removed, {motion['on']:.4f} with it on\n\n"
+          f"{motion['off']:.4f} with it removed, {motion['on']:.4f} with it on; over spatial contrast "
+          f"{motion['off_relative']:.4f} removed, {motion['on_relative']:.4f} on\n\n"
           f"device: {jax.devices()[0].platform} ×{jax.device_count()} on {distributed.host_description()}\n"
           f"times: {timing}; total {total:.0f} s\n")
   (root / "demo_table.md").write_text(text)

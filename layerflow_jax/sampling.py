@@ -22,7 +22,7 @@ from layerflow_jax.train.experiment import Experiment
 
 def drop_adapters(config: mlc.ConfigDict, params: dict, names: Sequence[str]) -> tuple[mlc.ConfigDict, dict]:
   """A config and parameters without the named adapters (removal, not a zero scale)."""
-  names = [n for n in names if n in config.model.get("adapters", {})]
+  names = list(dict.fromkeys(n for n in names if n in config.model.get("adapters", {})))  # once each
   if not names:
     return config, params
   config = mlc.ConfigDict(config.to_dict())

@@ -267,6 +267,8 @@ def _layer_metrics(run_dir: pathlib.Path, sample_steps: int, num_batches: int) -
   batches = eval_lib.eval_batches(config, "validation", num_batches=num_batches)
   metrics, _ = eval_lib.evaluate(sampler, batches, num_steps=sample_steps)
   metrics.pop("num_clips", None)
+  if config.eval.get("multistage", False):
+    metrics.update(eval_lib.multistage_metrics(config, params, num_batches=num_batches, num_steps=sample_steps))
   return metrics
 
 
@@ -274,7 +276,7 @@ def _build_data(root: pathlib.Path, config) -> None:
   from data_pipelines import registry
 
   with _file_lock(root / ".data.lock"):  # concurrent runs must not build the same dataset twice at once
-    registry.build(config.data)
+    registry.build_all(config)
 
 
 def _filtered_overrides(config_spec: str, overrides: Sequence[str]) -> list[str]:
@@ -317,6 +319,7 @@ def _resolve_stages(root: pathlib.Path, spec: str, config, overrides: Sequence[s
   pspec = stages_lib.stage_spec(spec, src)
   pover = _filtered_overrides(pspec, overrides)
   pconfig = load_config(pspec, pover)
+  _build_data(root, pconfig)
   if not _resolve_stages(root, pspec, pconfig, pover, stop_after=stop_after):
     return False
   from layerflow_jax.train import checkpoint as ckpt_lib

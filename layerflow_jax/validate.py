@@ -38,7 +38,7 @@ _INTS = {
     "model.num_layers": 1, "model.num_heads": 1, "model.head_dim": 1, "model.time_embed_dim": 1,
     "model.patch_size": 1, "model.mlp_ratio": 1, "model.pad_tokens_to": 0, "text_encoder.max_length": 1, "text_encoder.dim": 1,
     "diffusion.num_train_timesteps": 2, "sampling.num_steps": 1, "eval.num_batches": 0,
-    "train.steps": 1, "train.warmup_steps": 0, "train.grad_accum": 1, "train.log_every": 1, "train.eval_every": 0,
+    "train.steps": 0, "train.warmup_steps": 0, "train.grad_accum": 1, "train.log_every": 1, "train.eval_every": 0,
     "train.sample_every": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 1,
     "train.max_consecutive_nonfinite": 1,
 }
@@ -54,6 +54,7 @@ _NUMBERS = {
     "train.checkpoint_every_seconds": (0.0, math.inf, True, False),
     "diffusion.prompt_dropout": (0.0, 1.0, True, True),
     "diffusion.snr_shift": (0.0, math.inf, False, False),
+    "diffusion.timestep_power": (0.0, math.inf, False, False),
     "sampling.guidance_scale": (0.0, math.inf, True, False),
 }
 # (model.dtype, pos_embed, layer_embed … are checked with the same kind of message by DiTConfig.from_config.)
@@ -117,6 +118,9 @@ def check_values(config: mlc.ConfigDict) -> None:
   for key, choices in _CHOICES.items():
     if _has(config, key) and _get(config, key) not in choices:
       fail(key, _get(config, key), "is not a known choice", f"one of {', '.join(choices)}")
+  if _get(config, "train.steps") == 0 and not _get(config, "train.init_from", ""):
+    fail("train.steps", 0, "trains nothing from a fresh initialisation",
+         "an integer >= 1, or 0 with train.init_from (an evaluation-only run of that checkpoint)")
   epochs = _get(config, "data.num_epochs")
   if epochs is not None and (not _is_int(epochs) or epochs < 1):
     fail("data.num_epochs", epochs, "is not a positive integer", "None (repeat forever) or an integer >= 1")
@@ -369,7 +373,7 @@ def ineffective_settings(config: mlc.ConfigDict) -> list[str]:
   """One-line warnings for settings that cannot take effect in this run (the run itself is valid)."""
   out = []
   steps = _get(config, "train.steps")
-  if _is_int(steps):
+  if _is_int(steps) and steps > 0:  # train.steps=0 (an evaluation-only run) trains nothing to warn about
     curriculum = _get(config, "diffusion.curriculum_steps", 0) or 0
     if _is_int(curriculum) and curriculum >= steps:
       out.append(f"diffusion.curriculum_steps={curriculum} >= train.steps={steps}: the curriculum never "

@@ -28,5 +28,8 @@ def test_motion_adapter_lowers_frame_change(tmp_path):
   batches = evaluate.eval_batches(config, "validation", num_batches=1)
   effect = evaluate.motion_adapter_effect(config, params, batches, seed=0)
   print(f"mean frame-to-frame change of generated clips: motion LoRA on {effect['on']:.4f}, "
-        f"removed {effect['off']:.4f} (ratio {effect['on'] / effect['off']:.3f})")
-  assert effect["on"] < effect["off"], effect
+        f"removed {effect['off']:.4f} (ratio {effect['on'] / effect['off']:.3f}); over spatial contrast on "
+        f"{effect['on_relative']:.4f}, removed {effect['off_relative']:.4f}")
+  # Over contrast: the pixel-unit change also grows when the LoRA brightens the underfit base model's
+  # background (issue 22), which is no motion.
+  assert effect["on_relative"] < effect["off_relative"], effect

@@ -47,15 +47,25 @@ def keep_given(x: jnp.ndarray, clean: jnp.ndarray, given_frames: jnp.ndarray) ->
   return jnp.where(_frame_mask(given_frames, x.ndim), clean, x)
 
 
+def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, power: float = 1.0) -> jnp.ndarray:
+  """int32 [B] timesteps in {0..N-1}: t = floor(N · u^(1/power)), u ~ U[0, 1). ``power`` 1 is uniform (the
+  paper); above 1 the density of t/N is power · x^(power-1), i.e. weighted towards high noise, where a sample's
+  layout and motion are decided (stage 2: stillness)."""
+  u = jax.random.uniform(rng, (batch_size,), jnp.float32)
+  if power != 1.0:
+    u = u ** (1.0 / power)
+  return jnp.minimum(jnp.floor(u * num_timesteps), num_timesteps - 1).astype(jnp.int32)
+
+
 def noisy_input(
-    rng: jax.Array, x0: jnp.ndarray, given_frames: jnp.ndarray, sched: Schedule
+    rng: jax.Array, x0: jnp.ndarray, given_frames: jnp.ndarray, sched: Schedule, *, timestep_power: float = 1.0
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-  """(x_t, t, eps): t ~ U{0..N-1} int32 [B], eps ~ N(0, 1), x_t = add_noise(x0, eps, t).
+  """(x_t, t, eps): t from :func:`sample_timesteps` int32 [B], eps ~ N(0, 1), x_t = add_noise(x0, eps, t).
 
   The given frames of x_t are exact copies of x0 (no noise).
   """
   rng_t, rng_eps = jax.random.split(rng)
-  t = jax.random.randint(rng_t, (x0.shape[0],), 0, sched.num_train_timesteps, dtype=jnp.int32)
+  t = sample_timesteps(rng_t, x0.shape[0], sched.num_train_timesteps, timestep_power)
   eps = jax.random.normal(rng_eps, x0.shape, jnp.float32).astype(x0.dtype)
   x_t = add_noise(x0, eps, t, sched).astype(x0.dtype)
   return keep_given(x_t, x0, given_frames), t, eps

@@ -399,6 +399,8 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
     if pending is not None:
       report(*pending)
     stop.check()
+    if total == 0 and start == 0 and not stop.signal:  # train.steps=0: the init_from parameters, as they are
+      ck.save(0, state, iterator=iterator, meta=_meta(config_json, 0))
     if stop.signal:  # also when the signal came after this step's save decision (a step on disk is not rewritten)
       ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
       log.warning("signal %d: saved step %d, exiting", stop.signal, step)
