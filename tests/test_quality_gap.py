@@ -155,3 +155,15 @@ def test_timestep_power_leans_to_high_noise():
   assert uniform.min() >= 0 and uniform.max() <= 999 and high.min() >= 0 and high.max() <= 999
   assert abs(uniform.mean() - 499.5) < 20
   assert abs(high.mean() - 750) < 20  # density 3x²: mean 3/4 of the range
+
+
+def test_timestep_power_one_keeps_the_draws_of_runs_before_the_option():
+  """power 1 (the default) draws exactly what ``jax.random.randint`` drew before the option existed, so adding it
+  changed no default run (a different stream sent the demo's stage 1 down another trajectory: alpha IoU 0.07)."""
+  import jax
+
+  from layerflow_jax.diffusion import loss as loss_lib
+
+  key = jax.random.key(3)
+  np.testing.assert_array_equal(np.asarray(loss_lib.sample_timesteps(key, 64, 1000, 1.0)),
+                                np.asarray(jax.random.randint(key, (64,), 0, 1000, dtype=np.int32)))

@@ -51,9 +51,9 @@ def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, power:
   """int32 [B] timesteps in {0..N-1}: t = floor(N · u^(1/power)), u ~ U[0, 1). ``power`` 1 is uniform (the
   paper); above 1 the density of t/N is power · x^(power-1), i.e. weighted towards high noise, where a sample's
   layout and motion are decided (stage 2: stillness)."""
-  u = jax.random.uniform(rng, (batch_size,), jnp.float32)
-  if power != 1.0:
-    u = u ** (1.0 / power)
+  if power == 1.0:  # the same draws as before the option existed: a default run's trajectory is unchanged
+    return jax.random.randint(rng, (batch_size,), 0, num_timesteps, dtype=jnp.int32)
+  u = jax.random.uniform(rng, (batch_size,), jnp.float32) ** (1.0 / power)
   return jnp.minimum(jnp.floor(u * num_timesteps), num_timesteps - 1).astype(jnp.int32)
 
 
