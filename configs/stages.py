@@ -27,10 +27,10 @@ def _adapter(rank: int, num_layers: int) -> dict:
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   a = common.parse_arg(arg, stage="stage1_base", size="tiny", layout="rgba", demo=False, runlocal=False,
-                       motion_rank=8, content_rank=256, image_weight=0.5)
+                       motion_rank=8, content_rank=256, image_weight=0.5, tpu=False)
   if a.stage not in STAGES:
     raise ValueError(f"stage {a.stage!r} unknown; expected one of {STAGES}")
-  c = default.get_config(f"size={a.size},layout={a.layout},runlocal={a.runlocal}")
+  c = default.get_config(f"size={a.size},layout={a.layout},runlocal={a.runlocal},tpu={a.tpu}")
   c.stage = a.stage
   c.stages = STAGES
   n = c.model.num_layers
