@@ -4,7 +4,8 @@ Compiler estimates, not measurements. Each row lowers and compiles the real trai
 ``configs/stages.py:stage=…,size=…,tpu=1``, fed latents and text embeddings as ``train_step.py`` does) for jax's
 compile-only TPU devices (``jax.experimental.topologies``, libtpu — the ``tpu`` extra) and reports per chip what the
 compiler says: peak memory (arguments + outputs − donated + temporaries) against the chip's HBM, FLOPs and HBM bytes
-of one step (``cost_analysis``, plus the splash kernels' FLOPs, which Mosaic kernels do not report), the roofline
+of one step (``cost_analysis`` of the step unrolled with 1 and 2 blocks, extrapolated to all blocks — XLA counts a
+scanned loop's body once — plus the splash kernels' FLOPs, which Mosaic kernels do not report), the roofline
 step time ``max(FLOPs / bf16 peak, bytes / HBM bandwidth)`` and the MFU that time would give for the model FLOPs of
 ``benchmarks/common.py`` (stage 1: every weight's gradient counted; stage 3: ``lora_flops``).
 
@@ -134,13 +135,13 @@ def run_row(row: str) -> dict:
 
 def format_rows(rows: list[dict]) -> str:
   head = ("| model | stage | slice | chips | mesh | remat | peak/chip GiB | HBM GiB | fits | TFLOP/chip/step "
-          "| est. step s | MFU at est. | compile s |")
+          "| est. step s | MFU at est. | compile s (+ 1- and 2-block cost compiles) |")
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     lines.append(f"| {r['size'].upper()} | {r['stage']} | {r['slice']} | {r['devices']} | {r['mesh']} | "
                  f"{r['remat']} | {r['peak_GiB']:.1f} | {r['hbm_GiB']} | {'yes' if r['fits'] else 'no'} | "
                  f"{r['flops_per_chip'] / 1e12:.0f} | {r['est_step_s']:.2f} | {100 * r['mfu_at_estimate']:.0f}% | "
-                 f"{r['compile_s']:.0f} |")
+                 f"{r['compile_s']:.0f} (+{r['cost_compile_s']:.0f}) |")
   return "\n".join(lines)
 
 

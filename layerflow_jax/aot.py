@@ -16,7 +16,10 @@ collectives and buffer sizes are the real program's, the temporary-buffer estima
 For TPU a second table gives what the TPU compiler says about one step per chip: its FLOPs and HBM bytes
 (``compiled.cost_analysis()``), with the FLOPs of the Pallas splash-attention kernels added (Mosaic kernels carry no
 cost estimate, see :func:`splash_kernel_flops`), and a roofline step time ``max(FLOPs / bf16 peak, bytes / HBM
-bandwidth)`` from the chip's datasheet (:data:`TPU_CHIPS`). These are compiler estimates, not measurements.
+bandwidth)`` from the chip's datasheet (:data:`TPU_CHIPS`). XLA's cost analysis counts a while loop's body once,
+not once per trip, so for a scanned model (``model.scan_layers``) the step is also compiled unrolled with 1 and 2
+blocks and the per-block cost (their difference) extrapolated to all blocks (:func:`per_step_cost`). These are
+compiler estimates, not measurements.
 
 Fake CPU devices must exist before jax starts, so that path re-runs this command in a subprocess with
 ``--xla_force_host_platform_device_count``. The output is one row per compile of a per-device memory table from
@@ -147,6 +150,52 @@ def splash_kernel_flops(model_cfg, tokens: int, batch_per_chip: float) -> float:
   return batch_per_chip * model_cfg.num_layers * per_call * (4 + 14 + (4 if recompute else 0))
 
 
+def _compile(config, devices, experiment):
+  """(compiled, seconds, experiment, mesh) of the train step of ``config`` on ``devices``."""
+  import jax
+
+  from layerflow_jax import sharding as shd
+  from layerflow_jax.train import step as step_lib
+  from layerflow_jax.train.experiment import Experiment
+
+  mesh = shd.make_mesh(config.mesh, devices)
+  exp = (experiment or Experiment)(config, mesh)
+  abstract = exp.abstract_state()
+  shardings = exp.state_shardings(abstract)
+  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch_in = (exp.batch_specs(lambda ndim: shd.data_sharding(mesh, ndim)) if hasattr(exp, "batch_specs")
+              else _batch_specs(exp, lambda ndim: shd.data_sharding(mesh, ndim)))
+  fn = step_lib.compile_train_step(exp, shardings, None)
+  t0 = time.time()
+  with shd.use_mesh(mesh):
+    compiled = fn.lower(state_in, batch_in).compile()
+  return compiled, time.time() - t0, exp, abstract, shardings
+
+
+def per_step_cost(config, devices, experiment=None) -> tuple[float, float, float]:
+  """(FLOPs, HBM bytes, seconds spent compiling) per chip of one step of all ``model.num_layers`` blocks, from
+  the step compiled unrolled with 1 and 2 blocks: ``cost(1) + (L − 1) · (cost(2) − cost(1))``.
+
+  Where only some blocks train (stage 1's official subset and stage 3's adapters sit in every 6th block), the small
+  steps train every block (``train.trainable="all"`` for the base, adapters on ``"all"`` blocks): an upper bound,
+  every block costed as a trained one."""
+  costs, seconds = [], 0.0
+  for n in (1, 2):
+    small = config.copy_and_resolve_references()
+    small.model.update(dict(num_layers=n, scan_layers=False))
+    if small.train.trainable == "official_base":
+      small.train.trainable = "all"
+    for adapter in (small.model.get("adapters", None) or {}).values():
+      adapter.blocks = "all"
+    compiled, s, *_ = _compile(small, devices, experiment)
+    cost = _cost(compiled)
+    costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
+    seconds += s
+  layers = int(config.model.num_layers)
+  (f1, b1), (f2, b2) = costs
+  return f1 + (layers - 1) * (f2 - f1), b1 + (layers - 1) * (b2 - b1), seconds
+
+
 def roofline(row: dict, chip: dict) -> dict:
   """Compute-bound and HBM-bound times per chip and their maximum, the roofline step-time estimate."""
   compute_s = row["flops_per_chip"] / chip["bf16_flops"]
@@ -164,23 +213,8 @@ def compile_train_step(config, devices, *, label: str, experiment=None) -> dict:
   import jax
   import numpy as np
 
-  from layerflow_jax import sharding as shd
-  from layerflow_jax.train import step as step_lib
-  from layerflow_jax.train.experiment import Experiment
-
-  mesh = shd.make_mesh(config.mesh, devices)
-  exp = (experiment or Experiment)(config, mesh)
-  abstract = exp.abstract_state()
-  shardings = exp.state_shardings(abstract)
-  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch_in = (exp.batch_specs(lambda ndim: shd.data_sharding(mesh, ndim)) if hasattr(exp, "batch_specs")
-              else _batch_specs(exp, lambda ndim: shd.data_sharding(mesh, ndim)))
-  fn = step_lib.compile_train_step(exp, shardings, None)
-  t0 = time.time()
-  with shd.use_mesh(mesh):
-    lowered = fn.lower(state_in, batch_in)
-    compiled = lowered.compile()
-  seconds = time.time() - t0
+  compiled, seconds, exp, abstract, shardings = _compile(config, devices, experiment)
+  mesh = exp.mesh
   m = compiled.memory_analysis()
   get = lambda name: int(getattr(m, name, 0) or 0)
   args, out, alias, temp = (get("argument_size_in_bytes"), get("output_size_in_bytes"),
@@ -189,6 +223,10 @@ def compile_train_step(config, devices, *, label: str, experiment=None) -> dict:
   trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.trainable))
   shape = dict(mesh.shape)
   cost = _cost(compiled)
+  flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  layer_s = 0.0
+  if devices[0].platform == "tpu" and config.model.scan_layers and config.model.num_layers > 1:
+    flops, nbytes, layer_s = per_step_cost(config, devices, experiment)
   num_text = getattr(exp, "num_text_tokens", 3 * int(config.text_encoder.max_length))  # 3 prompts
   tokens = num_text + exp.latent_shape[0] * exp.layout.num_clips * (
       exp.latent_shape[1] // exp.model_cfg.patch_size) * (exp.latent_shape[2] // exp.model_cfg.patch_size)
@@ -203,9 +241,9 @@ def compile_train_step(config, devices, *, label: str, experiment=None) -> dict:
       "state_GiB": _bytes_per_device(abstract, shardings) / GiB,
       "args_GiB": args / GiB, "out_GiB": out / GiB, "alias_GiB": alias / GiB, "temp_GiB": temp / GiB,
       "peak_GiB": (args + out - alias + temp) / GiB, "compile_s": seconds,
-      "joint_tokens": tokens, "compiler_flops_per_chip": float(cost.get("flops", 0.0)),
-      "splash_flops_per_chip": kernel, "flops_per_chip": float(cost.get("flops", 0.0)) + kernel,
-      "bytes_per_chip": float(cost.get("bytes accessed", 0.0)), "device_kind": devices[0].device_kind,
+      "joint_tokens": tokens, "compiler_flops_per_chip": flops, "splash_flops_per_chip": kernel,
+      "flops_per_chip": flops + kernel, "bytes_per_chip": nbytes, "cost_compile_s": layer_s,
+      "device_kind": devices[0].device_kind,
       "slices": len({getattr(d, "slice_index", 0) for d in devices}),
   }
   chip = TPU_CHIPS.get(devices[0].device_kind) if devices[0].platform == "tpu" else None
