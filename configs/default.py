@@ -84,7 +84,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if args.gpu and args.tpu:
     raise ValueError("config arguments gpu=1 and tpu=1 exclude each other")
   if args.tpu:  # splash attention on a joint sequence padded to its 512-token blocks, bf16 compute; the remat and
-    # mesh that benchmarks/tpu_aot.py compiled to fit v5p-8 and v6e-8 (compiler estimates, not measurements)
+    # mesh with which benchmarks/tpu_aot.py compiled 2B to fit v5p-8 and v6e-8 (compiler estimates, not measurements)
     c.model.update(dict(dtype="bfloat16", attention="splash", pad_tokens_to=512, remat="save_attention"))
 
   # ---------------------------------------------------------------- diffusion
