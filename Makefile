@@ -12,13 +12,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# The demo needs only the runtime (plus ffmpeg for MP4 outputs); tests add pytest and the PyTorch extras.
+# The demo needs only the runtime (plus ffmpeg for MP4 outputs); tests add pytest, the PyTorch extras and libtpu
+# (compile-only TPU devices: the TPU compile and splash-attention tests).
 $(VENV)/.demo: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[video]"
 	touch $@
 
 $(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
-	$(PIP) -e ".[video,test,torch]"
+	$(PIP) -e ".[video,test,torch,tpu]"
 	touch $@ $(VENV)/.demo
 
 demo: $(VENV)/.demo
@@ -37,7 +38,7 @@ test-all: $(VENV)/.test
 # them to constraints.txt. Then run `make test` on it before committing the new pins.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q --upgrade pip
-	.venv-lock/bin/pip install -q -e ".[video,test,torch]"
+	.venv-lock/bin/pip install -q -e ".[video,test,torch,tpu]"
 	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu/\1/'; } \
 	  > constraints.txt.new && mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 

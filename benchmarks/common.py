@@ -77,6 +77,8 @@ class Shape:
 SHAPES = {
     # The shape: LayerFlow RGBA at 2B (21,600 video + 678 text tokens).
     "2b": Shape("2b"),
+    # The same clips at 5B (CogVideoX-5b: 42 blocks, 48 heads; RoPE). Compiled for TPU only (tpu_aot.py).
+    "5b": Shape("5b", num_layers=42, num_heads=48, head_dim=64, time_embed_dim=512, config_size="5b"),
     # CPU validation: the tiny model size (configs/common.py) on a few dozen tokens.
     "tiny": Shape("tiny", frames_per_clip=1, height=8, width=8, text_len=8, text_dim=64, num_layers=2, num_heads=4,
                   head_dim=32, time_embed_dim=128, config_size="tiny"),

@@ -39,6 +39,7 @@ def model_config(size: str) -> mlc.ConfigDict:
   m.scan_layers = True
   m.remat = "none"  # "none" | "full" | "save_attention" | "dots" | "dots_attention"
   m.attention = "xla"  # "xla" | "cudnn" (jax.nn.dot_product_attention) | "chunked" (exact, 1024 queries at a time)
+  #                     | "splash" (Pallas TPU flash kernel; pad_tokens_to a multiple of 128)
   m.fused_qkv = False  # one matmul for q, k, v where no LoRA targets them (same values; faster on GPUs)
   m.pad_tokens_to = 0  # pad [text; video] to a multiple of this in each block, padding masked (aligned GPU GEMMs)
   # LoRA adapters: name → {rank, alpha, targets ("q,k,v,out[,ff_in,ff_out]"), blocks ("all"|"every:K"|[i, …])}

@@ -6,6 +6,7 @@ Usage (argument = comma-separated ``key=value`` variants, big_vision style)::
   layerflow train --config configs/default.py:size=2b,layout=rgba --config.train.steps=1000 --workdir runs/2b
   layerflow train --config configs/default.py:size=2b,encoders=cogvideox,pretrained=/ckpt/CogVideoX-2b …
   layerflow train --config configs/default.py:size=2b,gpu=1 …   # the measured GPU levers (benchmarks/RESULTS.md)
+  layerflow train --config configs/default.py:size=2b,tpu=1 …   # the TPU levers (compiler estimates, tpu_aot.py)
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
   args = common.parse_arg(arg, size="tiny", layout="rgba", runlocal=False, encoders="builtin", pretrained="",
-                          gpu=False)
+                          gpu=False, tpu=False)
   c = mlc.ConfigDict()
   c.seed = 0
   c.layout = args.layout  # "rgba": [fg, alpha, bg, blend]; "rgb": [fg, bg, blend]
@@ -85,6 +86,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   if args.gpu:  # what benchmarks/train_step.py measured fastest on one H200 (same values, bf16 compute)
     c.model.update(dict(dtype="bfloat16", attention="cudnn", remat="dots_attention", fused_qkv=True,
                         pad_tokens_to=64))
+  if args.gpu and args.tpu:
+    raise ValueError("config arguments gpu=1 and tpu=1 exclude each other")
+  if args.tpu:  # splash attention on a joint sequence padded to its 512-token blocks, bf16 compute; the remat and
+    # mesh with which benchmarks/tpu_aot.py compiled 2B to fit v5p-8 and v6e-8 (compiler estimates, not measurements)
+    c.model.update(dict(dtype="bfloat16", attention="splash", pad_tokens_to=512, remat="save_attention"))
 
   # ---------------------------------------------------------------- diffusion
   c.diffusion = mlc.ConfigDict()
@@ -156,6 +162,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   # Multi-slice TPU / multi-host: how many of each axis's devices lie across the data-centre network (the rest
   # within a slice / host); e.g. 2 slices of 64: data=-1, fsdp=64, dcn.data=2 (layerflow_jax/sharding.py).
   c.mesh.dcn = mlc.ConfigDict(dict(data=1, fsdp=1, tensor=1, sequence=1))
+  if args.tpu:  # ZeRO-3 over the slice's ICI; several slices: --config.mesh.data=S --config.mesh.dcn.data=S
+    c.mesh.update(dict(data=1, fsdp=-1))
 
   if args.runlocal:
     c.train.steps = 4

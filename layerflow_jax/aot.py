@@ -5,10 +5,21 @@
   layerflow compile --config … --topology gpu:8 --device-memory-gb 80
 
 Topologies: ``cpu:N`` (or ``N``) — N fake host devices; ``tpu:NAME`` — jax's compile-only TPU devices
-(``jax.experimental.topologies``, e.g. ``v5p:2x2x2``, ``v5e:4x4``; needs libtpu); ``gpu:N`` / ``gpu:HOSTSxN`` —
-compile-only CUDA devices where the installed jax supports them. When the real devices are unavailable the step is
-compiled for that many fake CPU devices instead (said in the output): the sharding, collectives and buffer sizes
-are the real program's, the temporary-buffer estimate is the CPU compiler's (fusion differs by backend).
+(``jax.experimental.topologies``, e.g. ``v5p:2x2x2``, ``v5e:4x4``; needs libtpu, the ``tpu`` extra), compiled by
+the TPU compiler itself — without libtpu the command stops, it never stands fake CPUs in for a TPU;
+``--num-slices S`` makes S such slices joined by the data-centre network, the config's mesh is one slice's and
+``data`` gains the factor S across slices (``mesh.dcn.data = S``, the hybrid mesh of ``layerflow_jax.sharding``);
+``gpu:N`` / ``gpu:HOSTSxN`` — compile-only CUDA devices where the installed jax supports them. When those are
+unavailable the GPU step is compiled for that many fake CPU devices instead (said in the output): the sharding,
+collectives and buffer sizes are the real program's, the temporary-buffer estimate is the CPU compiler's.
+
+For TPU a second table gives what the TPU compiler says about one step per chip: its FLOPs and HBM bytes
+(``compiled.cost_analysis()``), with the FLOPs of the Pallas splash-attention kernels added (Mosaic kernels carry no
+cost estimate, see :func:`splash_kernel_flops`), and a roofline step time ``max(FLOPs / bf16 peak, bytes / HBM
+bandwidth)`` from the chip's datasheet (:data:`TPU_CHIPS`). XLA's cost analysis counts a while loop's body once,
+not once per trip, so for a scanned model (``model.scan_layers``) the step is also compiled unrolled with 1 and 2
+blocks and the per-block cost (their difference) extrapolated to all blocks (:func:`per_step_cost`). These are
+compiler estimates, not measurements.
 
 Fake CPU devices must exist before jax starts, so that path re-runs this command in a subprocess with
 ``--xla_force_host_platform_device_count``. The output is one row per compile of a per-device memory table from
@@ -28,6 +39,15 @@ import time
 
 _CHILD = "LAYERFLOW_AOT_CHILD"
 GiB = 1024**3
+
+# Per chip, from Google Cloud's TPU datasheets: HBM (GiB), dense bf16 peak (FLOP/s), HBM bandwidth (bytes/s).
+# Keyed by jax's ``device_kind``.
+TPU_CHIPS = {
+    "TPU v4": dict(name="v4", hbm_GiB=32, bf16_flops=275e12, hbm_bytes_per_s=1228e9),
+    "TPU v5 lite": dict(name="v5e", hbm_GiB=16, bf16_flops=197e12, hbm_bytes_per_s=819e9),
+    "TPU v5": dict(name="v5p", hbm_GiB=95, bf16_flops=459e12, hbm_bytes_per_s=2765e9),
+    "TPU v6 lite": dict(name="v6e", hbm_GiB=32, bf16_flops=918e12, hbm_bytes_per_s=1640e9),
+}
 
 
 def parse_topology(text: str) -> tuple[str, str, int]:
@@ -49,13 +69,30 @@ def parse_topology(text: str) -> tuple[str, str, int]:
   return platform, name, count
 
 
-def _compile_only_devices(platform: str, name: str):
-  """jax's compile-only devices for ``platform``/``name``, or None when this installation cannot make them."""
+def tpu_devices(name: str, num_slices: int = 1) -> list:
+  """jax's compile-only TPU devices for topology ``name`` (``v5p:2x2x1``), ``num_slices`` slices of it; raises
+  SystemExit naming the fix when libtpu is missing or the name is unknown (never a silent CPU stand-in)."""
+  import importlib.util
+
+  # libtpu takes a host-wide lock file when it loads; compile-only devices use no chip, so a second compiling
+  # process (a test next to a benchmark, a command next to training) need not wait for it.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
 
   try:
-    if platform == "tpu":
-      return list(topologies.get_topology_desc(name, "tpu").devices)
+    return list(topologies.get_topology_desc(name, "tpu", num_slices=num_slices).devices)
+  except Exception as e:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    hint = ' — install the tpu extra: pip install -e ".[tpu]"' if importlib.util.find_spec("libtpu") is None else ""
+    raise SystemExit(f"error: --topology tpu:{name}: no compile-only TPU devices ({type(e).__name__}: "
+                     f"{first}){hint}") from None
+
+
+def _compile_only_devices(platform: str, name: str):
+  """jax's compile-only GPU devices for ``name``, or None when this installation cannot make them."""
+  from jax.experimental import topologies
+
+  try:
     if platform == "gpu":
       return list(topologies.get_topology_desc(name, "cuda").devices)
   except Exception as e:  # no libtpu / CUDA plugin / unsupported name
@@ -89,27 +126,95 @@ def _bytes_per_device(tree, shardings) -> int:
   return total
 
 
-def compile_train_step(config, devices, *, label: str) -> dict:
-  """Lowers and compiles the train step of ``config`` on ``devices``; returns a row of the memory table."""
+def _cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # older jax: one dict per program
+    cost = cost[0] if cost else {}
+  return dict(cost or {})
+
+
+def splash_kernel_flops(model_cfg, tokens: int, batch_per_chip: float) -> float:
+  """FLOPs per chip of the splash-attention kernels in one train step, which the TPU compiler's cost analysis does
+  not see (a Mosaic kernel is an opaque custom call without a cost estimate).
+
+  Per layer, sample and head over the padded joint sequence N: forward ``QKᵀ`` and ``PV`` 4·N²·D; backward the dq
+  kernel (scores again, dP, dq: 6·N²·D) and the dkv kernel (scores again, dV, dP, dK: 8·N²·D); a remat policy that
+  does not keep the kernel's residuals (``"attention_out"``) runs the forward once more.
+  """
+  if model_cfg.attention != "splash":
+    return 0.0
+  pad = model_cfg.pad_tokens_to
+  n = -(-tokens // pad) * pad if pad else tokens
+  per_call = float(n) * n * model_cfg.head_dim * model_cfg.num_heads
+  recompute = model_cfg.remat in ("full", "dots")
+  return batch_per_chip * model_cfg.num_layers * per_call * (4 + 14 + (4 if recompute else 0))
+
+
+def _compile(config, devices, experiment):
+  """(compiled, seconds, experiment, mesh) of the train step of ``config`` on ``devices``."""
   import jax
-  import numpy as np
 
   from layerflow_jax import sharding as shd
   from layerflow_jax.train import step as step_lib
   from layerflow_jax.train.experiment import Experiment
 
   mesh = shd.make_mesh(config.mesh, devices)
-  exp = Experiment(config, mesh)
+  exp = (experiment or Experiment)(config, mesh)
   abstract = exp.abstract_state()
   shardings = exp.state_shardings(abstract)
   state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch_in = _batch_specs(exp, lambda ndim: shd.data_sharding(mesh, ndim))
+  batch_in = (exp.batch_specs(lambda ndim: shd.data_sharding(mesh, ndim)) if hasattr(exp, "batch_specs")
+              else _batch_specs(exp, lambda ndim: shd.data_sharding(mesh, ndim)))
   fn = step_lib.compile_train_step(exp, shardings, None)
   t0 = time.time()
   with shd.use_mesh(mesh):
-    lowered = fn.lower(state_in, batch_in)
-    compiled = lowered.compile()
-  seconds = time.time() - t0
+    compiled = fn.lower(state_in, batch_in).compile()
+  return compiled, time.time() - t0, exp, abstract, shardings
+
+
+def per_step_cost(config, devices, experiment=None) -> tuple[float, float, float]:
+  """(FLOPs, HBM bytes, seconds spent compiling) per chip of one step of all ``model.num_layers`` blocks, from
+  the step compiled unrolled with 1 and 2 blocks: ``cost(1) + (L − 1) · (cost(2) − cost(1))``.
+
+  Where only some blocks train (stage 1's official subset and stage 3's adapters sit in every 6th block), the small
+  steps train every block (``train.trainable="all"`` for the base, adapters on ``"all"`` blocks): an upper bound,
+  every block costed as a trained one."""
+  costs, seconds = [], 0.0
+  for n in (1, 2):
+    small = config.copy_and_resolve_references()
+    small.model.update(dict(num_layers=n, scan_layers=False))
+    if small.train.trainable == "official_base":
+      small.train.trainable = "all"
+    for adapter in (small.model.get("adapters", None) or {}).values():
+      adapter.blocks = "all"
+    compiled, s, *_ = _compile(small, devices, experiment)
+    cost = _cost(compiled)
+    costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
+    seconds += s
+  layers = int(config.model.num_layers)
+  (f1, b1), (f2, b2) = costs
+  return f1 + (layers - 1) * (f2 - f1), b1 + (layers - 1) * (b2 - b1), seconds
+
+
+def roofline(row: dict, chip: dict) -> dict:
+  """Compute-bound and HBM-bound times per chip and their maximum, the roofline step-time estimate."""
+  compute_s = row["flops_per_chip"] / chip["bf16_flops"]
+  memory_s = row["bytes_per_chip"] / chip["hbm_bytes_per_s"]
+  return {"chip": chip["name"], "hbm_GiB": chip["hbm_GiB"], "compute_s": compute_s, "memory_s": memory_s,
+          "est_step_s": max(compute_s, memory_s), "fits": row["peak_GiB"] <= chip["hbm_GiB"]}
+
+
+def compile_train_step(config, devices, *, label: str, experiment=None) -> dict:
+  """Lowers and compiles the train step of ``config`` on ``devices``; returns a row of the memory table.
+
+  ``experiment`` builds the experiment from ``(config, mesh)`` (default :class:`Experiment`; benchmarks pass one
+  fed latents). On TPU devices the row also has the compiler's FLOPs and bytes per chip and the roofline estimate.
+  """
+  import jax
+  import numpy as np
+
+  compiled, seconds, exp, abstract, shardings = _compile(config, devices, experiment)
+  mesh = exp.mesh
   m = compiled.memory_analysis()
   get = lambda name: int(getattr(m, name, 0) or 0)
   args, out, alias, temp = (get("argument_size_in_bytes"), get("output_size_in_bytes"),
@@ -117,7 +222,16 @@ def compile_train_step(config, devices, *, label: str) -> dict:
   params = sum(int(np.prod(v.shape)) for v in exp.abstract_params.values())
   trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.trainable))
   shape = dict(mesh.shape)
-  return {
+  cost = _cost(compiled)
+  flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  layer_s = 0.0
+  if devices[0].platform == "tpu" and config.model.scan_layers and config.model.num_layers > 1:
+    flops, nbytes, layer_s = per_step_cost(config, devices, experiment)
+  num_text = getattr(exp, "num_text_tokens", 3 * int(config.text_encoder.max_length))  # 3 prompts
+  tokens = num_text + exp.latent_shape[0] * exp.layout.num_clips * (
+      exp.latent_shape[1] // exp.model_cfg.patch_size) * (exp.latent_shape[2] // exp.model_cfg.patch_size)
+  kernel = splash_kernel_flops(exp.model_cfg, tokens, int(config.data.batch_size) / len(devices))
+  row = {
       "config": label, "devices": len(devices), "platform": devices[0].platform,
       "mesh": "×".join(f"{a}={n}" for a, n in shape.items() if n > 1) or "1 device",
       "batch": int(config.data.batch_size), "params_B": params / 1e9, "trainable_B": trainable / 1e9,
@@ -127,7 +241,15 @@ def compile_train_step(config, devices, *, label: str) -> dict:
       "state_GiB": _bytes_per_device(abstract, shardings) / GiB,
       "args_GiB": args / GiB, "out_GiB": out / GiB, "alias_GiB": alias / GiB, "temp_GiB": temp / GiB,
       "peak_GiB": (args + out - alias + temp) / GiB, "compile_s": seconds,
+      "joint_tokens": tokens, "compiler_flops_per_chip": flops, "splash_flops_per_chip": kernel,
+      "flops_per_chip": flops + kernel, "bytes_per_chip": nbytes, "cost_compile_s": layer_s,
+      "device_kind": devices[0].device_kind,
+      "slices": len({getattr(d, "slice_index", 0) for d in devices}),
   }
+  chip = TPU_CHIPS.get(devices[0].device_kind) if devices[0].platform == "tpu" else None
+  if chip:
+    row.update(roofline(row, chip))
+  return row
 
 
 def format_table(rows: list[dict], device_gb: float) -> str:
@@ -143,6 +265,21 @@ def format_table(rows: list[dict], device_gb: float) -> str:
   return "\n".join(lines)
 
 
+def format_roofline(rows: list[dict]) -> str:
+  """The TPU rows: per-chip peak against HBM, the compiler's FLOPs per step, the roofline estimate."""
+  head = ("| config | chips | slices | mesh | peak/chip GiB | HBM GiB | fits | compiler TFLOP/chip | + splash TFLOP/chip "
+          "| HBM GB/chip | est. step s (compute, HBM) | compile s |")
+  lines = ["Compiler estimates, not measurements:", head, "|" + "---|" * (head.count("|") - 1)]
+  for r in rows:
+    if "est_step_s" not in r:
+      continue
+    lines.append(f"| {r['config']} | {r['devices']} {r['chip']} | {r['slices']} | {r['mesh']} | {r['peak_GiB']:.1f} | "
+                 f"{r['hbm_GiB']} | {'yes' if r['fits'] else 'no'} | {r['compiler_flops_per_chip'] / 1e12:.3g} | "
+                 f"{r['splash_flops_per_chip'] / 1e12:.3g} | {r['bytes_per_chip'] / 1e9:.3g} | "
+                 f"{r['est_step_s']:.3g} ({r['compute_s']:.3g}, {r['memory_s']:.3g}) | {r['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- command
 
 
@@ -150,7 +287,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--config", required=True, action="append",
                  help="configs/FILE.py[:ARG]; repeat to compile several configs into one table")
   p.add_argument("--topology", required=True, help="cpu:N | tpu:NAME (e.g. v5p:2x2x2) | gpu:N or gpu:HOSTSxN")
-  p.add_argument("--device-memory-gb", type=float, default=80.0, help="per-device memory for the 'fits' column")
+  p.add_argument("--device-memory-gb", type=float, default=None,
+                 help="per-device memory for the 'fits' column (default: the TPU chip's HBM, else 80)")
+  p.add_argument("--num-slices", type=int, default=1,
+                 help="tpu: this many slices of the topology over DCN (data across slices, the mesh inside one)")
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
@@ -166,9 +306,18 @@ def run(args, overrides) -> int:
   from layerflow_jax.config import load_config
 
   platform, name, count = parse_topology(args.topology)
+  if args.num_slices < 1 or (args.num_slices > 1 and platform != "tpu"):
+    raise SystemExit(f"error: --num-slices {args.num_slices}: expected 1, or more with a tpu:NAME topology")
   configs = [(spec, load_config(spec, overrides)) for spec in args.config]  # bad configs fail before any compile
   devices = None
-  if platform != "cpu" and not os.environ.get(_CHILD):
+  if platform == "tpu":
+    devices = tpu_devices(name, args.num_slices)
+    chip = TPU_CHIPS.get(devices[0].device_kind)
+    memory_gb = args.device_memory_gb or (chip["hbm_GiB"] * GiB / 1e9 if chip else 80.0)
+    print(f"# {len(devices)} compile-only {devices[0].device_kind} devices ({args.num_slices} × {name})", flush=True)
+  else:
+    memory_gb = args.device_memory_gb or 80.0
+  if platform == "gpu" and not os.environ.get(_CHILD):
     devices = _compile_only_devices(platform, name)
   if devices is None:
     import jax
@@ -179,7 +328,7 @@ def run(args, overrides) -> int:
         raise SystemExit(f"error: expected {count} fake CPU devices, have {len(have)}")
       print(f"# compiling for {count} fake CPU devices standing in for {args.topology}", flush=True)
       cmd = [sys.executable, "-m", "layerflow_jax.cli", "compile", "--topology", f"cpu:{count}",
-             "--device-memory-gb", str(args.device_memory_gb)]
+             "--device-memory-gb", str(memory_gb)]
       for spec in args.config:
         cmd += ["--config", spec]
       if args.json:
@@ -189,9 +338,15 @@ def run(args, overrides) -> int:
     devices = have[:count]
   rows = []
   for spec, config in configs:
+    if args.num_slices > 1:
+      from layerflow_jax import sharding as shd
+
+      config = shd.multislice_config(config, len(devices) // args.num_slices, args.num_slices)
     rows.append(compile_train_step(config, devices, label=spec))
-    print(f"# compiled {spec} in {rows[-1]['compile_s']:.0f} s", flush=True)
-  print(format_table(rows, args.device_memory_gb))
+    print(f"# compiled {spec} in {rows[-1]['compile_s']:.1f} s", flush=True)
+  print(format_table(rows, memory_gb))
+  if any("est_step_s" in r for r in rows):
+    print(format_roofline(rows))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=1)

@@ -326,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   try:
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
+    from layerflow_jax import platform
+
+    platform.skip_absent_tpu()  # libtpu installed on a host without TPU chips: no TPU init error at start-up
     logging.basicConfig(level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return int(args.fn(args, overrides) or 0)

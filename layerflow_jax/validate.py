@@ -64,6 +64,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "train.trainable": ("all", "official_base", "adapters"),  # layerflow_jax.train.partition.select
     "model.remat": tuple(REMAT_POLICIES),
     "sampling.sampler": SAMPLERS,
+    "model.attention": ("xla", "cudnn", "chunked", "splash"),  # layerflow_jax.model.attention.attend
 }
 
 
@@ -208,6 +209,42 @@ def check_shapes(config: mlc.ConfigDict) -> None:
     if (v // spatial) % patch:
       fail(f"data.{key}", v, f"its latent size {v // spatial} (÷ autoencoder.spatial={spatial}) is not divisible "
            f"by model.patch_size={patch}", f"a multiple of {spatial * patch}")
+
+
+def joint_tokens(config: mlc.ConfigDict) -> int | None:
+  """Tokens of the joint [text; video] sequence (3 prompts × text_encoder.max_length + video tokens), when the
+  codec states its compression in the config (the pixel codec; None for the CogVideoX VAE, whose factors live in
+  its config.json)."""
+  factors = _codec_factors(config)
+  if factors is None or not all(_has(config, k) for k in ("data.frames", "data.height", "data.width")):
+    return None
+  spatial, temporal = factors
+  patch = int(_get(config, "model.patch_size", 1))
+  d = config.data
+  clips = layers.get_layout(_get(config, "layout", "rgba")).num_clips
+  video = clips * (d.frames // temporal) * (d.height // spatial // patch) * (d.width // spatial // patch)
+  return 3 * int(_get(config, "text_encoder.max_length", 0)) + video
+
+
+def check_splash(config: mlc.ConfigDict, sequence: int) -> None:
+  """``model.attention='splash'`` tiles the joint sequence in blocks of 128 tokens: without sequence parallelism
+  (where each shard pads to the tiles itself) ``model.pad_tokens_to`` must make the length a multiple of 128."""
+  from layerflow_jax.model import attention
+
+  if _get(config, "model.attention") != "splash" or sequence != 1:  # (-1: unknown before the devices are)
+    return
+  tile, pad = attention.SPLASH_TILE, int(_get(config, "model.pad_tokens_to", 0))
+  tokens = joint_tokens(config)
+  if tokens is None:
+    if pad % tile:
+      fail("model.pad_tokens_to", pad, f"with model.attention='splash' the joint sequence must tile into blocks "
+           f"of {tile} tokens, and its length is not known before the codec loads", f"a multiple of {tile} (e.g. 512)")
+    return
+  padded = -(-tokens // pad) * pad if pad else tokens
+  if padded % tile:
+    fail("model.pad_tokens_to", pad, f"the joint sequence of {tokens} tokens" + (f" padded to {padded}" if pad else "")
+         + f" does not tile into model.attention='splash' blocks of {tile} tokens",
+         f"a multiple of {tile} (e.g. 512), or model.attention other than 'splash'")
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -417,6 +454,7 @@ def validate(config: mlc.ConfigDict, *, num_devices: int | None = None, process_
       fail("model.pad_tokens_to", _get(config, "model.pad_tokens_to"),
            f"pads the joint sequence, which sequence parallelism (mesh sequence={shape['sequence']}) cannot split",
            "0 with mesh.sequence > 1")
+  check_splash(config, int(shape.get("sequence", 1)) if shape is not None else _get(config, "mesh.sequence", 1))
   if check_chain:
     check_init_from(config)
   return shape

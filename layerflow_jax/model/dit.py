@@ -72,7 +72,7 @@ class DiTConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"  # "none" | "full" | "dots" | "save_attention"
-  attention: str = "xla"  # "xla" | "cudnn" | "chunked" (see model/attention.py)
+  attention: str = "xla"  # "xla" | "cudnn" | "chunked" | "splash" (see model/attention.py)
   fused_qkv: bool = False  # one [in, 3, out] matmul for q, k, v (blocks without q/k/v LoRA); same values
   # Pad the joint [text; video] sequence inside each block to a multiple of this (0: off); the padding keys are
   # masked in attention and the padded rows dropped, so values are unchanged. 2B RGBA has 22,278 tokens (= 2 · odd):
