@@ -170,7 +170,9 @@ def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, sto
   workdir = pathlib.Path(workdir)
   with _StopFlag() as stop, contextlib.ExitStack() as held:
     try:
-      return _train(config, workdir, stop, held, mesh=mesh, stop_after=stop_after, progress=progress)
+      summary = _train(config, workdir, stop, held, mesh=mesh, stop_after=stop_after, progress=progress)
+      stop.check()  # a second Ctrl-C swallowed during the final save (after the loop's last check) still counts
+      return summary
     except KeyboardInterrupt:  # the second Ctrl-C (see _StopFlag): say what is safe on disk, in one line
       if not stop.signal:
         raise
