@@ -145,12 +145,34 @@ def test_second_job_on_a_locked_workdir_is_refused_and_a_dead_holder_is_taken_ov
 # ----------------------------------------------------------------------------- second Ctrl-C (a real process)
 
 
+# The real CLI, with the final wait for the checkpoint made as slow as a large model's save. The tiny run has
+# nothing left to do once stopped (no eval batches, its step already on disk), so without it the run can save
+# and exit between the first signal and the second, and a second Ctrl-C after the run has saved has nothing
+# to interrupt (seen in full-suite runs: exit 0).
+_SLOW_FINAL_SAVE = """
+import sys, time
+from layerflow_jax import cli
+from layerflow_jax.train import checkpoint
+
+_wait = checkpoint.Checkpointer.wait
+
+def slow_wait(self):
+  time.sleep(120)
+  _wait(self)
+
+checkpoint.Checkpointer.wait = slow_wait
+sys.argv[0] = "layerflow"
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
 def test_second_ctrl_c_says_which_checkpoint_is_safe(data_dir, run_dir, tmp_path):
   work = _copy(run_dir, tmp_path)
   log = tmp_path / "train.log"
   with open(log, "w") as out:
-    p = subprocess.Popen(_layerflow() + ["train", "--config", SPEC, "--workdir", str(work), "--no-progress"]
-                         + _flags(data_dir), cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_FINAL_SAVE, "train", "--config", SPEC, "--workdir",
+                          str(work), "--no-progress"] + _flags(data_dir),
+                         cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
   lock = work / workdir_lock.LOCK_NAME
   deadline = time.time() + 300
   try:  # the lock is taken once the run's signal handler is installed, before the restore and the compilation
