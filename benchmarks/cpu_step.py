@@ -73,7 +73,8 @@ def main(argv=None) -> int:
       with shd.use_mesh(exp.mesh):
         state, _ = train(state, batch)
         # the step donates its state: time it on a fresh copy each call
-        step_ms = _ms(lambda: train(jax.tree.map(jnp.copy, state), batch)[1]["loss"], repeats=args.repeats)
+        step_ms = _ms(lambda train=train, state=state, batch=batch: train(jax.tree.map(jnp.copy, state), batch)[1]["loss"],
+                      repeats=args.repeats)
       if not attention_ms:
         m = exp.model_cfg
         tokens = exp.latent_frames * exp.layout.num_clips * (exp.latent_shape[1] // m.patch_size) * (

@@ -100,7 +100,7 @@ def run_torch(model, x_np, *, dtype: str, tiled: bool, warmup: int, repeats: int
         fn = lambda: model.encode(x).latent_dist.mode()
       else:
         z = out["encode"]["value_t"]
-        fn = lambda: model.decode(z).sample
+        fn = lambda z=z: model.decode(z).sample
       first, times, value = _timed(fn, sync, warmup, repeats)
       out[op] = dict(first_s=first, times=times, value_t=value,
                      value=value.float().cpu().numpy().transpose(0, 2, 3, 4, 1),

@@ -22,7 +22,7 @@ def int_in(low: int, high: int):
     try:
       value = int(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer in [{low}, {high}]")
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer in [{low}, {high}]") from None
     if not low <= value <= high:
       raise argparse.ArgumentTypeError(f"{value} is out of range; expected an integer in [{low}, {high}]")
     return value
@@ -36,7 +36,7 @@ def float_in(low: float, high: float):
     try:
       value = float(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a number in [{low}, {high}]")
+      raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a number in [{low}, {high}]") from None
     if not math.isfinite(value) or not low <= value <= high:
       raise argparse.ArgumentTypeError(f"{value} is out of range; expected a number in [{low}, {high}]")
     return value

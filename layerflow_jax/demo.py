@@ -7,7 +7,6 @@ import pathlib
 import time
 from typing import Sequence
 
-
 DEMO_SPEC = "configs/stages.py:demo"
 
 

@@ -162,7 +162,7 @@ def contact_sheet(path, previews: dict[str, list[dict]], *, clips: int = 2) -> s
   from layerflow_jax import media
 
   rows, labels = [], None
-  for task, samples in previews.items():
+  for samples in previews.values():
     for s in samples[:clips]:
       columns = media.preview_columns(s, recomposite=False)
       t = columns[0][1].shape[0] // 2

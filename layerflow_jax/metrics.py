@@ -12,8 +12,8 @@ from typing import Mapping
 
 import numpy as np
 
-from layerflow_jax import layers as L
 from data_pipelines import synthetic as _synthetic
+from layerflow_jax import layers as L
 
 PSNR_CAP_DB = 100.0
 EXAMPLE_NDIM = 4

@@ -25,7 +25,8 @@ from typing import Iterator, Sequence
 import jax
 from flax import nnx
 from flax.core import spmd as core_spmd
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 

@@ -12,8 +12,16 @@ import numpy as np
 import pytest
 
 from configs import default
-from data_pipelines import (importing, layerflow_folder, layerflow_images, layerflow_videos, layout_writer,
-                            pipeline, synthetic, transforms)
+from data_pipelines import (
+  importing,
+  layerflow_folder,
+  layerflow_images,
+  layerflow_videos,
+  layout_writer,
+  pipeline,
+  synthetic,
+  transforms,
+)
 from layerflow_jax import layers
 
 SRC_FRAMES, FRAMES, H, W = 10, 5, 16, 24

@@ -15,8 +15,16 @@ import numpy as np
 import pytest
 
 from configs import default
-from data_pipelines import (layerflow_folder, layerflow_images, layerflow_latents, layerflow_videos, layout_writer,
-                            mixture, pipeline, synthetic, transforms)
+from data_pipelines import (
+  layerflow_folder,
+  layerflow_images,
+  layerflow_videos,
+  layout_writer,
+  mixture,
+  pipeline,
+  synthetic,
+  transforms,
+)
 from layerflow_jax import layers
 
 FRAMES, H, W = 4, 16, 16

@@ -241,7 +241,7 @@ def _torch_reference(sampler, num_steps, g, dynamic, x_T, noises=None, given=Non
       import diffusers.schedulers.scheduling_dpm_cogvideox as dpm_mod
 
       orig = dpm_mod.randn_tensor
-      dpm_mod.randn_tensor = lambda *a, **k: noise.clone()
+      dpm_mod.randn_tensor = lambda *a, noise=noise, **k: noise.clone()
       try:
         x, old = s.step(v, old, t, s.timesteps[i - 1] if i > 0 else None, x, return_dict=False)
       finally:

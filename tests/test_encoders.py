@@ -30,8 +30,10 @@ from transformers import T5EncoderModel, T5Tokenizer  # noqa: E402
 from layerflow_jax import codec as codec_lib  # noqa: E402
 from layerflow_jax import text as text_lib  # noqa: E402
 from layerflow_jax.config import load_config  # noqa: E402
-from layerflow_jax.encoders import t5  # noqa: E402
-from layerflow_jax.encoders import vae  # noqa: E402
+from layerflow_jax.encoders import (
+  t5,  # noqa: E402
+  vae,  # noqa: E402
+)
 
 REL_TOL = 1e-4
 TEXT_LEN = 16

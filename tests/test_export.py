@@ -25,9 +25,13 @@ from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransf
 from configs import default  # noqa: E402
 from layerflow_jax import cli  # noqa: E402
 from layerflow_jax.diffusion import samplers  # noqa: E402
-from layerflow_jax.export import convert, diffusers_folder, peft_lora  # noqa: E402
+from layerflow_jax.export import (  # noqa: E402
+  convert,
+  diffusers_folder,
+  peft_lora,
+  torch_extras,  # noqa: E402
+)
 from layerflow_jax.export import diffusers_weights as dw  # noqa: E402
-from layerflow_jax.export import torch_extras  # noqa: E402
 from layerflow_jax.model import DiTConfig  # noqa: E402
 from layerflow_jax.model import lora as lora_lib  # noqa: E402
 from layerflow_jax.train import checkpoint as ckpt_lib  # noqa: E402

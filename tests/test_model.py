@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from layerflow_jax.model import DiTConfig, create_model
-from layerflow_jax.model import embeddings, lora
+from layerflow_jax.model import DiTConfig, create_model, embeddings
 from layerflow_jax.train import partition
 
 CFG = DiTConfig(num_layers=2, num_heads=2, head_dim=16, time_embed_dim=32, in_channels=8, out_channels=8,

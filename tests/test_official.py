@@ -78,7 +78,7 @@ def make_sat_state_dict(variant: str, seed: int = 0, dtype=torch.float32) -> dic
     put("mixins.pos_embed.txt_embedder.0", (rnd(D, 1), rnd(D, std=0.1)))
     put("mixins.pos_embed.txt_embedder.1", ln(D))
   for n in range(LAYERS):
-    a, tl = f"mixins.adaln_layer.", f"transformer.layers.{n}."
+    a, tl = "mixins.adaln_layer.", f"transformer.layers.{n}."
     put(f"{a}adaLN_modulations.{n}.1", lin(12 * D, TEMB, std=0.3 / math.sqrt(TEMB)))
     put(f"{a}query_layernorm_list.{n}", ln(HEAD_DIM))
     put(f"{a}key_layernorm_list.{n}", ln(HEAD_DIM))

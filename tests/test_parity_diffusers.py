@@ -11,7 +11,6 @@ in float32 (matmuls at precision "highest").
 from __future__ import annotations
 
 import dataclasses
-
 import math
 
 import numpy as np
@@ -26,7 +25,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from diffusers import CogVideoXTransformer3DModel  # noqa: E402
 from diffusers.models.embeddings import (  # noqa: E402
-    get_3d_rotary_pos_embed, get_3d_sincos_pos_embed, get_timestep_embedding)
+  get_3d_rotary_pos_embed,
+  get_3d_sincos_pos_embed,
+  get_timestep_embedding,
+)
 from flax import nnx  # noqa: E402
 
 from layerflow_jax.export import diffusers_weights as dw  # noqa: E402
@@ -274,7 +276,8 @@ def test_load_refuses_bad_state_dict_and_lists_keys():
 
 def test_load_keeps_parameter_shardings():
   """Loading into a sharded model keeps each parameter's sharding (8 fake CPU devices from conftest)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   cfg = _cfg("sincos")
   model = create_model(cfg, seed=1)

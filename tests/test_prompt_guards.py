@@ -19,11 +19,10 @@ dependence must exceed ``SIGNAL`` = 100 × that (the perturbed tiny model's text
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
-
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from layerflow_jax import layers
 from layerflow_jax import sharding as shd

@@ -8,8 +8,8 @@ import pytest
 from configs import default
 from data_pipelines import layerflow_synthetic, registry, synthetic
 from layerflow_jax import evaluate, validate
-from layerflow_jax.config import ConfigError, load_config
 from layerflow_jax import sweep as hyper
+from layerflow_jax.config import ConfigError, load_config
 
 F, S = 6, 16
 

@@ -24,8 +24,7 @@ import numpy as np
 import optax
 import pytest
 
-from layerflow_jax import cli
-from layerflow_jax import validate
+from layerflow_jax import cli, validate
 from layerflow_jax.config import ConfigError, load_config
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib

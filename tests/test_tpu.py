@@ -23,8 +23,7 @@ from flax import nnx
 from layerflow_jax import sharding as shd
 from layerflow_jax import validate
 from layerflow_jax.config import ConfigError, load_config
-from layerflow_jax.model import DiTConfig, create_model
-from layerflow_jax.model import attention
+from layerflow_jax.model import DiTConfig, attention, create_model
 from layerflow_jax.train import partition
 
 RTOL = 1e-4  # relative to the reference's largest magnitude (see the module docstring)

@@ -1,10 +1,8 @@
 """End-to-end: a 2-layer model, few steps, through the CLI (train → resume → sample) and the stage chain."""
 
 import json
-import pathlib
 import re
 
-import jax
 import numpy as np
 import pytest
 

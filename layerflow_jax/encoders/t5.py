@@ -28,7 +28,6 @@ from flax import nnx
 from layerflow_jax.encoders import weights as weights_lib
 from layerflow_jax.model.dit import DTYPES
 
-
 # transformers keys the module may carry besides ours: the encoder's copy of the tied embedding.
 _ALIASES = {"encoder.embed_tokens.weight": "shared.weight"}
 

@@ -329,7 +329,7 @@ def from_extras_state_dict(model, state_dict: Mapping[str, Any]) -> None:
     updates[("pos_table",)] = sd["pos_embedding.weight"]
   for spec in getattr(model.cfg, "adapters", ()):
     for t in spec.targets:
-      base = lambda blk: f"adapters.{spec.name}.transformer_blocks.{blk}.{_LORA_MODULES[t]}"
+      base = lambda blk, spec=spec, t=t: f"adapters.{spec.name}.transformer_blocks.{blk}.{_LORA_MODULES[t]}"
       for ab, leaf in (("A", "a"), ("B", "b")):
         updates[("adapters", spec.name, f"{t}_{leaf}")] = np.stack(
             [sd[f"{base(blk)}.lora_{ab}.weight"].T for blk in spec.blocks])

@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import ml_collections as mlc
 import numpy as np
@@ -447,7 +447,7 @@ def make_config(base: mlc.ConfigDict, det: Detected, net: Mapping[str, np.ndarra
   m.size = next((name for name, s in sizes.items() if all(m.get(k) == val for k, val in s.items()
                                                            if k != "pos_embed")), "imported")
   m.adapters = mlc.ConfigDict()
-  for name, (down, _, blocks) in adapters.items():
+  for name, (_, _, blocks) in adapters.items():
     rank = dims.motion_rank if name == "motion" else dims.content_rank
     m.adapters[name] = mlc.ConfigDict(dict(rank=rank, alpha=1.0, targets="q,k,v,out", blocks=list(blocks),
                                            switch=name == "motion"))

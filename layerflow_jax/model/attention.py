@@ -40,7 +40,6 @@ from jax.sharding import PartitionSpec as P
 
 from layerflow_jax import sharding as shd
 
-
 QUERY_CHUNK = 1024
 SPLASH_TILE = 128  # splash block sizes are multiples of this (the TPU lane width)
 SPLASH_BLOCKS = (512, 256, 128)  # tried largest first: the block is the largest that divides the sequence

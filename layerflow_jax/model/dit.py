@@ -426,13 +426,13 @@ class LayerFlowDiT(nnx.Module):
 
     carry = (x, enc)
     for seg in lora_lib.segments(cfg.adapters, cfg.num_layers):
-      seg_state = jax.tree.map(lambda a: a[seg.start:seg.stop], stacked)
+      seg_state = jax.tree.map(lambda a, seg=seg: a[seg.start:seg.stop], stacked)
       seg_lora = lora_lib.segment_lora(seg, adapters, cfg.adapters)
       if cfg.scan_layers:
         carry, _ = jax.lax.scan(body, carry, (seg_state, seg_lora))
       else:
         for i in range(seg.stop - seg.start):
-          carry, _ = body(carry, jax.tree.map(lambda a: a[i], (seg_state, seg_lora)))
+          carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], (seg_state, seg_lora)))
     return carry
 
   def __call__(self, latents, timesteps, text, adapter_scales: Mapping[str, Any] | None = None,

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import optax
 from flax import nnx, struct
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from layerflow_jax import codec as codec_lib
 from layerflow_jax import layers
