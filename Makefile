@@ -6,7 +6,7 @@ export TF_CPP_MIN_LOG_LEVEL := 3
 
 PIP    := $(BIN)/pip install -q -c constraints.txt
 
-.PHONY: demo test test-slow test-all lock clean
+.PHONY: demo test test-slow test-all lint format lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ $(VENV)/.test: pyproject.toml constraints.txt | $(BIN)/python
 	$(PIP) -e ".[video,test,torch,tpu]"
 	touch $@ $(VENV)/.demo
 
+$(VENV)/.lint: pyproject.toml constraints.txt | $(BIN)/python
+	$(PIP) -e ".[video,test,torch,tpu,lint]"
+	touch $@ $(VENV)/.test $(VENV)/.demo
+
 demo: $(VENV)/.demo
 	$(BIN)/layerflow demo --workdir demo_out
 
@@ -31,6 +35,17 @@ TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaf
 
 test: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m "not slow" -n $(TEST_WORKERS) --dist loadfile
+
+# The gate (.ci/run, before the tests; under a minute): ruff's rules and format, pyright on the library, vulture.
+lint: $(VENV)/.lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/pyright
+	$(BIN)/vulture
+
+format: $(VENV)/.lint
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-slow: $(VENV)/.test
 	$(BIN)/python -m pytest -q -m slow
@@ -42,7 +57,7 @@ test-all: $(VENV)/.test
 # them to constraints.txt. Then run `make test` on it before committing the new pins.
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q --upgrade pip
-	.venv-lock/bin/pip install -q -e ".[video,test,torch,tpu]"
+	.venv-lock/bin/pip install -q -e ".[video,test,torch,tpu,lint]"
 	{ sed -n '1,2p' constraints.txt; .venv-lock/bin/pip freeze --exclude-editable | sed -E 's/^(torch==[0-9.]+)\+cpu/\1/'; } \
 	  > constraints.txt.new && mv constraints.txt.new constraints.txt && rm -rf .venv-lock
 
