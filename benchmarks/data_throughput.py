@@ -1,7 +1,7 @@
 """Input-pipeline throughput: clips per second per process for each stage's mixture, next to what a step consumes.
 
 Writes data in the official layouts (layered videos, layered images, plain mp4 backgrounds), imports them with the
-TFDS builders, then runs each stage's Grain pipeline (``data_pipelines.mixture``) in-process and with Grain worker
+TFDS builders, then runs each stage's Grain pipeline (``data_pipelines.pipeline``) in-process and with Grain worker
 processes, at the tiny size (8 frames of 16×16) and at 480×720 × 16 frames per clip. A *clip* is one training
 example: the layered sample (fg, alpha, bg, blend sub-clips) the model sees as one video.
 
@@ -94,9 +94,9 @@ def make_config(root: pathlib.Path, roots: dict, frames: int, height: int, width
 
 def measure(config, seconds: float, min_batches: int = 3) -> tuple[float, int]:
   """Clips per second of the stage iterator (after its first batch, i.e. after workers are up)."""
-  from data_pipelines import mixture
+  from data_pipelines import pipeline
 
-  it = mixture.make_train_iterator(config)
+  it = pipeline.make_iterator(config)
   try:
     next(it)
     n, t0 = 0, time.perf_counter()
@@ -116,7 +116,7 @@ def tiny_step_ms(config) -> float:
   import jax
   import numpy as np
 
-  from data_pipelines import mixture
+  from data_pipelines import pipeline
   from layerflow_jax.train import step as step_lib
   from layerflow_jax.train import trainer
   from layerflow_jax.train.experiment import Experiment
@@ -127,7 +127,7 @@ def tiny_step_ms(config) -> float:
   shardings = exp.state_shardings(abstract)
   state = exp.init_state()
   fn = step_lib.compile_train_step(exp, shardings, None)
-  it = mixture.make_train_iterator(config)
+  it = pipeline.make_iterator(config)
   batches = [trainer.global_batch(exp, next(it)) for _ in range(7)]
   times = []
   for b in batches:

@@ -67,31 +67,6 @@ def build(size: str, stage: str, chips: int, remat: str | None):
   return spec, shape, config
 
 
-def make_experiment(shape):
-  import jax
-  import jax.numpy as jnp
-
-  from benchmarks import train_step as ts
-
-  class Latents(ts.LatentExperiment):
-    """Fed packed latents and text embeddings; states the batch ``compile_train_step`` lowers with."""
-
-    num_text_tokens = shape.text_tokens
-
-    def __init__(self, config, mesh):
-      super().__init__(config, shape, mesh)
-
-    def batch_specs(self, sharding_for):
-      b = shape.batch
-      shapes = {"video": (b, shape.latent_frames, shape.height, shape.width, shape.channels),
-                "tokens": (b, shape.text_tokens, shape.text_dim)}
-      for key in dict(self.config.train.get("adapter_scale_keys", {}) or {}).values():
-        shapes[key] = (b,)
-      return {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding_for(len(s))) for k, s in shapes.items()}
-
-  return Latents
-
-
 def model_flops(shape, config, stage: str) -> tuple[float, str]:
   from layerflow_jax.model import lora as lora_lib
 
@@ -118,7 +93,7 @@ def run_row(row: str) -> dict:
     spec, shape, config = build(size, stage, len(devices), remat)
     if slices > 1:
       config = shd.multislice_config(config, len(devices) // slices, slices)
-    r = aot.compile_train_step(config, devices, label=row, experiment=make_experiment(shape))
+    r = aot.compile_train_step(config, devices, label=row)
     out = dict(r, remat=config.model.remat)
     print(f"# {row}: remat={config.model.remat} peak {r['peak_GiB']:.1f} GiB of {chip['hbm_GiB']} "
           f"({'fits' if r['fits'] else 'does not fit'}), compiled in {r['compile_s']:.0f} s", flush=True)

@@ -2,7 +2,8 @@
 
 What is measured is what training runs: ``Experiment`` from a named config, ``train.step.train_step`` compiled by
 ``compile_train_step`` (donated state, AdamW with clipping and the non-finite guard, task draw, masked v-loss) —
-fed precomputed latents and text embeddings (the codec and text encoder are bypassed, see ``LatentExperiment``).
+fed precomputed latents and text embeddings (a ``data.cached`` batch of ``data_pipelines.spec.batch_spec``, so the
+codec and text encoder are bypassed; see ``build_config``).
 
 Modes (``--modes``, comma-separated, run in order in this one process):
   train   full training step (every parameter trains) — configs/default.py:size=2b
@@ -107,7 +108,6 @@ if __name__ == "__main__":
   _ARGS = parse_args()
   apply_env(_ARGS)
 
-import dataclasses  # noqa: E402
 import re  # noqa: E402
 import traceback  # noqa: E402
 from typing import Any  # noqa: E402
@@ -116,8 +116,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P
 
 from layerflow_jax import sharding as shd  # noqa: E402
 from layerflow_jax.config import apply_overrides, load_config  # noqa: E402
@@ -126,33 +124,6 @@ from layerflow_jax.model import dit  # noqa: E402
 from layerflow_jax.train import partition  # noqa: E402
 from layerflow_jax.train import step as step_lib  # noqa: E402
 from layerflow_jax.train.experiment import Experiment  # noqa: E402
-
-
-class LatentExperiment(Experiment):
-  """An ``Experiment`` fed precomputed latents and text embeddings (the issue: bypass codec and text encoder).
-
-  ``batch["video"]`` holds packed latents [B, F, h, w, c] and ``batch["tokens"]`` text embeddings [B, P·L, D]; the
-  encoders become identities. The config's pixel codec only fixes the latent grid (it cannot make 16 channels), so
-  the model description is rebuilt for the shape's latent channels and text width, and everything ``Experiment``
-  derives from it (graph, abstract parameters, parameter specs, trainable selection) is derived again.
-  """
-
-  def __init__(self, config, shape: bc.Shape, mesh):
-    super().__init__(config, mesh)
-    self.model_cfg = dataclasses.replace(self.model_cfg, in_channels=shape.channels, out_channels=shape.channels,
-                                         text_embed_dim=shape.text_dim)
-    self.latent_shape = tuple(self.latent_shape[:3]) + (shape.channels,)
-    self.derive_from_model_cfg()
-
-  def encode_video(self, video):
-    return video
-
-  def encode_text(self, tokens):
-    return tokens
-
-  def decode_video(self, latents):
-    return latents
-
 
 # ----------------------------------------------------------------------------- setup
 
@@ -167,10 +138,14 @@ def build_config(args: argparse.Namespace, shape: bc.Shape, mode: str):
   if not os.path.exists(path) and (bc.ROOT / path).exists():  # run from elsewhere than the repository root
     path = str(bc.ROOT / path)
   config = load_config(path + sep + arg)
-  config.data.frames = shape.frames_per_clip * 4  # the pixel codec below maps these onto the latent grid
+  config.data.frames = shape.frames_per_clip * 4  # the latent codec below maps these onto the latent grid
   config.data.height, config.data.width = shape.height * 8, shape.width * 8
   config.data.batch_size = shape.batch
-  config.autoencoder.kind, config.autoencoder.spatial, config.autoencoder.temporal = "pixel", 8, 4
+  # Cached batches (latents and text embeddings of the shape's sizes): the latent codec gives the grid and the
+  # channels, the text encoder's settings the embeddings; the model is built for both (DiTConfig.from_config).
+  config.data.cached = True
+  config.autoencoder.update(dict(kind="latent", spatial=8, temporal=4, latent_channels=shape.channels))
+  config.text_encoder.update(dict(max_length=shape.text_len, dim=shape.text_dim))
   m = config.model
   m.dtype = args.dtype
   m.attention = args.attention
@@ -188,16 +163,15 @@ def build_config(args: argparse.Namespace, shape: bc.Shape, mode: str):
   return spec, config
 
 
-def make_batch(shape: bc.Shape, exp: Experiment, seed: int = 0) -> dict:
-  k1, k2 = jax.random.split(jax.random.key(seed))
-  b = shape.batch
-  batch = {
-      "video": jax.random.normal(k1, (b, shape.latent_frames, shape.height, shape.width, shape.channels), jnp.float32),
-      "tokens": jax.random.normal(k2, (b, shape.text_tokens, shape.text_dim), jnp.float32),
-  }
-  for key in dict(exp.config.train.get("adapter_scale_keys", {}) or {}).values():
-    batch[key] = jnp.zeros((b,), jnp.float32)  # stage 3: video clips (motion LoRA off); the compute is the same
-  return jax.device_put(batch, NamedSharding(exp.mesh, P()))
+def make_batch(exp: Experiment, seed: int = 0) -> dict:
+  """Random latents and text embeddings of the batch spec (all clips valid, motion LoRA off: stage 3's video
+  clips; the compute is the same), sharded as training shards them."""
+  spec = exp.batch_spec
+  keys = dict(zip(("latents", "text"), jax.random.split(jax.random.key(seed))))
+  make = {"latents": lambda s: jax.random.normal(keys["latents"], s.shape, s.dtype),
+          "text": lambda s: jax.random.normal(keys["text"], s.shape, s.dtype),
+          "clip_valid": lambda s: jnp.ones(s.shape, s.dtype), "motion_scale": lambda s: jnp.zeros(s.shape, s.dtype)}
+  return {k: jax.device_put(make[k](s), s.sharding) for k, s in spec.items()}
 
 
 def matmul_tflops(size: int, reps: int = 10) -> tuple[float, str]:
@@ -271,7 +245,7 @@ def print_record(rec: dict[str, Any]) -> None:
 def run_train(args, shape: bc.Shape, mode: str, matmul: float | None) -> dict[str, Any]:
   spec, config = build_config(args, shape, mode)
   mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
-  exp = LatentExperiment(config, shape, mesh)
+  exp = Experiment(config, mesh)
   rec = base_record(args, shape, mode, spec, config)
   t0 = time.perf_counter()
   with shd.use_mesh(mesh):
@@ -280,7 +254,7 @@ def run_train(args, shape: bc.Shape, mode: str, matmul: float | None) -> dict[st
   rec["init_s"] = round(time.perf_counter() - t0, 2)
   rec["params"] = int(sum(np.prod(v.shape) for v in exp.abstract_params.values()))
   rec["trainable_params"] = int(partition.count(state.trainable))
-  batch = make_batch(shape, exp)
+  batch = make_batch(exp)
   fn = step_lib.compile_train_step(exp, exp.state_shardings(state), None)
 
   with shd.use_mesh(mesh):
@@ -341,7 +315,7 @@ def run_train(args, shape: bc.Shape, mode: str, matmul: float | None) -> dict[st
 def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
   spec, config = build_config(args, shape, "sample")
   mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
-  exp = LatentExperiment(config, shape, mesh)
+  exp = Experiment(config, mesh)
   rec = base_record(args, shape, "sample", spec, config)
   dtype = jnp.dtype(args.dtype)
 
@@ -366,8 +340,8 @@ def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
     return samplers.sample(velocity, x_T, sched=exp.schedule, num_steps=num_steps, sampler="ddim",
                            guidance_scale=g)
 
-  batch = make_batch(shape, exp)
-  x_T = jax.random.normal(jax.random.key(2), batch["video"].shape, jnp.float32)
+  batch = make_batch(exp)
+  x_T = jax.random.normal(jax.random.key(2), batch["latents"].shape, jnp.float32)
   with shd.use_mesh(mesh):
     t0 = time.perf_counter()
     params = jax.jit(init_params)()
@@ -375,17 +349,17 @@ def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
     rec["init_s"] = round(time.perf_counter() - t0, 2)
     fn = jax.jit(sample)
     t0 = time.perf_counter()
-    compiled = fn.lower(params, batch["tokens"], x_T).compile()
+    compiled = fn.lower(params, batch["text"], x_T).compile()
     t1 = time.perf_counter()
     times = []
     for _ in range(args.sample_repeats):
       t = time.perf_counter()
-      out = compiled(params, batch["tokens"], x_T)
+      out = compiled(params, batch["text"], x_T)
       out.block_until_ready()
       times.append(time.perf_counter() - t)
     if args.profile:
       with jax.profiler.trace(os.path.join(args.profile, "sample"), create_perfetto_trace=True):
-        compiled(params, batch["tokens"], x_T).block_until_ready()
+        compiled(params, batch["text"], x_T).block_until_ready()
       rec["profile"] = profile_breakdown(os.path.join(args.profile, "sample"), steps=num_steps)
   total = bc.median(times)
   cfg = exp.model_cfg

@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   c.data.shuffle_seed = 0
   c.data.worker_count = 0  # Grain worker processes (0 = in-process)
   c.data.num_epochs = None  # None = repeat forever
-  # Stage mixtures (data_pipelines/mixture.py): [{name, weight, transform: video|static, motion_scale,
+  # Stage mixtures (data_pipelines/pipeline.py; empty = one entry of data.name): [{name, weight, transform: video|static, motion_scale,
   # background: "" | a dataset whose clips get this entry's foreground by copy-paste, split}].
   c.data.mixture = []
   # Imported data (data_pipelines/layerflow_{folder,images,videos}.py): source folders, sampling, bad records.

@@ -88,7 +88,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.train.lr = 5e-3
     # Layered images repeated into static clips (motion LoRA on) mixed with copy-paste videos (motion LoRA off).
     # With real data: name="layerflow_images" for the first entry, "layerflow_folder" with
-    # background="layerflow_videos" for the second (data_pipelines/mixture.py).
+    # background="layerflow_videos" for the second (data_pipelines/pipeline.py).
     c.data.mixture = [
         dict(name=c.data.name, weight=a.image_weight, transform="static", motion_scale=1.0),
         dict(name=c.data.name, weight=1.0 - a.image_weight, transform="video", background=c.data.name,

@@ -7,7 +7,8 @@
   layerflow data cache --config configs/default.py --data_dir data/tfds --cache_dir data/latents
   layerflow train --config configs/default.py --config.data.cached=True …   # reads the cache
 
-Nothing heavy is imported at module level (the CLI imports this module for its parser).
+The CLI imports this module for its parser on every command, so the dataset modules (TFDS, Grain, jax) are
+imported inside the two commands that use them, not at the top.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 
+from data_pipelines import registry
+from layerflow_jax.config import load_config
+
 
 def _load(args, overrides):
-  from layerflow_jax.config import load_config
-
   config = load_config(args.config, overrides)
   if getattr(args, "data_dir", None):
     config.data.data_dir = args.data_dir
@@ -39,7 +41,7 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_import(args, overrides) -> int:
-  from data_pipelines import importing, registry
+  from data_pipelines import importing  # TFDS and Pillow: only for this command (module docstring)
 
   if args.name not in registry.MANUAL:
     raise SystemExit(f"error: {args.name!r} does not import a folder; expected one of {registry.MANUAL} "
@@ -73,7 +75,7 @@ def add_cache_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_cache(args, overrides) -> int:
-  from data_pipelines import layerflow_latents
+  from data_pipelines import layerflow_latents  # TFDS and jax: only for this command (module docstring)
 
   config = _load(args, overrides)
   config.data.cached = False

@@ -9,14 +9,19 @@ counted and logged with its id by :class:`SkipLog`, which stops the build once t
 
 from __future__ import annotations
 
+import collections
 import inspect
 import json
 import logging
 import pathlib
 import re
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +67,6 @@ def text(value: str, where: str) -> str:
 def local_code_path(cls):
   """A TFDS builder's ``code_path``: its own file (TFDS otherwise probes ``importlib_resources``, not a
   dependency). Builders set ``code_path = tfds.core.utils.classproperty(classmethod(local_code_path))``."""
-  from etils import epath
-
   return epath.Path(inspect.getfile(cls))
 
 
@@ -107,8 +110,6 @@ def list_frames(folder: pathlib.Path) -> list[str]:
 
 def read_image(path: pathlib.Path, mode: str) -> np.ndarray:
   """uint8 [H, W, C] in Pillow ``mode`` ("RGB", "L", "RGBA"); BadRecord naming the file if unreadable."""
-  from PIL import Image
-
   try:
     with Image.open(path) as im:
       if mode == "RGBA" and "A" not in im.getbands() and "transparency" not in im.info:
@@ -146,8 +147,6 @@ def resize(frames: np.ndarray, height: int, width: int, *, mode: str = "crop",
            box: tuple[int, int, int, int] | None = None) -> np.ndarray:
   """uint8 [T, H, W, C] → [T, height, width, C] (centre crop to the aspect ratio first when ``mode="crop"``;
   ``box`` crops a given (left, top, right, bottom) window instead). Bicubic for colour, bilinear for mattes."""
-  from PIL import Image
-
   if mode not in RESIZE_MODES:
     raise ValueError(f"resize mode {mode!r} unknown; expected one of {RESIZE_MODES}")
   t, h, w, c = frames.shape
@@ -206,9 +205,6 @@ class SkipLog:
 def imap_ordered(fn, items: Sequence, threads: int = 4) -> Iterable:
   """``map(fn, items)`` on a thread pool, in order, with at most ``2 · threads`` results pending (Pillow and
   imageio decode outside the GIL; the bound keeps memory flat on large videos)."""
-  import collections
-  from concurrent.futures import ThreadPoolExecutor
-
   if threads <= 1 or len(items) <= 1:
     yield from map(fn, items)
     return
@@ -230,8 +226,6 @@ def layered_features(frames: int | None, height: int, width: int):
   i.e. bl × mask, the official loader's rule); ``has_bg`` False means the background is missing and its clip is
   left out of the loss.
   """
-  import tensorflow_datasets as tfds
-
   def tensor(t, channels):
     # Raw bytes: PNG would shrink files but cost a decode per frame at training time.
     return tfds.features.Tensor(shape=(t, height, width, channels), dtype=np.uint8,

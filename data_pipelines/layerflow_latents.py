@@ -19,11 +19,15 @@ import json
 import logging
 from typing import Any, Iterator
 
+import jax
 import ml_collections as mlc
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_pipelines import importing
+from data_pipelines import importing, registry, transforms
+from layerflow_jax import codec as codec_lib
+from layerflow_jax import layers
+from layerflow_jax import text as text_lib
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +53,6 @@ def fingerprint(config: mlc.ConfigDict) -> str:
 
 
 def make_config(config: mlc.ConfigDict) -> LayerflowLatentsConfig:
-  from data_pipelines import registry
-  from layerflow_jax import codec as codec_lib
-  from layerflow_jax import layers
-  from layerflow_jax import text as text_lib
-
   d = config.data
   dtype = d.get("cache_dtype", "float32")
   if dtype not in DTYPES:
@@ -94,8 +93,6 @@ class LayerflowLatents(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager
-    from data_pipelines import registry
-
     config = mlc.ConfigDict(json.loads(self.builder_config.config_json))
     splits = list(registry.module(config.data.name).make_builder(config.data).info.splits)
     return {split: self._generate_examples(config, split) for split in splits}
@@ -108,28 +105,21 @@ def encode_split(config: mlc.ConfigDict, split: str, dtype=np.float32,
                  batch_size: int = 8) -> Iterator[tuple[str, dict[str, Any]]]:
   """(id, cache record) of every record of ``split``, encoded ``batch_size`` at a time by the Experiment's own
   ``encode_video``/``encode_text`` functions (so a cached batch equals what the train step would compute)."""
-  import jax
-
-  from data_pipelines import pipeline, transforms
-  from layerflow_jax import codec as codec_lib
-  from layerflow_jax import layers
-  from layerflow_jax import text as text_lib
-
   layout = layers.get_layout(config.layout)
   codec = codec_lib.make_codec(config.autoencoder)
   text_encoder = text_lib.make_text_encoder(config.text_encoder)
   encode_video = jax.jit(lambda v: codec_lib.encode_clips(codec, v, layout.num_clips))
   encode_text = jax.jit(lambda t: text_encoder.encode(t).reshape(t.shape[0], -1, text_encoder.dim))
   d = config.data
-  source = pipeline.record_dataset(config, split, shuffle=False)
+  source = registry.load_source(config.data, split)  # the stored records, in order
   n = len(source)
   for start in range(0, n, batch_size):
     ids, inputs = [], []
     for i in range(start, min(start + batch_size, n)):
       record = source[i]
       ids.append(transforms._text(record["id"]))
-      layers_ = transforms.decode(pipeline.fit_record(record, frames=int(d.frames), height=int(d.height),
-                                                      width=int(d.width)))
+      layers_ = transforms.decode(transforms.fit_record(record, frames=int(d.frames), height=int(d.height),
+                                                        width=int(d.width)))
       inputs.append(transforms.to_model_inputs(layers_, layout=layout, tokenize=text_encoder.tokenize))
     video = np.stack([x["video"] for x in inputs])
     tokens = np.stack([x["tokens"] for x in inputs])

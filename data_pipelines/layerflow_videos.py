@@ -16,6 +16,7 @@ import dataclasses
 import pathlib
 from typing import Any
 
+import imageio.v3 as iio
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -51,8 +52,6 @@ def make_config(height: int = 480, width: int = 720, frames: int = 16, frame_win
 
 def read_frames(path: pathlib.Path) -> np.ndarray:
   """All frames of a video file as uint8 [T, H, W, 3]; BadRecord naming the file when it cannot be decoded."""
-  import imageio.v3 as iio
-
   try:
     frames = [np.asarray(f) for f in iio.imiter(path)]
   except Exception as e:  # noqa: BLE001 — decoders raise many types

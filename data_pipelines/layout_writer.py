@@ -10,12 +10,12 @@ import json
 import pathlib
 from typing import Any, Sequence
 
+import imageio.v3 as iio
 import numpy as np
+from PIL import Image
 
 
 def _save(path: pathlib.Path, array: np.ndarray) -> None:
-  from PIL import Image
-
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
 
@@ -72,8 +72,6 @@ def write_layered_images(root: pathlib.Path, scenes: Sequence[dict], *, frame: i
 def write_plain_videos(root: pathlib.Path, videos: Sequence[np.ndarray], prompts: Sequence[str], *,
                        fps: int = 8, ext: str = ".mp4") -> pathlib.Path:
   """uint8 [T, H, W, 3] videos as ``root/clip_NNNN.mp4`` (imageio) plus ``root/prompts.json``."""
-  import imageio.v3 as iio
-
   root = pathlib.Path(root)
   root.mkdir(parents=True, exist_ok=True)
   table = {}

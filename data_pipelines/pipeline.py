@@ -1,29 +1,33 @@
-"""The Grain input pipeline: ArrayRecord source → shard → shuffle → layers → model inputs → batch → repeat.
+"""The one input pipeline: a config → this process's rows of each step's global batch (:mod:`data_pipelines.spec`).
 
-Every batch is a dict of NumPy arrays (the batch contract):
+Training reads ``config.data.mixture``, a list of entries ``{name, weight, transform, motion_scale, background,
+split}``; an empty mixture is the one-entry mixture ``[{name: data.name, transform: "video", motion_scale: 0}]``
+(what stage 1 writes out):
 
-* ``video`` float32 [B, num_clips·T, H, W, 3] in [-1, 1]: the layout's clips packed on the time axis,
-  i.e. ``layers.pack(layers.layers_to_clips(fg, alpha, bg, blend, layout))``.
-* ``tokens`` int32 [B, 3, max_length]: the index-prefixed fg, bg, blend prompts.
-* ``clip_valid`` bool [B, num_clips]: False only where a clip's data is missing (bg when ``has_bg`` is False).
-* ``motion_scale`` float32 [B]: 0 for video samples, 1 for static samples.
+* ``name``: a dataset of :mod:`data_pipelines.registry` (layered: ``layerflow_synthetic``, ``layerflow_folder``,
+  ``layerflow_images``);
+* ``transform``: ``"video"`` (clips as stored) or ``"static"`` (one frame repeated over the clip — the paper's
+  "frozen" videos and layered images repeated into static clips; one-frame image records are static anyway);
+* ``background`` (optional, default none): a dataset whose clips (a plain video's frames, or a layered record's
+  background) receive this entry's matted foreground by copy-paste synthesis (:func:`transforms.copy_paste`:
+  random scale/position/flip from ``data.copy_paste``, blend recomputed, prompts composed);
+* ``motion_scale``: the per-sample scale of the motion adapter (1 for static samples, 0 for video samples);
+* ``split`` (optional, default ``"train"``).
 
-With ``data.cached`` (the latent cache of ``layerflow data cache``) ``latents`` float32 [B, num_clips·t, h, w, c]
-and ``text`` float32 [B, 3·max_length, dim] replace ``video`` and ``tokens``; the train step then skips the
-autoencoder and the text encoder.
+Per example, in order: shuffled records (each epoch reshuffled; ``data.num_epochs`` epochs, None = forever) → fit
+to the clip length (:func:`transforms.temporal_sample`: a random evenly spaced window of stride ≤
+``data.max_frame_stride``; images repeated) → copy-paste → random crop + resize (area ≥ ``data.random_crop``; 1 =
+centre crop) → static → per-layer prompt dropout (``data.prompt_dropout``) → normalise, premultiply, pack and
+tokenise in one pass (:func:`transforms.record_to_model_inputs`). Entries are mixed by weight with
+``grain.MapDataset.mix``. Evaluation splits read ``data.name`` unshuffled, once, fitted deterministically.
 
-Records come from any builder of :mod:`data_pipelines.registry` and are fitted to ``data.frames/height/width``
-(:func:`fit_record`). Multi-host: each process reads only ``[shard_index::shard_count]`` of every source (the
-trainer passes ``jax.process_index()``/``jax.process_count()``; tests pass them directly).
+The example stream is global: everything is deterministic from ``config.data.shuffle_seed``, the entry's position
+and the example's index, and no process count enters it. Process ``i`` of ``n`` takes block ``i`` of every global
+batch of ``data.batch_size`` (:func:`process_batches`), so the global batch of every step — contents and order —
+is the same for any number of processes, and on one process it is the stream cut into batches.
 
-``B = config.data.batch_size // shard_count`` (the per-process share of the global batch).
-
-Mixing sources (stage training, :mod:`data_pipelines.mixture`) composes the per-example pieces, e.g.::
-
-  a = layer_dataset(config, "train", seed=1).repeat()
-  b = layer_dataset(config, "train", seed=2).repeat().random_map(partial(transforms.drop_prompts, p=0.1), seed=3)
-  ds = to_model_inputs(grain.MapDataset.mix([a, b], [0.7, 0.3]), config)
-  ds = batch(ds, config, shard_count=n, repeat=False)  # already infinite
+With ``data.cached`` the sources are latent caches (``layerflow data cache``): only ``transform="video"`` entries
+without a background qualify, since pixels are no longer there to transform.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ import ml_collections as mlc
 import numpy as np
 from absl import flags
 
-from data_pipelines import transforms
+from data_pipelines import layerflow_latents, registry, spec, transforms
 from layerflow_jax import layers
 from layerflow_jax.text import make_text_encoder
+
+TRANSFORMS = ("video", "static")
+ENTRY_KEYS = ("name", "weight", "transform", "motion_scale", "background", "split")
 
 
 def _is_train(split: str) -> bool:
@@ -59,79 +66,28 @@ def source_config(config: mlc.ConfigDict, name: str | None = None, **overrides) 
 def load_source(data_cfg: mlc.ConfigDict, split: str, config: mlc.ConfigDict | None = None):
   """The random-access record source named by ``data_cfg.name`` (TFDS ``as_data_source``); with
   ``data.cached`` the latent cache of that dataset (which needs the whole ``config``: codec and text encoder)."""
-  from data_pipelines import registry
-
   if data_cfg.get("cached", False):
-    from data_pipelines import layerflow_latents
-
     if config is None:
       raise ValueError("data.cached=True: reading the latent cache needs the whole config")
     return layerflow_latents.load_source(config, split)
   return registry.load_source(data_cfg, split)
 
 
-def per_shard_batch_size(config: mlc.ConfigDict, shard_count: int) -> int:
-  global_batch = int(config.data.batch_size)
-  if shard_count <= 0 or global_batch % shard_count:
-    raise ValueError(f"data.batch_size={global_batch} is not divisible by the {shard_count} data shards")
-  return global_batch // shard_count
-
-
-def record_dataset(config: mlc.ConfigDict, split: str, *, shard_index: int = 0, shard_count: int = 1,
-                   seed: int | None = None, shuffle: bool | None = None,
-                   by_global_batch: bool = False) -> grain.MapDataset:
-  """Stored records of this process's shard (``[shard_index::shard_count]``), optionally shuffled.
-
-  ``by_global_batch`` (the plain training pipeline): the records are shuffled globally first and process ``i``
-  takes block ``i`` of every global batch, so the global batches (contents and order) are the same for any number
-  of processes — a run is reproducible across topologies (see :func:`global_batch_blocks`).
-  """
-  if not 0 <= shard_index < shard_count:
-    raise ValueError(f"shard_index {shard_index} out of range for shard_count {shard_count}")
+def record_dataset(config: mlc.ConfigDict, split: str, *, seed: int | None = None,
+                   shuffle: bool | None = None, num_epochs: int | None = 1) -> grain.MapDataset:
+  """Stored records of ``split``, shuffled (default: train splits only; each epoch reshuffled) and repeated
+  ``num_epochs`` times (None = forever)."""
   ds = grain.MapDataset.source(load_source(config.data, split, config))
-  blocks = by_global_batch and shard_count > 1
-  if shard_count > 1 and not blocks:
-    ds = ds[shard_index::shard_count]
-  do_shuffle = _is_train(split) if shuffle is None else shuffle
-  if do_shuffle:
+  if _is_train(split) if shuffle is None else shuffle:
     ds = ds.shuffle(seed=int(config.data.shuffle_seed if seed is None else seed))
-  if blocks:
-    ds = global_batch_blocks(ds, int(config.data.batch_size), shard_index, shard_count, split=split)
-  return ds
-
-
-def global_batch_blocks(ds: grain.MapDataset, global_batch: int, shard_index: int, shard_count: int, *,
-                        split: str = "") -> grain.MapDataset:
-  """Process ``shard_index``'s rows of every global batch of ``ds``: rows ``[i·b, (i+1)·b)`` of each batch of
-  ``global_batch`` (``b = global_batch // shard_count``), in order; the incomplete last batch is dropped.
-
-  Built from grain slices (one per row position, stride ``global_batch``) mixed round-robin, all of which pass
-  indices past the end on to the upstream shuffle, so later epochs are reshuffled exactly as with one process.
-  """
-  b = global_batch // shard_count
-  usable = len(ds) // global_batch * global_batch
-  if b * shard_count != global_batch or usable == 0:
-    raise ValueError(f"data.batch_size {global_batch}: split {split!r} has {len(ds)} records, fewer than one "
-                     f"global batch, or the batch is not divisible by {shard_count} processes")
-  ds = ds[:usable]
-  rows = [ds[shard_index * b + k::global_batch] for k in range(b)]
-  return rows[0] if b == 1 else grain.MapDataset.mix(rows, [1.0] * b)
-
-
-def fit_record(record: dict, *, frames: int, height: int, width: int) -> dict:
-  """A stored layered record, completed (:func:`transforms.complete_record`) and fitted to ``frames`` (evenly
-  spaced; images repeated) and ``height × width`` (centre crop + resize); the identity on matching records."""
-  record = transforms.complete_record(record)
-  record = transforms.temporal_sample(record, None, frames=frames)
-  return transforms.random_crop_resize(record, None, height=height, width=width)
+  return ds if num_epochs == 1 else ds.repeat(num_epochs)
 
 
 def layer_dataset(config: mlc.ConfigDict, split: str, **kwargs) -> grain.MapDataset:
   """Decoded float layers of :func:`record_dataset` (see :func:`transforms.decode`), fitted deterministically
-  to the config's clip size; the hook for layer-level augmentations and source mixtures, before
-  :func:`to_model_inputs`."""
+  to the config's clip size (evaluation reads them; :func:`to_model_inputs` makes the model inputs)."""
   d = config.data
-  fit = functools.partial(fit_record, frames=int(d.frames), height=int(d.height), width=int(d.width))
+  fit = functools.partial(transforms.fit_record, frames=int(d.frames), height=int(d.height), width=int(d.width))
   return record_dataset(config, split, **kwargs).map(fit).map(transforms.decode)
 
 
@@ -150,31 +106,123 @@ def cached_inputs(record: dict) -> dict:
           "motion_scale": np.float32(record.get("motion_scale", 0.0))}
 
 
-def batch(ds: grain.MapDataset, config: mlc.ConfigDict, *, shard_count: int = 1, drop_remainder: bool = True,
-          num_epochs: int | None = None, repeat: bool = True) -> grain.MapDataset:
-  """Batches of ``batch_size // shard_count``; repeated ``num_epochs`` times (None = forever) if ``repeat``.
-
-  Each epoch is reshuffled: an upstream ``shuffle`` folds the epoch into its seed.
-  """
-  ds = ds.batch(per_shard_batch_size(config, shard_count), drop_remainder=drop_remainder)
-  return ds.repeat(num_epochs) if repeat else ds
+def mixture_entries(config: mlc.ConfigDict) -> list:
+  """``data.mixture``, or the one-entry mixture of ``data.name`` when it is empty."""
+  entries = list(config.data.get("mixture", []) or [])
+  return entries or [dict(name=config.data.name, weight=1.0, transform="video", motion_scale=0.0)]
 
 
-def make_dataset(config: mlc.ConfigDict, split: str, *, shard_index: int = 0, shard_count: int = 1,
-                 seed: int | None = None, repeat: bool | None = None,
-                 shuffle: bool | None = None) -> grain.MapDataset:
-  """The batched dataset of ``split`` for one process (repeat, shuffle and drop_remainder: train only)."""
-  train = _is_train(split)
-  # train: every process count sees the same global batches (incomplete ones are dropped in training anyway)
-  if config.data.get("cached", False):
-    ds = record_dataset(config, split, shard_index=shard_index, shard_count=shard_count, seed=seed,
-                        shuffle=shuffle, by_global_batch=train).map(cached_inputs)
+def _set_scale(example: dict, *, scale: float) -> dict:
+  return {**example, "motion_scale": np.float32(scale)}  # float32 as the batch spec says (a float batches to f64)
+
+
+def _centre_fit(example: dict, *, height: int, width: int) -> dict:
+  return transforms.random_crop_resize(example, None, height=height, width=width)
+
+
+def entry_dataset(config: mlc.ConfigDict, entry, index: int, *, train: bool = True) -> grain.MapDataset:
+  """One mixture entry as a dataset of model inputs (the batch contract, unbatched), global (every process
+  builds the same one). ``train``: shuffled, ``data.num_epochs`` epochs, augmented; otherwise one unshuffled
+  epoch fitted deterministically (no copy-paste, static clips or prompt dropout)."""
+  unknown = sorted(set(entry) - set(ENTRY_KEYS))
+  if unknown:
+    raise ValueError(f"data.mixture[{index}]: unknown key(s) {unknown}; expected some of {ENTRY_KEYS}")
+  transform = entry.get("transform", "video")
+  if transform not in TRANSFORMS:
+    raise ValueError(f"data.mixture[{index}].transform: {transform!r} unknown; expected one of {TRANSFORMS}")
+  d = config.data
+  name, split = entry.get("name", d.name), entry.get("split", "train")
+  background = entry.get("background", "") or ""
+  if not train and (transform != "video" or background):
+    raise ValueError(f"data.mixture[{index}] ({name}): evaluation reads transform='video' without background")
+  seed = int(d.shuffle_seed) + 1000 * index
+  set_scale = functools.partial(_set_scale, scale=float(entry.get("motion_scale", 0.0)))
+  num_epochs = d.get("num_epochs") if train else 1
+  records = lambda name, seed: record_dataset(source_config(config, name), split, seed=seed, shuffle=train,
+                                              num_epochs=num_epochs)
+  ds = records(name, seed)
+  if d.get("cached", False):
+    if transform != "video" or background:
+      raise ValueError(f"data.mixture[{index}] ({name}, transform={transform!r}, background={background!r}) needs "
+                       "pixels; a latent cache (data.cached=True) serves only transform='video' without background")
+    return ds.map(cached_inputs).map(set_scale)
+
+  def random_map(ds, fn, offset):  # evaluation: the same function without randomness (rng=None)
+    return ds.random_map(fn, seed=seed + offset) if train else ds.map(functools.partial(fn, rng=None))
+
+  frames, height, width = int(d.frames), int(d.height), int(d.width)
+  temporal = functools.partial(transforms.temporal_sample, frames=frames, max_stride=int(d.get("max_frame_stride", 1)))
+  crop = functools.partial(transforms.random_crop_resize, height=height, width=width,
+                           min_area=float(d.get("random_crop", 1.0)))
+  ds = random_map(ds, temporal, 2)  # missing fg/bg stay missing (no resize for them below)
+  if background:
+    # Fit both sides to the clip size before pasting, then crop the composite like any clip.
+    fit = functools.partial(_centre_fit, height=height, width=width)
+    bg = records(background, seed + 3).map(transforms.as_background).random_map(temporal, seed=seed + 4).map(fit)
+    ds = ds.map(fit)
+    cp = d.get("copy_paste", {}) or {}
+    paste = functools.partial(
+        transforms.copy_paste, scale=(float(cp.get("scale_min", 0.5)), float(cp.get("scale_max", 1.0))),
+        flip=float(cp.get("flip", 0.5)), template=str(cp.get("prompt", "{fg} over {bg}")))
+    ds = grain.experimental.ZipMapDataset([ds, bg]).random_map(paste, seed=seed + 5)
+  ds = random_map(ds, crop, 6)
+  if transform == "static":
+    ds = ds.random_map(transforms.static_clip, seed=seed + 1)
+  p = float(d.get("prompt_dropout", 0.0))
+  if p > 0 and train:
+    ds = ds.random_map(functools.partial(transforms.drop_prompts, p=p), seed=seed + 7)
+  # uint8 record → normalised, premultiplied, packed and tokenised in one pass (transforms.record_to_model_inputs).
+  to_inputs = functools.partial(transforms.record_to_model_inputs, layout=layers.get_layout(config.layout),
+                                tokenize=make_text_encoder(config.text_encoder).tokenize)
+  return ds.map(set_scale).map(to_inputs)
+
+
+def examples(config: mlc.ConfigDict, split: str = "train") -> grain.MapDataset:
+  """The global example stream of ``split``: the mixture by weight (train) or ``data.name`` (evaluation),
+  each example checked against the config's batch spec."""
+  if _is_train(split):
+    entries = mixture_entries(config)
+    weights = [float(e.get("weight", 1.0)) for e in entries]
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+      raise ValueError(f"data.mixture weights must be non-negative with a positive sum, got {weights}")
+    keep = [i for i, w in enumerate(weights) if w > 0]
+    sources = [entry_dataset(config, entries[i], i) for i in keep]
+    ds = sources[0] if len(sources) == 1 else grain.MapDataset.mix(sources, [weights[i] for i in keep])
   else:
-    ds = layer_dataset(config, split, shard_index=shard_index, shard_count=shard_count, seed=seed,
-                       shuffle=shuffle, by_global_batch=train)
-    ds = to_model_inputs(ds, config)
-  return batch(ds, config, shard_count=shard_count, drop_remainder=train, num_epochs=config.data.num_epochs,
-               repeat=train if repeat is None else repeat)
+    ds = entry_dataset(config, dict(name=config.data.name, split=split), 0, train=False)
+  return ds.map(functools.partial(spec.check_example, spec=spec.batch_spec(config)))
+
+
+def per_process_batch_size(config: mlc.ConfigDict, shard_count: int) -> int:
+  global_batch = int(config.data.batch_size)
+  if shard_count <= 0 or global_batch % shard_count:
+    raise ValueError(f"data.batch_size={global_batch} is not divisible by the {shard_count} data shards")
+  return global_batch // shard_count
+
+
+def process_batches(ds: grain.MapDataset, config: mlc.ConfigDict, *, shard_index: int = 0, shard_count: int = 1,
+                    drop_remainder: bool = True) -> grain.MapDataset:
+  """Process ``shard_index``'s rows of every global batch of ``ds``: batches of ``b = data.batch_size //
+  shard_count`` (batch ``q`` holds rows ``[q·b, (q+1)·b)``), of which global batch ``j`` is ``j·n … j·n + n-1``,
+  so this process takes every ``n``-th from ``shard_index``. Several processes see whole global batches only (the
+  incomplete last one is dropped); one process keeps it unless ``drop_remainder``."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index {shard_index} out of range for shard_count {shard_count}")
+  b = per_process_batch_size(config, shard_count)
+  if shard_count == 1:
+    return ds.batch(b, drop_remainder=drop_remainder)
+  whole = len(ds) // int(config.data.batch_size) * shard_count
+  if whole == 0:
+    raise ValueError(f"data.batch_size {config.data.batch_size}: {len(ds)} examples, fewer than one global batch")
+  return ds.batch(b, drop_remainder=True)[:whole][shard_index::shard_count]
+
+
+def make_dataset(config: mlc.ConfigDict, split: str = "train", *, shard_index: int = 0,
+                 shard_count: int = 1) -> grain.MapDataset:
+  """This process's batches of ``split``: train batches of the mixture (as long as ``data.num_epochs`` lasts),
+  evaluation batches of ``data.name`` in stored order (one process: with the incomplete last one)."""
+  return process_batches(examples(config, split), config, shard_index=shard_index, shard_count=shard_count,
+                         drop_remainder=_is_train(split))
 
 
 def to_iterator(ds: grain.MapDataset, config: mlc.ConfigDict) -> grain.DatasetIterator:
@@ -191,6 +239,6 @@ def to_iterator(ds: grain.MapDataset, config: mlc.ConfigDict) -> grain.DatasetIt
   return iter(it_ds)
 
 
-def make_iterator(config: mlc.ConfigDict, split: str, **kwargs) -> grain.DatasetIterator:
+def make_iterator(config: mlc.ConfigDict, split: str = "train", **kwargs) -> grain.DatasetIterator:
   """:func:`make_dataset` (same keyword arguments) as a checkpointable iterator."""
   return to_iterator(make_dataset(config, split, **kwargs), config)

@@ -158,6 +158,14 @@ def random_crop_resize(example: Example, rng: np.random.Generator | None, *, hei
   return out
 
 
+def fit_record(record: Example, *, frames: int, height: int, width: int) -> Example:
+  """A stored layered record, completed (:func:`complete_record`) and fitted to ``frames`` (evenly spaced;
+  images repeated) and ``height × width`` (centre crop + resize); the identity on matching records."""
+  record = complete_record(record)
+  record = temporal_sample(record, None, frames=frames)
+  return random_crop_resize(record, None, height=height, width=width)
+
+
 def copy_paste(pair: tuple[Example, Example], rng: np.random.Generator, *, scale: Sequence[float] = (0.5, 1.0),
                flip: float = 0.5, template: str = "{fg} over {bg}") -> Example:
   """A matted foreground (a layered record's fg + alpha: a clip, or an image repeated) pasted onto a background

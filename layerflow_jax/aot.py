@@ -101,19 +101,6 @@ def _compile_only_devices(platform: str, name: str):
   return None
 
 
-def _batch_specs(exp, sharding_for) -> dict:
-  """Abstract global batch (the batch contract of ``data_pipelines.pipeline``) with the data sharding."""
-  import jax
-  import jax.numpy as jnp
-
-  c = exp.config
-  b, n, t = int(c.data.batch_size), exp.layout.num_clips, int(c.data.frames)
-  shapes = {"video": ((b, n * t, int(c.data.height), int(c.data.width), 3), jnp.float32),
-            "tokens": ((b, 3, int(c.text_encoder.max_length)), jnp.int32),
-            "clip_valid": ((b, n), jnp.bool_), "motion_scale": ((b,), jnp.float32)}
-  return {k: jax.ShapeDtypeStruct(s, d, sharding=sharding_for(len(s))) for k, (s, d) in shapes.items()}
-
-
 def _bytes_per_device(tree, shardings) -> int:
   import jax
   import numpy as np
@@ -150,7 +137,7 @@ def splash_kernel_flops(model_cfg, tokens: int, batch_per_chip: float) -> float:
   return batch_per_chip * model_cfg.num_layers * per_call * (4 + 14 + (4 if recompute else 0))
 
 
-def _compile(config, devices, experiment):
+def _compile(config, devices):
   """(compiled, seconds, experiment, mesh) of the train step of ``config`` on ``devices``."""
   import jax
 
@@ -159,12 +146,11 @@ def _compile(config, devices, experiment):
   from layerflow_jax.train.experiment import Experiment
 
   mesh = shd.make_mesh(config.mesh, devices)
-  exp = (experiment or Experiment)(config, mesh)
+  exp = Experiment(config, mesh)
   abstract = exp.abstract_state()
   shardings = exp.state_shardings(abstract)
   state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch_in = (exp.batch_specs(lambda ndim: shd.data_sharding(mesh, ndim)) if hasattr(exp, "batch_specs")
-              else _batch_specs(exp, lambda ndim: shd.data_sharding(mesh, ndim)))
+  batch_in = exp.batch_spec  # the abstract global batch, with the data sharding of this mesh
   fn = step_lib.compile_train_step(exp, shardings, None)
   t0 = time.time()
   with shd.use_mesh(mesh):
@@ -172,7 +158,7 @@ def _compile(config, devices, experiment):
   return compiled, time.time() - t0, exp, abstract, shardings
 
 
-def per_step_cost(config, devices, experiment=None) -> tuple[float, float, float]:
+def per_step_cost(config, devices) -> tuple[float, float, float]:
   """(FLOPs, HBM bytes, seconds spent compiling) per chip of one step of all ``model.num_layers`` blocks, from
   the step compiled unrolled with 1 and 2 blocks: ``cost(1) + (L − 1) · (cost(2) − cost(1))``.
 
@@ -187,7 +173,7 @@ def per_step_cost(config, devices, experiment=None) -> tuple[float, float, float
       small.train.trainable = "all"
     for adapter in (small.model.get("adapters", None) or {}).values():
       adapter.blocks = "all"
-    compiled, s, *_ = _compile(small, devices, experiment)
+    compiled, s, *_ = _compile(small, devices)
     cost = _cost(compiled)
     costs.append((float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))))
     seconds += s
@@ -204,16 +190,18 @@ def roofline(row: dict, chip: dict) -> dict:
           "est_step_s": max(compute_s, memory_s), "fits": row["peak_GiB"] <= chip["hbm_GiB"]}
 
 
-def compile_train_step(config, devices, *, label: str, experiment=None) -> dict:
+def compile_train_step(config, devices, *, label: str) -> dict:
   """Lowers and compiles the train step of ``config`` on ``devices``; returns a row of the memory table.
 
-  ``experiment`` builds the experiment from ``(config, mesh)`` (default :class:`Experiment`; benchmarks pass one
-  fed latents). On TPU devices the row also has the compiler's FLOPs and bytes per chip and the roofline estimate.
+  The batch is the config's (:func:`data_pipelines.spec.batch_spec`; the benchmarks' configs are ``data.cached``
+  latents). On TPU devices the row also has the compiler's FLOPs and bytes per chip and the roofline estimate.
   """
-  import jax
+  import jax  # not at the top: fake CPU devices must be set before jax starts (module docstring)
   import numpy as np
 
-  compiled, seconds, exp, abstract, shardings = _compile(config, devices, experiment)
+  from data_pipelines import spec as spec_lib
+
+  compiled, seconds, exp, abstract, shardings = _compile(config, devices)
   mesh = exp.mesh
   m = compiled.memory_analysis()
   get = lambda name: int(getattr(m, name, 0) or 0)
@@ -226,8 +214,8 @@ def compile_train_step(config, devices, *, label: str, experiment=None) -> dict:
   flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   layer_s = 0.0
   if devices[0].platform == "tpu" and config.model.scan_layers and config.model.num_layers > 1:
-    flops, nbytes, layer_s = per_step_cost(config, devices, experiment)
-  num_text = getattr(exp, "num_text_tokens", 3 * int(config.text_encoder.max_length))  # 3 prompts
+    flops, nbytes, layer_s = per_step_cost(config, devices)
+  num_text = spec_lib.NUM_PROMPTS * int(config.text_encoder.max_length)
   tokens = num_text + exp.latent_shape[0] * exp.layout.num_clips * (
       exp.latent_shape[1] // exp.model_cfg.patch_size) * (exp.latent_shape[2] // exp.model_cfg.patch_size)
   kernel = splash_kernel_flops(exp.model_cfg, tokens, int(config.data.batch_size) / len(devices))

@@ -153,9 +153,9 @@ def check_tasks(config: mlc.ConfigDict) -> None:
 
 def check_mixture(config: mlc.ConfigDict) -> None:
   """Entry keys, transforms and weights of ``data.mixture`` (keys and transforms as the data pipeline defines)."""
-  from data_pipelines import mixture as mixture_lib
+  from data_pipelines import pipeline
 
-  keys, transforms = tuple(mixture_lib.ENTRY_KEYS), tuple(mixture_lib.TRANSFORMS)
+  keys, transforms = tuple(pipeline.ENTRY_KEYS), tuple(pipeline.TRANSFORMS)
   mixture = _get(config, "data.mixture", []) or []
   if not isinstance(mixture, (list, tuple)):
     fail("data.mixture", mixture, "is not a list", "a list of dicts with keys among " + ", ".join(keys))
@@ -289,7 +289,7 @@ def check_adapters(config: mlc.ConfigDict) -> None:
       if name not in present:
         fail(key, tuple(_get(config, key)), f"names adapter {name!r}, which model.adapters does not define",
              f"names among {present}")
-  from layerflow_jax.train.trainer import BATCH_KEYS
+  from data_pipelines.spec import BATCH_KEYS
 
   for name, batch_key in dict(_get(config, "train.adapter_scale_keys", {}) or {}).items():
     if name not in present:

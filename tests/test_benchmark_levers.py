@@ -122,7 +122,7 @@ def test_benchmark_model_is_the_peers_size():
   shape = bc.SHAPES["2b"]
   args = ts.parse_args(["--attention", "xla"])
   _, config = ts.build_config(args, shape, "train")
-  exp = ts.LatentExperiment(config, shape, shd.make_mesh(config.mesh, devices=jax.devices()[:1]))
+  exp = ts.Experiment(config, shd.make_mesh(config.mesh, devices=jax.devices()[:1]))
   n_jax = sum(int(np.prod(v.shape)) for v in exp.abstract_params.values())
   with torch.device("meta"):
     peer = diffusers.CogVideoXTransformer3DModel(max_text_seq_length=shape.text_tokens)

@@ -182,14 +182,19 @@ def test_train_dataset_repeats_and_reshuffles(data_dir):
   assert len(val) == 1  # no repeat
 
 
-def test_shards_are_disjoint_and_cover(data_dir):
+def test_process_blocks_are_the_global_batch_and_cover_an_epoch(data_dir):
   config = tiny_config(data_dir)
-  shards = [pipeline.record_dataset(config, "train", shard_index=i, shard_count=2) for i in (0, 1)]
-  ids = [{r["id"] for r in shard} for shard in shards]
-  assert not ids[0] & ids[1]
-  assert len(ids[0] | ids[1]) == NUM_TRAIN
-  batch = pipeline.make_dataset(config, "train", shard_index=1, shard_count=2)[0]
-  assert batch["video"].shape[0] == config.data.batch_size // 2
+  whole = pipeline.make_dataset(config, "train")
+  shards = [pipeline.make_dataset(config, "train", shard_index=i, shard_count=2) for i in (0, 1)]
+  per_epoch = NUM_TRAIN // config.data.batch_size
+  ids = []
+  for step in range(per_epoch + 1):  # one epoch and the first batch of the next (reshuffled)
+    rows = [s[step] for s in shards]
+    assert all(len(r["tokens"]) == config.data.batch_size // 2 for r in rows)
+    for key in whole[step]:
+      np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), whole[step][key], err_msg=key)
+    ids += [v.tobytes() for r in rows for v in r["video"]]
+  assert len(set(ids[:NUM_TRAIN])) == NUM_TRAIN  # the first epoch: every example once
   with pytest.raises(ValueError, match="not divisible"):
     pipeline.make_dataset(config, "train", shard_count=3)
 
@@ -211,9 +216,9 @@ def test_iterator_state_round_trip(data_dir):
 
 def test_multiprocess_workers_match_in_process(data_dir):
   config = tiny_config(data_dir)
-  want = [next(pipeline.make_iterator(config, "validation", repeat=False))]
+  want = [next(pipeline.make_iterator(config, "validation"))]
   config.data.worker_count = 2
-  it = pipeline.make_iterator(config, "validation", repeat=False)
+  it = pipeline.make_iterator(config, "validation")
   try:
     got = list(it)
   finally:

@@ -210,7 +210,7 @@ def test_layered_images_build_with_missing_background_and_bad_records(tmp_path):
   assert r["blend_prompt"].decode() == s["blend_prompt"] and bool(r["has_bg"])
   assert not recs["image_0001"]["has_bg"] and recs["image_0001"]["bg"].shape[0] == 0
   # Fitted to a clip: the image is repeated over data.frames (a static clip).
-  fitted = pipeline.fit_record(r, frames=FRAMES, height=H, width=W)
+  fitted = transforms.fit_record(r, frames=FRAMES, height=H, width=W)
   assert fitted["blend"].shape == (FRAMES, H, W, 3) and (fitted["blend"] == r["blend"][0]).all()
 
 

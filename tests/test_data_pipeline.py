@@ -1,15 +1,10 @@
 """Training input from imported data: copy-paste synthesis, static clips, crop/temporal sampling, prompt dropout,
-stage mixtures, exact resume through Orbax, per-process shards (in one process and with two real JAX processes),
-and the latent cache."""
+stage mixtures, exact resume through Orbax, each process's block of the global batch (in one process), and the
+latent cache."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,7 +15,6 @@ from data_pipelines import (
   layerflow_images,
   layerflow_videos,
   layout_writer,
-  mixture,
   pipeline,
   synthetic,
   transforms,
@@ -28,8 +22,7 @@ from data_pipelines import (
 from layerflow_jax import layers
 
 FRAMES, H, W = 4, 16, 16
-# Train splits (2 of each held out for validation) are multiples of the global batch of 4, so the per-process
-# shards of every global batch cover them (pipeline.record_dataset drops an incomplete last global batch).
+# 2 of each are held out for validation.
 NUM_VIDEOS, NUM_IMAGES, NUM_BACKGROUNDS = 14, 10, 10
 
 
@@ -205,7 +198,7 @@ def test_stage_mixtures_batch_contract_static_and_motion_scale(data):
   lay = layers.get_layout("rgba")
   for entries in (STAGE1, STAGE2, STAGE3):
     c = config_for(data, entries, random_crop=0.5, prompt_dropout=0.1)
-    batch = mixture.make_train_dataset(c)[0]
+    batch = pipeline.make_dataset(c)[0]
     assert batch["video"].shape == (4, lay.num_clips * FRAMES, H, W, 3) and batch["tokens"].shape == (4, 3, 32)
     assert batch["video"].min() >= -1.0 and batch["video"].max() <= 1.0
     clips = layers.unpack(batch["video"], lay.num_clips)
@@ -218,19 +211,19 @@ def test_stage_mixtures_batch_contract_static_and_motion_scale(data):
 
 def test_missing_background_leaves_the_loss_but_copy_paste_fills_it(data):
   c = config_for(data, STAGE1)
-  valid = np.concatenate([mixture.make_train_dataset(c)[i]["clip_valid"] for i in range(6)])
+  valid = np.concatenate([pipeline.make_dataset(c)[i]["clip_valid"] for i in range(6)])
   assert not valid[:, 2].all() and valid[:, [0, 1, 3]].all()  # bg (clip 2) missing for every third video
   c = config_for(data, STAGE2)
-  assert all(mixture.make_train_dataset(c)[i]["clip_valid"].all() for i in range(6))
+  assert all(pipeline.make_dataset(c)[i]["clip_valid"].all() for i in range(6))
 
 
 def test_mixture_is_deterministic_by_seed(data):
   c = config_for(data, STAGE3, random_crop=0.5, prompt_dropout=0.2)
-  a, b = mixture.make_train_dataset(c), mixture.make_train_dataset(config_for(data, STAGE3, random_crop=0.5,
+  a, b = pipeline.make_dataset(c), pipeline.make_dataset(config_for(data, STAGE3, random_crop=0.5,
                                                                              prompt_dropout=0.2))
   for i in range(5):
     assert_batches_equal(a[i], b[i])
-  other = mixture.make_train_dataset(config_for(data, STAGE3, random_crop=0.5, prompt_dropout=0.2, shuffle_seed=1))
+  other = pipeline.make_dataset(config_for(data, STAGE3, random_crop=0.5, prompt_dropout=0.2, shuffle_seed=1))
   assert not np.array_equal(a[0]["video"], other[0]["video"])
 
 
@@ -242,7 +235,7 @@ def test_resume_exact_through_the_orbax_checkpoint(data, tmp_path):
 
   c = config_for(data, STAGE3, random_crop=0.5, prompt_dropout=0.1)
   state = {"x": jnp.arange(3.0)}
-  it = mixture.make_train_iterator(c)
+  it = pipeline.make_iterator(c)
   for _ in range(3):
     next(it)
   ck = ckpt_lib.Checkpointer(tmp_path)
@@ -251,7 +244,7 @@ def test_resume_exact_through_the_orbax_checkpoint(data, tmp_path):
   uninterrupted = [next(it) for _ in range(6)]  # past an epoch of the 8 training backgrounds
   ck.close()
 
-  fresh = mixture.make_train_iterator(c)
+  fresh = pipeline.make_iterator(c)
   next(fresh)  # a fresh run that has moved on elsewhere: restoring must override its position
   ck = ckpt_lib.Checkpointer(tmp_path)
   abstract = jax.eval_shape(lambda: state)
@@ -267,7 +260,7 @@ def test_resume_exact_through_the_orbax_checkpoint(data, tmp_path):
 def test_resume_exact_with_worker_processes(data):
   c = config_for(data, STAGE3, random_crop=0.5)
   c.data.worker_count = 2
-  it = mixture.make_train_iterator(c)
+  it = pipeline.make_iterator(c)
   try:
     for _ in range(2):
       next(it)
@@ -275,7 +268,7 @@ def test_resume_exact_with_worker_processes(data):
     want = [next(it) for _ in range(4)]
   finally:
     it.close()
-  fresh = mixture.make_train_iterator(c)
+  fresh = pipeline.make_iterator(c)
   try:
     fresh.set_state(state)
     for w in want:
@@ -284,78 +277,23 @@ def test_resume_exact_with_worker_processes(data):
     fresh.close()
 
 
-# ----------------------------------------------------------------------------- shards
+# ----------------------------------------------------------------------------- process blocks
 
 
-def test_two_shards_in_one_process_are_disjoint_and_cover(data):
-  c = config_for(data, STAGE3)
-  for name, count in (("layerflow_folder", NUM_VIDEOS), ("layerflow_images", NUM_IMAGES),
-                      ("layerflow_videos", NUM_BACKGROUNDS)):
-    ids = []
-    for shard in (0, 1):
-      ds = mixture._records(c, name, "train", seed=3, shard_index=shard, shard_count=2)
-      n = len(pipeline.record_dataset(pipeline.source_config(c, name), "train", shard_index=shard, shard_count=2))
-      ids.append({bytes(ds[i]["id"]) for i in range(n)})  # one epoch of this shard
-    assert not ids[0] & ids[1], name
-    assert len(ids[0] | ids[1]) == count - 2, name  # the train split: num_validation=2 held out
-  for shard in (0, 1):
-    batch = mixture.make_train_dataset(c, shard_index=shard, shard_count=2)[0]
-    assert batch["video"].shape[0] == 2  # the per-process half of the global batch of 4
-
-
-_WORKER = r'''
-import json, sys
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-rank, port, cfg_json, out = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=rank)
-import ml_collections as mlc
-import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from data_pipelines import mixture, pipeline
-
-config = mlc.ConfigDict(json.loads(open(cfg_json).read()))
-pi, pc = jax.process_index(), jax.process_count()
-records = pipeline.record_dataset(config, "train", shard_index=pi, shard_count=pc)
-ids = sorted(records[i]["id"].decode() for i in range(len(records)))
-local = next(mixture.make_train_iterator(config, shard_index=pi, shard_count=pc))
-mesh = Mesh(np.array(jax.devices()), ("data",))
-video = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), local["video"])
-total = float(jax.jit(lambda v: v.sum(), out_shardings=NamedSharding(mesh, P()))(video))
-sums = multihost_utils.process_allgather(np.float32(local["video"].sum()))
-json.dump({"ids": ids, "global_shape": list(video.shape), "global_sum": total,
-           "local_sums": [float(s) for s in np.ravel(sums)], "devices": jax.device_count()}, open(out, "w"))
-jax.distributed.shutdown()
-'''
-
-
-def test_two_jax_processes_read_disjoint_shards_and_assemble_the_global_batch(data, tmp_path, repo_root):
-  c = config_for(data, STAGE1)
-  c.data.name = "layerflow_folder"
-  cfg = tmp_path / "config.json"
-  cfg.write_text(c.to_json_best_effort())
-  script = tmp_path / "worker.py"
-  script.write_text(_WORKER)
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "PYTHONPATH": str(repo_root)}
-  procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(cfg), str(tmp_path / f"{r}.json")],
-                            env=env, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for r in (0, 1)]
-  logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
-  out = [json.loads((tmp_path / f"{r}.json").read_text()) for r in (0, 1)]
-  ids = [set(o["ids"]) for o in out]
-  assert not ids[0] & ids[1]
-  assert ids[0] | ids[1] == {f"v{i:02d}" for i in range(NUM_VIDEOS - 2)}  # the train split (2 held out)
-  for o in out:
-    assert o["devices"] == 4 and o["global_shape"] == [4, 4 * FRAMES, H, W, 3]
-    # The global array holds both processes' halves.
-    np.testing.assert_allclose(o["global_sum"], sum(o["local_sums"]), rtol=1e-5)
+@pytest.mark.parametrize("entries", [STAGE1, STAGE3], ids=["stage1", "stage3"])
+def test_process_blocks_make_up_the_one_process_global_batch(data, entries):
+  """Process i's rows of step j are block i of the one-process batch j, for 2 and 4 processes (in one process;
+  tests/test_data_topology.py runs real JAX processes)."""
+  c = config_for(data, entries, random_crop=0.5, prompt_dropout=0.1)
+  whole = pipeline.make_dataset(c)
+  for n in (2, 4):
+    shards = [pipeline.make_dataset(c, shard_index=i, shard_count=n) for i in range(n)]
+    for step in (0, 1, 7):  # step 7: past an epoch of every source
+      assert all(len(s[step]["motion_scale"]) == 4 // n for s in shards)
+      joined = {k: np.concatenate([s[step][k] for s in shards]) for k in whole[step]}
+      assert_batches_equal(joined, whole[step])
+  with pytest.raises(ValueError, match="not divisible"):
+    pipeline.make_dataset(c, shard_count=3)
 
 
 # ----------------------------------------------------------------------------- latent cache
@@ -398,11 +336,11 @@ def test_latent_cache_equals_the_encoders_and_is_read_by_config(cache):
     np.testing.assert_array_equal(rec["clip_valid"], want["clip_valid"])
   # Training reads the cache by config: latents and embeddings in place of pixels and tokens.
   t, h, w, ch = exp.latent_shape  # per clip
-  batch = next(mixture.make_train_iterator(cached_cfg))
+  batch = next(pipeline.make_iterator(cached_cfg))
   assert set(batch) == {"latents", "text", "clip_valid", "motion_scale"}
   assert batch["latents"].shape == (4, 4 * t, h, w, ch) and batch["text"].shape == (4, 3 * 32, 64)
   with pytest.raises(ValueError, match="needs pixels"):
-    mixture.make_train_dataset(config_for(data=(pathlib.Path(c.data.data_dir).parent, {}), entries=STAGE2,
+    pipeline.make_dataset(config_for(data=(pathlib.Path(c.data.data_dir).parent, {}), entries=STAGE2,
                                           cached=True))
 
 

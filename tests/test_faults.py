@@ -66,7 +66,7 @@ def data_dir(tmp_path_factory):
 def run_dir(data_dir, tmp_path_factory):
   """A work dir with checkpoints 1 and 2 of the tiny config (initial state, data position 0), as train
   writes."""
-  from data_pipelines import mixture
+  from data_pipelines import pipeline
   from layerflow_jax.train.experiment import Experiment
 
   work = tmp_path_factory.mktemp("run")
@@ -76,7 +76,7 @@ def run_dir(data_dir, tmp_path_factory):
   ck = ckpt_lib.Checkpointer(work, keep=10, writer=True)
   for step in (1, 2):
     state = state.replace(step=state.step + 1)
-    ck.save(step, state, iterator=mixture.make_train_iterator(config),
+    ck.save(step, state, iterator=pipeline.make_iterator(config),
             meta={"config": ckpt_lib.config_to_meta(exp.config), "step": step})
   ck.close()
   return work

@@ -251,11 +251,11 @@ def test_scanned_cost_is_extrapolated_from_one_and_two_blocks():
   devices = aot.tpu_devices("v5e:2x2")
   scanned = load_config("configs/default.py:size=tiny,tpu=1", ["model.num_layers=3"])
   flops, nbytes, _ = aot.per_step_cost(scanned, devices)
-  compiled, *_ = aot._compile(_tiny_tpu(["model.num_layers=3"]), devices, None)
+  compiled, *_ = aot._compile(_tiny_tpu(["model.num_layers=3"]), devices)
   cost = aot._cost(compiled)
   assert flops == pytest.approx(cost["flops"], rel=1e-3)  # seen: 2e-4 (the unrolled programs fuse a little differently)
   assert nbytes == pytest.approx(cost["bytes accessed"], rel=0.02)  # seen: 0.8%
-  raw = aot._cost(aot._compile(scanned, devices, None)[0])["flops"]
+  raw = aot._cost(aot._compile(scanned, devices)[0])["flops"]
   assert raw < 0.8 * flops  # the scanned step's own count misses blocks
 
 

@@ -14,6 +14,7 @@ logical names through the rules table.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -24,6 +25,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from data_pipelines import spec as spec_lib
 from layerflow_jax import codec as codec_lib
 from layerflow_jax import layers
 from layerflow_jax import sharding as shd
@@ -120,6 +122,11 @@ class Experiment:
   @property
   def use_ema(self) -> bool:
     return float(self.config.train.ema_decay) > 0
+
+  @functools.cached_property
+  def batch_spec(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch (:func:`data_pipelines.spec.batch_spec`), sharded over this mesh's batch axes."""
+    return spec_lib.batch_spec(self.config, self.mesh, latent_shape=self.latent_shape)
 
   def _sharding(self, spec: P) -> NamedSharding:
     return NamedSharding(self.mesh, spec)

@@ -11,10 +11,12 @@ batches of those steps.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import pathlib
 import signal
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -23,34 +25,35 @@ import ml_collections as mlc
 import numpy as np
 from tqdm import tqdm
 
+from data_pipelines import pipeline
+from layerflow_jax import distributed, stopping, validate
 from layerflow_jax import sharding as shd
-from layerflow_jax import stopping
-from layerflow_jax.errors import RunError
+from layerflow_jax.config import ConfigError
+from layerflow_jax.errors import InputError, RunError
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib
+from layerflow_jax.train import partition, workdir_lock
 from layerflow_jax.train import step as step_lib
-from layerflow_jax.train import workdir_lock
 from layerflow_jax.train.experiment import Experiment
 
 log = logging.getLogger(__name__)
 
-BATCH_KEYS = ("video", "tokens", "latents", "text", "clip_valid", "motion_scale")  # latents/text: data.cached
-
-
 def global_batch(exp: Experiment, local: dict) -> dict:
-  """Process-local NumPy batch → global jax.Arrays sharded over the batch axes of the mesh."""
+  """This process's rows of a batch (NumPy) → the global batch of ``exp.batch_spec`` (jax.Arrays sharded over
+  the batch axes of the mesh); a ``ValueError`` naming the key where a row does not fit the spec. (The rows
+  are usually ``data.batch_size // process_count``; one process's last evaluation batch may have fewer.)"""
   out = {}
-  for k in BATCH_KEYS:
-    if k in local:
-      x = np.asarray(local[k])
-      out[k] = jax.make_array_from_process_local_data(shd.data_sharding(exp.mesh, x.ndim), x)
+  for k, s in exp.batch_spec.items():
+    x = np.asarray(local[k])
+    if x.shape[1:] != s.shape[1:] or x.dtype != s.dtype:
+      raise ValueError(f"batch key {k!r}: rows of {x.dtype}{list(x.shape[1:])}, the batch spec's are "
+                       f"{s.dtype}{list(s.shape[1:])}")
+    out[k] = jax.make_array_from_process_local_data(s.sharding, x)
   return out
 
 
 def check_batch(exp: Experiment) -> None:
   """Batch vs the experiment's mesh and processes (see :func:`layerflow_jax.validate.check_batch`)."""
-  from layerflow_jax import validate
-
   validate.check_batch(exp.config, dict(exp.mesh.shape), jax.process_count())
 
 
@@ -64,8 +67,6 @@ def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None
                     ) -> tuple[dict, Any, dict]:
   """:func:`load_params` plus which step was used: ``{"step", "newest", "directory", "used"}`` where ``used``
   is a one-line description naming the step (and the newer steps skipped as unreadable, if any)."""
-  from layerflow_jax.errors import InputError
-
   workdir = ckpt_lib.find_checkpoint_dir(path)
   ck = ckpt_lib.Checkpointer(workdir)
   try:
@@ -136,8 +137,6 @@ def _meta(config_json: str, state_step: int) -> dict:
 
 
 def _validation_batches(exp: Experiment, num_batches: int) -> list[dict]:
-  from data_pipelines import pipeline
-
   ds = pipeline.make_dataset(exp.config, "validation", shard_index=jax.process_index(),
                              shard_count=jax.process_count())
   out = []
@@ -164,8 +163,6 @@ def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, sto
   returns (``summary["interrupted_by_signal"]``). ``train.max_consecutive_nonfinite`` non-finite steps in a row
   raise :class:`NonFiniteError`.
   """
-  from layerflow_jax import distributed
-
   distributed.initialize()  # a multi-process job joins before any device is touched (a no-op for one process)
   workdir = pathlib.Path(workdir)
   with _StopFlag() as stop, contextlib.ExitStack() as held:
@@ -214,8 +211,6 @@ def _flat(d, prefix: str = "") -> dict:
 
 def config_changes(saved_json: str, config: mlc.ConfigDict) -> list[str]:
   """``key: checkpoint value -> new value`` for every key (but :data:`RESUME_MAY_CHANGE`) that differs."""
-  import json
-
   old = _flat(json.loads(saved_json))
   new = _flat(json.loads(ckpt_lib.config_to_meta(config)))
   missing = "(absent)"
@@ -227,8 +222,6 @@ def config_changes(saved_json: str, config: mlc.ConfigDict) -> list[str]:
 
 def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path) -> None:
   """Refuses (:class:`ConfigError`, listing the keys) a resume whose config differs from the checkpoint's."""
-  from layerflow_jax.config import ConfigError
-
   changes = config_changes(meta["config"], config)
   if not changes:
     return
@@ -246,10 +239,6 @@ def check_workdir(workdir: pathlib.Path) -> None:
   """Before anything is created: the work dir (and its checkpoints/) must be, or be creatable as, a folder
   this process can write (a probe file, so a read-only mount or an immutable folder is found now, not at the
   first save)."""
-  import tempfile
-
-  from layerflow_jax.errors import InputError
-
   path = workdir.absolute()
   existing = next(p for p in (path, *path.parents) if p.exists())
   if not existing.is_dir():
@@ -276,9 +265,6 @@ def _poison(local: dict) -> dict:
 
 def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", held: contextlib.ExitStack, *,
            mesh, stop_after: int | None, progress: bool) -> dict:
-  from data_pipelines import mixture
-  from layerflow_jax import distributed, validate
-
   tc = config.train
   # Everything that can be refused is checked before the work dir is created or locked, and before compiling.
   resuming = ckpt_lib.has_checkpoints(workdir)
@@ -290,8 +276,8 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   exp = Experiment(config, mesh)
   validate.check_param_sharding({k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs,
                                 dict(exp.mesh.shape))
-  iterator = mixture.make_train_iterator(config, shard_index=jax.process_index(),  # the dataset must be built
-                                         shard_count=jax.process_count())
+  iterator = pipeline.make_iterator(config, shard_index=jax.process_index(),  # the dataset must be built
+                                    shard_count=jax.process_count())
   check_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   held.enter_context(workdir_lock.hold(workdir, primary=distributed.is_primary()))
@@ -316,8 +302,6 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
     state = exp.init_state()
   start = int(state.step)
   stop.check()
-  from layerflow_jax.train import partition
-
   n_trainable = partition.count(state.trainable)
   n_total = sum(int(np.prod(v.shape)) for v in exp.abstract_params.values())
   n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
