@@ -118,7 +118,3 @@ def set_key(config: mlc.ConfigDict, key: str, value: Any) -> None:
   except (TypeError, ValueError):
     raise ConfigError(f"config key {key!r}: cannot set {value!r} (a {type(value).__name__}); expected a "
                       f"{type(old).__name__} like the current value {old!r}") from None
-
-
-def to_yaml_dict(config: mlc.ConfigDict) -> dict:
-  return config.to_dict()

@@ -193,16 +193,6 @@ def relative_change(clip) -> float:
   return float(metrics.temporal_change(x) / max(spatial, 1e-6))
 
 
-def frame_change(sampler: LayeredSampler, batches: Iterable[dict], *, task: str = "generate", seed: int = 0,
-                 num_steps: int | None = None, guidance_scale: float | None = None,
-                 relative: bool = False) -> float:
-  """Mean frame-to-frame change (pixel units) of the clips ``task`` generates (colour clips; alpha excluded),
-  over ``batches`` with fixed seeds: how much the model's samples move. ``relative``: each clip's change over its
-  spatial contrast (:func:`relative_change`)."""
-  return frame_changes(sampler, batches, task=task, seed=seed, num_steps=num_steps,
-                       guidance_scale=guidance_scale)["relative" if relative else "absolute"]
-
-
 def frame_changes(sampler: LayeredSampler, batches: Iterable[dict], *, task: str = "generate", seed: int = 0,
                   num_steps: int | None = None, guidance_scale: float | None = None) -> dict:
   """{"absolute": mean frame change, "relative": mean of :func:`relative_change`} of one set of samples."""

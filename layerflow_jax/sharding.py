@@ -164,21 +164,6 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), LOGICAL_AXIS_RULES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def spec_table(state) -> dict[str, P]:
-  """Flattened ``path → PartitionSpec`` of an NNX state (for golden files and printing)."""
-  specs = nnx.get_partition_spec(state)
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
-    key = ".".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
-    flat[key] = leaf
-  return flat
-
-
-
 def sharding_table(shapes: dict[str, Sequence[int]], specs: dict[str, P], mesh: Mesh) -> dict[str, dict]:
   """``path → {shape, spec, shard_shape}`` of parameters on ``mesh`` (for golden files and ``layerflow compile``).
 

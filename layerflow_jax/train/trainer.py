@@ -47,13 +47,6 @@ def global_batch(exp: Experiment, local: dict) -> dict:
   return out
 
 
-def check_batch(exp: Experiment) -> None:
-  """Batch vs the experiment's mesh and processes (see :func:`layerflow_jax.validate.check_batch`)."""
-  from layerflow_jax import validate
-
-  validate.check_batch(exp.config, dict(exp.mesh.shape), jax.process_count())
-
-
 def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None) -> tuple[dict, Any]:
   """Full flat parameters (EMA when the run used it) and the config of the newest checkpoint under ``path``."""
   params, config, _ = load_checkpoint(path, mesh, use_ema=use_ema)
