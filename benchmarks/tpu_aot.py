@@ -85,7 +85,7 @@ def make_experiment(shape):
       b = shape.batch
       shapes = {"video": (b, shape.latent_frames, shape.height, shape.width, shape.channels),
                 "tokens": (b, shape.text_tokens, shape.text_dim)}
-      for key in dict(self.config.train.get("adapter_scale_keys", {}) or {}).values():
+      for key in dict(self.config.train.adapter_scale_keys).values():
         shapes[key] = (b,)
       return {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=sharding_for(len(s))) for k, s in shapes.items()}
 

@@ -194,7 +194,7 @@ def make_batch(shape: bc.Shape, exp: Experiment, seed: int = 0) -> dict:
       "video": jax.random.normal(k1, (b, shape.latent_frames, shape.height, shape.width, shape.channels), jnp.float32),
       "tokens": jax.random.normal(k2, (b, shape.text_tokens, shape.text_dim), jnp.float32),
   }
-  for key in dict(exp.config.train.get("adapter_scale_keys", {}) or {}).values():
+  for key in dict(exp.config.train.adapter_scale_keys).values():
     batch[key] = jnp.zeros((b,), jnp.float32)  # stage 3: video clips (motion LoRA off); the compute is the same
   return jax.device_put(batch, NamedSharding(exp.mesh, P()))
 

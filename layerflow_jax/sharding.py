@@ -188,7 +188,7 @@ def multislice_config(config, devices_per_slice: int, num_slices: int):
   """A copy of ``config`` whose mesh spans ``num_slices`` slices: ``config.mesh`` is resolved for one slice (its
   ICI part) and ``data`` is multiplied by ``num_slices`` across the data-centre network (``mesh.dcn.data``), so
   fsdp/tensor/sequence collectives stay inside a slice and only the gradient all-reduce crosses DCN."""
-  dcn = dict(config.mesh.get("dcn", None) or {})
+  dcn = dict(config.mesh.dcn)
   if any(int(n) != 1 for n in dcn.values()):
     raise ValueError(f"mesh.dcn {dcn}: already set; give either mesh.dcn or several slices, not both")
   ici = mesh_shape({a: config.mesh[a] for a in MESH_AXES if a in config.mesh}, devices_per_slice)

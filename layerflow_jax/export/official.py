@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
-from typing import Any, Mapping
+from typing import Mapping
 
 import ml_collections as mlc
 import numpy as np

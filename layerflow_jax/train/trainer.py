@@ -206,10 +206,11 @@ def _flat(d, prefix: str = "") -> dict:
 
 
 def config_changes(saved_json: str, config: mlc.ConfigDict) -> list[str]:
-  """``key: checkpoint value -> new value`` for every key (but :data:`RESUME_MAY_CHANGE`) that differs."""
+  """``key: checkpoint value -> new value`` for every key (but :data:`RESUME_MAY_CHANGE`) that differs. Keys
+  declared after the checkpoint was written count at their defaults (what that run used)."""
   import json
 
-  old = _flat(json.loads(saved_json))
+  old = _flat(json.loads(ckpt_lib.config_to_meta(ckpt_lib.config_from_meta(saved_json))))
   new = _flat(json.loads(ckpt_lib.config_to_meta(config)))
   missing = "(absent)"
   show = lambda v: v if v is missing else json.dumps(v)[:60]
@@ -225,7 +226,7 @@ def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path)
   changes = config_changes(meta["config"], config)
   if not changes:
     return
-  if config.train.get("allow_config_change", False):
+  if config.train.allow_config_change:
     log.warning("resuming %s with a changed config (train.allow_config_change=True): %s", where,
                 "; ".join(changes))
     return
@@ -290,7 +291,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   held.enter_context(workdir_lock.hold(workdir, primary=distributed.is_primary()))
   ck = held.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
       workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
-      every_seconds=float(tc.get("checkpoint_every_seconds", 0.0)), writer=True)))
+      every_seconds=float(tc.checkpoint_every_seconds), writer=True)))
   if resuming:
     check_resume_config(config, ck.read_meta(), ck.directory)
   writer = log_lib.MetricWriter(workdir)
@@ -318,7 +319,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   train_fn = step_lib.compile_train_step(exp, shardings, None)
   eval_fn = step_lib.compile_eval(exp)
   stop.check()
-  val_batches = _validation_batches(exp, int(config.get("eval", {}).get("num_batches", 2)))
+  val_batches = _validation_batches(exp, int(config.eval.num_batches))
   summary = {"workdir": str(workdir), "start_step": start, "trainable_params": n_trainable,
              "total_params": n_total, "optimizer_state_values": n_opt,
              "trainable_selection": partition.describe(exp.selection)}
@@ -334,8 +335,8 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   if start == 0 and not stop.signal:
     summary["initial"] = run_eval(0)
   total = int(tc.steps) if stop_after is None else min(int(tc.steps), start + int(stop_after))
-  max_bad = int(tc.get("max_consecutive_nonfinite", 20))
-  inject = {int(s) for s in tc.get("inject_nan_steps", ()) or ()}
+  max_bad = int(tc.max_consecutive_nonfinite)
+  inject = {int(s) for s in tc.inject_nan_steps}
   last_metrics: dict = {}
   t0 = time.time()
   bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0, desc="train",
