@@ -45,6 +45,7 @@ class LayeredSampler:
 
     validate.check_backend(config, jax.default_backend())  # e.g. a cuDNN-attention checkpoint sampled on a CPU
     remove = [n for n in config.sampling.remove_adapters if n not in keep_adapters]
+    self._source_config = config
     config, params = drop_adapters(config, params, remove)
     self.exp = Experiment(config, mesh)
     self.params = params
@@ -52,6 +53,11 @@ class LayeredSampler:
     self.kwargs = samplers.sample_kwargs(config.sampling)
     self.adapter_scales = dict(config.sampling.adapter_scales)
     self._fn = jax.jit(self._sample, static_argnames=("num_steps", "guidance_scale"))
+
+  def load(self, params: dict) -> None:
+    """Samples with ``params`` from now on (the same model: e.g. a training run's newer weights); the compiled
+    function is kept."""
+    _, self.params = drop_adapters(self._source_config, params, self.removed)
 
   @property
   def layout(self) -> layers.Layout:

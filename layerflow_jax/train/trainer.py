@@ -5,7 +5,8 @@ step); starts from ``config.train.init_from`` (a previous stage's work dir: para
 otherwise. Checkpoints every ``train.checkpoint_every`` steps and/or ``train.checkpoint_every_seconds``. SIGTERM and
 SIGINT finish the current step, save and return. Non-finite updates are skipped inside the compiled step and
 counted; ``train.max_consecutive_nonfinite`` in a row stop the run. ``train.inject_nan_steps`` (tests) poisons the
-batches of those steps.
+batches of those steps. Every ``train.sample_every`` steps the current weights sample every trained task
+(:mod:`layerflow_jax.train.previews`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from layerflow_jax import stopping
 from layerflow_jax.errors import RunError
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib
+from layerflow_jax.train import previews
 from layerflow_jax.train import step as step_lib
 from layerflow_jax.train import workdir_lock
 from layerflow_jax.train.experiment import Experiment
@@ -334,6 +336,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
 
   if start == 0 and not stop.signal:
     summary["initial"] = run_eval(0)
+  samples = previews.SampleHook(exp, writer, workdir)  # train.sample_every (0 = off)
   total = int(tc.steps) if stop_after is None else min(int(tc.steps), start + int(stop_after))
   max_bad = int(tc.max_consecutive_nonfinite)
   inject = {int(s) for s in tc.inject_nan_steps}
@@ -385,13 +388,14 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
       evaluate_now = bool(int(tc.eval_every)) and step % int(tc.eval_every) == 0 and step != total
       save_now = step == total or bool(stop.signal) or ck.due(step)
       pending = (step, metrics)
-      if evaluate_now or save_now:
+      if evaluate_now or save_now or samples.due(step):
         report(*pending)
         pending = None
       if evaluate_now:
         run_eval(step)
       if save_now:
         ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
+      samples(step, state)
     if pending is not None:
       report(*pending)
     stop.check()
