@@ -22,6 +22,7 @@ stages once in ``DIR/_shared`` and starts every run from them.
   layerflow sweep-report runs/abl_embed
 
 One run by hand: ``layerflow train --config configs/ablations.py:sweep=data,data=joint,demo --workdir W``.
+Every argument of ``configs/stages.py`` (and so of ``configs/default.py``: ``size=2b,gpu=1`` …) is forwarded to it.
 """
 
 from __future__ import annotations
@@ -47,10 +48,13 @@ VARIANTS = {"stage1": ("stage1_base", "stage1_base"), "no_motion": ("stage3_cont
             "keep": ("stage3_content_lora", "stage3_content_lora")}
 
 
+# Every argument of configs/stages.py (and so of configs/default.py), forwarded to it, and the sweeps' own; stage=""
+# is the stage the sweep's runs train.
+ARGS = dict(stages.ARGS, sweep="layer_embed", stage="", data="video", motion_lora=True, variant="remove")
+
+
 def _args(arg: str | None) -> mlc.ConfigDict:
-  a = common.parse_arg(arg, sweep="layer_embed", stage="", size="tiny", layout="rgba", demo=False, runlocal=False,
-                       motion_rank=8, content_rank=256, image_weight=0.5, data="video", motion_lora=True,
-                       variant="remove", motion_placement="tuned")
+  a = common.parse_arg(arg, **ARGS)
   if a.sweep not in SWEEPS:
     raise ValueError(f"sweep {a.sweep!r} unknown; expected one of {sorted(SWEEPS)}")
   if a.variant not in VARIANTS:
@@ -66,9 +70,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   a = _args(arg)
   multistage = a.sweep == "multistage"
   stage = a.stage or (VARIANTS[a.variant][0] if multistage else SWEEPS[a.sweep][0])
-  c = stages.get_config(f"stage={stage},size={a.size},layout={a.layout},demo={a.demo},runlocal={a.runlocal},"
-                        f"motion_rank={a.motion_rank},content_rank={a.content_rank},image_weight={a.image_weight},"
-                        f"motion_placement={a.motion_placement},quality_gap={multistage}")
+  forwarded = dict(a, stage=stage, quality_gap=a.quality_gap or multistage)
+  c = stages.get_config(common.pack_arg(forwarded, stages.ARGS))
   name = c.data.name
   if stage == "stage1_base" and a.data == "joint":
     # The paper's "joint training" baseline: layered images (static clips) and videos in one stage, no LoRA.

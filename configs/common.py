@@ -1,6 +1,8 @@
-"""Pieces shared by the config files: argument parsing and the model size table."""
+"""Pieces shared by the config files: the setting declaration, argument parsing and the model size table."""
 
 from __future__ import annotations
+
+from typing import Any, Iterable, Mapping, NamedTuple
 
 import ml_collections as mlc
 
@@ -14,37 +16,65 @@ MODEL_SIZES = {
 }
 
 
-def model_config(size: str) -> mlc.ConfigDict:
+def model_size(size: str) -> dict:
+  """The ``model.*`` values of one row of :data:`MODEL_SIZES` (and ``model.size``)."""
   if size not in MODEL_SIZES:
     raise ValueError(f"model size {size!r} unknown; expected one of {sorted(MODEL_SIZES)}")
-  m = mlc.ConfigDict()
-  m.size = size
-  m.update(MODEL_SIZES[size])
-  m.patch_size = 2
-  m.mlp_ratio = 4
-  m.norm_eps = 1e-5
-  m.qk_norm_eps = 1e-6
-  m.spatial_interpolation_scale = 1.875
-  m.temporal_interpolation_scale = 1.0
-  m.layer_embed = "text"  # "none" | "text" (official) | "text+video"
-  m.num_prompts = 3  # prompts per example ("0, fg", "1, bg", "2, blend"; the official decomposition models: 2)
-  # pos_embed "learned" (official SAT table incl. text rows): the latent frames it covers (0 = the packed frames)
-  m.pos_table_frames = 0
-  m.lead_frames = 0  # latent frames before the first sub-clip (official fg2bg/bg2fg RGBA: 1 duplicated frame)
-  m.final_norm_eps = 0.0  # eps of the final adaLN LayerNorm; 0 = norm_eps (diffusers); official SAT: 1e-6
-  m.clip_positions = "video"  # "video" (official: positions run over the packed time axis) | "clip"
-  m.given_embed = False  # a learned vector on the video tokens of given clips (not official; helps multi-task)
-  m.dtype = "float32"  # compute dtype ("bfloat16" on accelerators); parameters stay float32
-  m.param_dtype = "float32"
-  m.scan_layers = True
-  m.remat = "none"  # "none" | "full" | "save_attention" | "dots" | "dots_attention"
-  m.attention = "xla"  # "xla" | "cudnn" (jax.nn.dot_product_attention) | "chunked" (exact, 1024 queries at a time)
-  #                     | "splash" (Pallas TPU flash kernel; pad_tokens_to a multiple of 128)
-  m.fused_qkv = False  # one matmul for q, k, v where no LoRA targets them (same values; faster on GPUs)
-  m.pad_tokens_to = 0  # pad [text; video] to a multiple of this in each block, padding masked (aligned GPU GEMMs)
-  # LoRA adapters: name → {rank, alpha, targets ("q,k,v,out[,ff_in,ff_out]"), blocks ("all"|"every:K"|[i, …])}
-  m.adapters = mlc.ConfigDict()
-  return m
+  return dict(size=size, **MODEL_SIZES[size])
+
+
+class Setting(NamedTuple):
+  """One declared config key: its default (whose type is the key's type), a one-line doc and, for numbers, the
+  allowed interval (``"[1, inf)"``, ``"(0, 1]"``; "" = any). ``kind`` gives the type where the default does not
+  (a ``None`` default). A ``dict`` or ``list`` default is a free-form group: its entries are checked by
+  :mod:`layerflow_jax.validate` (mixture entries, adapters, task weights)."""
+
+  default: Any
+  doc: str
+  within: str = ""
+  kind: type | None = None
+
+  @property
+  def type(self) -> type:
+    return self.kind or type(self.default)
+
+  @property
+  def free_form(self) -> bool:
+    return isinstance(self.default, (dict, list))
+
+  def bounds(self) -> tuple[float, float, bool, bool] | None:
+    """(low, high, low inclusive, high inclusive) of :attr:`within`, or None."""
+    if not self.within:
+      return None
+    lo, hi = (x.strip() for x in self.within[1:-1].split(","))
+    return float(lo), float(hi), self.within[0] == "[", self.within[-1] == "]"
+
+
+def fill(config: mlc.ConfigDict, schema: Mapping[str, Setting]) -> mlc.ConfigDict:
+  """Adds every key of ``schema`` that ``config`` lacks, at its default (dotted keys become nested groups)."""
+  for key, setting in schema.items():
+    *groups, leaf = key.split(".")
+    node = config
+    for g in groups:
+      if g not in node:
+        node[g] = mlc.ConfigDict()
+      node = node[g]
+    if not isinstance(node, mlc.ConfigDict) or leaf in node:
+      continue
+    v = setting.default
+    node[leaf] = mlc.ConfigDict(v) if isinstance(v, dict) else list(v) if isinstance(v, list) else v
+  return config
+
+
+def build(schema: Mapping[str, Setting]) -> mlc.ConfigDict:
+  """A ConfigDict of every declared key at its default."""
+  return fill(mlc.ConfigDict(), schema)
+
+
+def pack_arg(args: Mapping[str, Any], keys: Iterable[str]) -> str:
+  """The ``"a=1,b=x"`` argument of another config file: ``args``' values of ``keys`` (big_vision's pack_arg), so a
+  variant forwards the whole argument set of the config it builds on."""
+  return ",".join(f"{k}={args[k]}" for k in keys)
 
 
 def parse_arg(arg: str | None, **defaults) -> mlc.ConfigDict:

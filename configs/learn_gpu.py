@@ -9,7 +9,7 @@ IoU 0.87, bg PSNR 29.1 dB, fg PSNR 31.1 dB on 32 validation clips (docs/gallery/
 
 Argument variants: ``decompose_weight=W`` (task weight of decompose after the curriculum; others 1), ``steps=N``,
 ``given_embed=0|1``, ``curriculum=N`` (the first N steps train decomposition alone: what lets small models learn to
-read the blend; 0 = off).
+read the blend; 0 = off), and every argument of ``configs/default.py`` (``gpu=1``, ``layout=rgb`` …).
 """
 
 from __future__ import annotations
@@ -18,10 +18,13 @@ import ml_collections as mlc
 
 from configs import common, default
 
+# Every argument of configs/default.py (forwarded to it; size small here) and this run's own.
+ARGS = dict(default.ARGS, size="small", decompose_weight=2.0, steps=10000, given_embed=True, curriculum=3000)
+
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  a = common.parse_arg(arg, decompose_weight=2.0, steps=10000, given_embed=True, curriculum=3000)
-  c = default.get_config("size=small")
+  a = common.parse_arg(arg, **ARGS)
+  c = default.get_config(common.pack_arg(a, default.ARGS))
   c.model.given_embed = bool(a.given_embed)
   c.diffusion.task_weights.decompose = float(a.decompose_weight)
   c.diffusion.curriculum_steps = int(a.curriculum)

@@ -10,7 +10,8 @@ Run one stage:   layerflow train --config configs/stages.py:stage=stage2_motion_
 Run all three:   layerflow train-stages --config configs/stages.py:size=tiny --workdir runs/stages
 Demo variant:    configs/stages.py:demo   (tiny, CPU-sized steps, smaller ranks; used by `make demo`)
 
-Arguments: ``motion_placement=tuned|official`` (the motion LoRA's placement and stage-2 recipe, below),
+Arguments: every argument of ``configs/default.py`` (``size=2b,gpu=1``, ``tpu=1``, ``encoders=cogvideox`` …),
+``motion_placement=tuned|official`` (the motion LoRA's placement and stage-2 recipe, below),
 ``quality_gap=True`` (the paper's data sources: stage 1 on low-quality layered video, stage 2 on frozen copy-paste
 clips, stage 3 on high-quality layered images + copy-paste videos; data_pipelines/synthetic.py KINDS; the
 evaluation adds eval.multistage's metrics).
@@ -41,17 +42,18 @@ MOTION = {
     "tuned": dict(adapter=dict(alpha=8.0, targets="q,k,v,out", blocks="all"), lr=1e-3),
 }
 SYNTH = "layerflow_synthetic"
+# Every argument of configs/default.py (size, layout, gpu, tpu, encoders, …, forwarded to it) and the stages' own.
+ARGS = dict(default.ARGS, stage="stage1_base", demo=False, motion_rank=8, content_rank=256, image_weight=0.5,
+            motion_placement="tuned", quality_gap=False)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
-  a = common.parse_arg(arg, stage="stage1_base", size="tiny", layout="rgba", demo=False, runlocal=False,
-                       motion_rank=8, content_rank=256, image_weight=0.5, motion_placement="tuned",
-                       quality_gap=False, tpu=False)
+  a = common.parse_arg(arg, **ARGS)
   if a.stage not in STAGES:
     raise ValueError(f"stage {a.stage!r} unknown; expected one of {STAGES}")
   if a.motion_placement not in MOTION:
     raise ValueError(f"motion_placement {a.motion_placement!r} unknown; expected one of {sorted(MOTION)}")
-  c = default.get_config(f"size={a.size},layout={a.layout},runlocal={a.runlocal},tpu={a.tpu}")
+  c = default.get_config(common.pack_arg(a, default.ARGS))
   c.stage = a.stage
   c.stages = STAGES
   n = c.model.num_layers

@@ -171,7 +171,7 @@ def per_step_cost(config, devices) -> tuple[float, float, float]:
     small.model.update(dict(num_layers=n, scan_layers=False))
     if small.train.trainable == "official_base":
       small.train.trainable = "all"
-    for adapter in (small.model.get("adapters", None) or {}).values():
+    for adapter in small.model.adapters.values():
       adapter.blocks = "all"
     compiled, s, *_ = _compile(small, devices)
     cost = _cost(compiled)

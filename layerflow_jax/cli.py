@@ -181,7 +181,7 @@ def cmd_evaluate(args, overrides) -> int:
                                          **({"tasks": tasks} if tasks else {}))
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
-  if config.eval.get("multistage", False):
+  if config.eval.multistage:
     from data_pipelines import registry
 
     registry.build_eval(config)

@@ -17,40 +17,29 @@ MAX_SEED = 2**32 - 1
 MAX_FPS = 240
 
 
-def int_in(low: int, high: int):
-  def parse(text: str) -> int:
+def in_range(kind: type, low, high):
+  """An argparse ``type=``: ``kind`` (int or float) parsed from the text, finite and within [low, high]."""
+  noun = "an integer" if kind is int else "a number"
+
+  def parse(text: str):
     try:
-      value = int(text)
+      value = kind(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not an integer; expected an integer in [{low}, {high}]") from None
-    if not low <= value <= high:
-      raise argparse.ArgumentTypeError(f"{value} is out of range; expected an integer in [{low}, {high}]")
-    return value
-
-  parse.__name__ = "integer"
-  return parse
-
-
-def float_in(low: float, high: float):
-  def parse(text: str) -> float:
-    try:
-      value = float(text)
-    except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not a number; expected a number in [{low}, {high}]") from None
+      raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; expected {noun} in [{low}, {high}]") from None
     if not math.isfinite(value) or not low <= value <= high:
-      raise argparse.ArgumentTypeError(f"{value} is out of range; expected a number in [{low}, {high}]")
+      raise argparse.ArgumentTypeError(f"{value} is out of range; expected {noun} in [{low}, {high}]")
     return value
 
-  parse.__name__ = "number"
+  parse.__name__ = noun.split()[-1]  # argparse names the type in its messages: "integer" / "number"
   return parse
 
 
-steps = int_in(1, MAX_STEPS)
-guidance = float_in(0.0, MAX_GUIDANCE)
-seed = int_in(0, MAX_SEED)
-fps = int_in(1, MAX_FPS)
-count = int_in(1, 1_000_000)
-index = int_in(0, 1_000_000_000)
+steps = in_range(int, 1, MAX_STEPS)
+guidance = in_range(float, 0.0, MAX_GUIDANCE)
+seed = in_range(int, 0, MAX_SEED)
+fps = in_range(int, 1, MAX_FPS)
+count = in_range(int, 1, 1_000_000)
+index = in_range(int, 0, 1_000_000_000)
 
 
 def task(text: str) -> str:

@@ -121,11 +121,11 @@ def make_codec(cfg) -> Autoencoder:
   if cfg.kind == "cogvideox":
     from layerflow_jax.encoders import vae, weights
 
-    if not cfg.get("path"):
+    if not cfg.path:
       raise ValueError("autoencoder.path: required for kind 'cogvideox' (an AutoencoderKLCogVideoX directory)")
     codec = vae.CogVideoXCodec.from_pretrained(
-        cfg.path, dtype=cfg.get("dtype", "float32"), tiling=cfg.get("tiling", True),
-        tile_height=cfg.get("tile_height", 0), tile_width=cfg.get("tile_width", 0))
+        cfg.path, dtype=cfg.dtype, tiling=cfg.tiling, tile_height=cfg.tile_height,
+        tile_width=cfg.tile_width)
     weights.hoist_closed_over_weights()
     return codec
   if cfg.kind == "latent":

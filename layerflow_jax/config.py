@@ -16,6 +16,11 @@ from typing import Any, Sequence
 
 import ml_collections as mlc
 
+from configs import common, default
+
+# Every setting, declared once: key → default, doc, allowed range (configs/default.py).
+SCHEMA = default.SCHEMA
+
 
 class ConfigError(ValueError):
   """A config that cannot be used (the message names the key, the value and what was expected)."""
@@ -120,5 +125,7 @@ def set_key(config: mlc.ConfigDict, key: str, value: Any) -> None:
                       f"{type(old).__name__} like the current value {old!r}") from None
 
 
-def to_yaml_dict(config: mlc.ConfigDict) -> dict:
-  return config.to_dict()
+def complete(config: mlc.ConfigDict) -> mlc.ConfigDict:
+  """Adds every declared key ``config`` lacks, at its default (the config of a checkpoint written before that key
+  was declared ran with the default); returns ``config``."""
+  return common.fill(config, SCHEMA)

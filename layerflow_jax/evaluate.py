@@ -193,16 +193,6 @@ def relative_change(clip) -> float:
   return float(metrics.temporal_change(x) / max(spatial, 1e-6))
 
 
-def frame_change(sampler: LayeredSampler, batches: Iterable[dict], *, task: str = "generate", seed: int = 0,
-                 num_steps: int | None = None, guidance_scale: float | None = None,
-                 relative: bool = False) -> float:
-  """Mean frame-to-frame change (pixel units) of the clips ``task`` generates (colour clips; alpha excluded),
-  over ``batches`` with fixed seeds: how much the model's samples move. ``relative``: each clip's change over its
-  spatial contrast (:func:`relative_change`)."""
-  return frame_changes(sampler, batches, task=task, seed=seed, num_steps=num_steps,
-                       guidance_scale=guidance_scale)["relative" if relative else "absolute"]
-
-
 def frame_changes(sampler: LayeredSampler, batches: Iterable[dict], *, task: str = "generate", seed: int = 0,
                   num_steps: int | None = None, guidance_scale: float | None = None) -> dict:
   """{"absolute": mean frame change, "relative": mean of :func:`relative_change`} of one set of samples."""
@@ -228,7 +218,7 @@ def motion_adapter_effect(config, params: dict, batches: Sequence[dict], **kwarg
   on = LayeredSampler(config, params, keep_adapters=("motion",))
   on.adapter_scales["motion"] = 1.0
   config_off = config.copy_and_resolve_references()
-  config_off.sampling.remove_adapters = tuple(config.sampling.get("remove_adapters", ())) + ("motion",)
+  config_off.sampling.remove_adapters = tuple(config.sampling.remove_adapters) + ("motion",)
   off = LayeredSampler(config_off, params)
   a, b = frame_changes(on, batches, **kwargs), frame_changes(off, batches, **kwargs)
   return {"on": a["absolute"], "off": b["absolute"], "on_relative": a["relative"], "off_relative": b["relative"]}
@@ -314,7 +304,7 @@ def multistage_metrics(config, params: dict, *, num_batches: int | None = None, 
       add("video/motion_ratio", (sum(metrics.temporal_change(g[k]) for k in keys) + 1e-3) /
           (sum(metrics.temporal_change(t[k]) for k in keys) + 1e-3))
   result = {k: float(np.mean(v)) for k, v in sorted(sums.items())}
-  if "motion" in config.model.get("adapters", {}):
+  if "motion" in config.model.adapters:
     effect = motion_adapter_effect(vconfig, params, videos, seed=seed, **kw)
     result.update({"video/motion_on": effect["on"], "video/motion_off": effect["off"],
                    "video/motion_on_off": effect["on"] / max(effect["off"], 1e-9),

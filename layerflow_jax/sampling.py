@@ -22,18 +22,18 @@ from layerflow_jax.train.experiment import Experiment
 
 def drop_adapters(config: mlc.ConfigDict, params: dict, names: Sequence[str]) -> tuple[mlc.ConfigDict, dict]:
   """A config and parameters without the named adapters (removal, not a zero scale)."""
-  names = list(dict.fromkeys(n for n in names if n in config.model.get("adapters", {})))  # once each
+  names = list(dict.fromkeys(n for n in names if n in config.model.adapters))  # once each
   if not names:
     return config, params
   config = mlc.ConfigDict(config.to_dict())
   for n in names:
     del config.model.adapters[n]
-  keys = [k for k in config.train.get("adapter_scale_keys", {}) if k in names]
+  keys = [k for k in config.train.adapter_scale_keys if k in names]
   for k in keys:
     del config.train.adapter_scale_keys[k]
   # Nothing trains here: a training selection that names a removed adapter would only fail to resolve.
-  config.train.trainable_adapters = tuple(n for n in config.train.get("trainable_adapters", ()) if n not in names)
-  if config.train.get("trainable") == "adapters" and not config.train.trainable_adapters:
+  config.train.trainable_adapters = tuple(n for n in config.train.trainable_adapters if n not in names)
+  if config.train.trainable == "adapters" and not config.train.trainable_adapters:
     config.train.trainable = "all"
   prefix = tuple(f"adapters.{n}." for n in names)
   return config, {k: v for k, v in params.items() if not k.startswith(prefix)}
@@ -44,14 +44,20 @@ class LayeredSampler:
     from layerflow_jax import validate
 
     validate.check_backend(config, jax.default_backend())  # e.g. a cuDNN-attention checkpoint sampled on a CPU
-    remove = [n for n in config.sampling.get("remove_adapters", ()) if n not in keep_adapters]
+    remove = [n for n in config.sampling.remove_adapters if n not in keep_adapters]
+    self._source_config = config
     config, params = drop_adapters(config, params, remove)
     self.exp = Experiment(config, mesh)
     self.params = params
     self.removed = remove
     self.kwargs = samplers.sample_kwargs(config.sampling)
-    self.adapter_scales = dict(config.sampling.get("adapter_scales", {}) or {})
+    self.adapter_scales = dict(config.sampling.adapter_scales)
     self._fn = jax.jit(self._sample, static_argnames=("num_steps", "guidance_scale"))
+
+  def load(self, params: dict) -> None:
+    """Samples with ``params`` from now on (the same model: e.g. a training run's newer weights); the compiled
+    function is kept."""
+    _, self.params = drop_adapters(self._source_config, params, self.removed)
 
   @property
   def layout(self) -> layers.Layout:
@@ -77,7 +83,7 @@ class LayeredSampler:
       return v[:b], v[b:]
 
     rng_posterior = None
-    if exp.config.autoencoder.get("sample_posterior", False):  # else the noise stream stays as it always was
+    if exp.config.autoencoder.sample_posterior:  # else the noise stream stays as it always was
       rng, rng_posterior = jax.random.split(rng)
     given_lat = exp.encode_video(given_video, rng_posterior)
     rng_noise, rng_solver = jax.random.split(rng)

@@ -165,21 +165,6 @@ def data_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
   return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), LOGICAL_AXIS_RULES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
-def spec_table(state) -> dict[str, P]:
-  """Flattened ``path → PartitionSpec`` of an NNX state (for golden files and printing)."""
-  specs = nnx.get_partition_spec(state)
-  flat = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]:
-    key = ".".join(str(getattr(p, "key", getattr(p, "name", getattr(p, "idx", p)))) for p in path)
-    flat[key] = leaf
-  return flat
-
-
-
 def sharding_table(shapes: dict[str, Sequence[int]], specs: dict[str, P], mesh: Mesh) -> dict[str, dict]:
   """``path → {shape, spec, shard_shape}`` of parameters on ``mesh`` (for golden files and ``layerflow compile``).
 
@@ -204,7 +189,7 @@ def multislice_config(config, devices_per_slice: int, num_slices: int):
   """A copy of ``config`` whose mesh spans ``num_slices`` slices: ``config.mesh`` is resolved for one slice (its
   ICI part) and ``data`` is multiplied by ``num_slices`` across the data-centre network (``mesh.dcn.data``), so
   fsdp/tensor/sequence collectives stay inside a slice and only the gradient all-reduce crosses DCN."""
-  dcn = dict(config.mesh.get("dcn", None) or {})
+  dcn = dict(config.mesh.dcn)
   if any(int(n) != 1 for n in dcn.values()):
     raise ValueError(f"mesh.dcn {dcn}: already set; give either mesh.dcn or several slices, not both")
   ici = mesh_shape({a: config.mesh[a] for a in MESH_AXES if a in config.mesh}, devices_per_slice)

@@ -23,7 +23,7 @@ def stage_spec(spec: str, stage: str) -> str:
 
 
 def stage_names(spec: str) -> tuple[str, ...]:
-  return tuple(load_config(spec).get("stages", ()))
+  return tuple(load_config(spec).stages)
 
 
 def _finished(workdir: pathlib.Path, steps: int) -> bool:

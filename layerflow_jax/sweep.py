@@ -267,7 +267,7 @@ def _layer_metrics(run_dir: pathlib.Path, sample_steps: int, num_batches: int) -
   batches = eval_lib.eval_batches(config, "validation", num_batches=num_batches)
   metrics, _ = eval_lib.evaluate(sampler, batches, num_steps=sample_steps)
   metrics.pop("num_clips", None)
-  if config.eval.get("multistage", False):
+  if config.eval.multistage:
     metrics.update(eval_lib.multistage_metrics(config, params, num_batches=num_batches, num_steps=sample_steps))
   return metrics
 
@@ -313,8 +313,8 @@ def _resolve_stages(root: pathlib.Path, spec: str, config, overrides: Sequence[s
   """Points ``train.init_from`` naming an earlier stage at a shared, trained copy of it; False if it is unfinished."""
   from layerflow_jax import stages as stages_lib
 
-  src = config.train.get("init_from", "")
-  if not src or src not in tuple(config.get("stages", ())):
+  src = config.train.init_from
+  if not src or src not in tuple(config.stages):
     return True
   pspec = stages_lib.stage_spec(spec, src)
   pover = _filtered_overrides(pspec, overrides)

@@ -103,15 +103,15 @@ def make_text_encoder(cfg) -> TextEncoder:
     ``attention_mask`` (False, as CogVideoX). Weights load on the first ``encode``.
   """
   if cfg.kind == "byte":
-    return ByteTextEncoder(max_length=cfg.max_length, dim=cfg.dim, seed=cfg.get("seed", 0))
+    return ByteTextEncoder(max_length=cfg.max_length, dim=cfg.dim, seed=cfg.seed)
   if cfg.kind == "t5":
     from layerflow_jax.encoders import t5, weights
 
-    if not cfg.get("path"):
+    if not cfg.path:
       raise ValueError("text_encoder.path: required for kind 't5' (a T5EncoderModel checkpoint directory)")
     enc = t5.T5TextEncoder.from_pretrained(
-        cfg.path, tokenizer=cfg.get("tokenizer", ""), max_length=cfg.max_length,
-        dtype=cfg.get("dtype", "float32"), use_attention_mask=cfg.get("attention_mask", False))
+        cfg.path, tokenizer=cfg.tokenizer, max_length=cfg.max_length, dtype=cfg.dtype,
+        use_attention_mask=cfg.attention_mask)
     if enc.dim != cfg.dim:
       raise ValueError(f"text_encoder.dim {cfg.dim} does not match the T5 checkpoint's d_model {enc.dim} "
                        f"({cfg.path})")

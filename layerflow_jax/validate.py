@@ -15,6 +15,7 @@ modules that use them (layouts, samplers, remat policies, LoRA targets, mixture 
 
 from __future__ import annotations
 
+import difflib
 import math
 import pathlib
 from typing import Any, Mapping, NoReturn, Sequence
@@ -22,7 +23,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 import ml_collections as mlc
 
 from layerflow_jax import layers
-from layerflow_jax.config import ConfigError
+from layerflow_jax.config import SCHEMA, ConfigError
 from layerflow_jax.diffusion.samplers import SAMPLERS
 from layerflow_jax.model import lora as lora_lib
 from layerflow_jax.model.dit import REMAT_POLICIES
@@ -31,32 +32,7 @@ from layerflow_jax.train.experiment import LR_SCHEDULES
 
 ADAPTER_KEYS = ("rank", "alpha", "targets", "blocks", "switch")
 
-# key → smallest allowed integer.
-_INTS = {
-    "seed": 0, "data.frames": 1, "data.height": 1, "data.width": 1, "data.batch_size": 1, "data.worker_count": 0,
-    "data.num_train": 1, "data.num_validation": 0,
-    "model.num_layers": 1, "model.num_heads": 1, "model.head_dim": 1, "model.time_embed_dim": 1,
-    "model.patch_size": 1, "model.mlp_ratio": 1, "model.pad_tokens_to": 0, "text_encoder.max_length": 1, "text_encoder.dim": 1,
-    "diffusion.num_train_timesteps": 2, "sampling.num_steps": 1, "eval.num_batches": 0,
-    "train.steps": 0, "train.warmup_steps": 0, "train.grad_accum": 1, "train.log_every": 1, "train.eval_every": 0,
-    "train.sample_every": 0, "train.checkpoint_every": 0, "train.keep_checkpoints": 1,
-    "train.max_consecutive_nonfinite": 1,
-}
-# key → (low, high, low inclusive, high inclusive) for numbers.
-_NUMBERS = {
-    "train.lr": (0.0, math.inf, False, False),
-    "train.min_lr_ratio": (0.0, 1.0, True, True),
-    "train.b1": (0.0, 1.0, True, False),
-    "train.b2": (0.0, 1.0, True, False),
-    "train.weight_decay": (0.0, math.inf, True, False),
-    "train.grad_clip": (0.0, math.inf, True, False),
-    "train.ema_decay": (0.0, 1.0, True, False),
-    "train.checkpoint_every_seconds": (0.0, math.inf, True, False),
-    "diffusion.prompt_dropout": (0.0, 1.0, True, True),
-    "diffusion.snr_shift": (0.0, math.inf, False, False),
-    "diffusion.timestep_power": (0.0, math.inf, False, False),
-    "sampling.guidance_scale": (0.0, math.inf, True, False),
-}
+# Types, defaults and number ranges come from the one declaration (configs/default.py SCHEMA).
 # (model.dtype, pos_embed, layer_embed … are checked with the same kind of message by DiTConfig.from_config.)
 _CHOICES: dict[str, tuple[str, ...]] = {
     "layout": tuple(layers.LAYOUTS),
@@ -98,41 +74,87 @@ def _is_number(v: Any) -> bool:
 # ----------------------------------------------------------------------------- single values
 
 
+def _range_text(kind: type, lo: float, hi: float, lo_in: bool, hi_in: bool) -> str:
+  if kind is int and lo_in and hi == math.inf:
+    return f"an integer >= {int(lo)}"
+  return f"{'an integer' if kind is int else 'a number'} in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
 def check_values(config: mlc.ConfigDict) -> None:
   """Types, ranges and choices of the scalar keys (keys a config does not have are skipped)."""
-  for key, low in _INTS.items():
-    if not _has(config, key):
+  for key, setting in SCHEMA.items():
+    bounds = setting.bounds()
+    if bounds is None or not _has(config, key):
       continue
-    v = _get(config, key)
-    if not _is_int(v):
-      fail(key, v, f"is a {type(v).__name__}", "an integer")
-    if v < low:
-      fail(key, v, "is too small", f"an integer >= {low}")
-  for key, (lo, hi, lo_in, hi_in) in _NUMBERS.items():
-    if not _has(config, key):
-      continue
-    v = _get(config, key)
-    if not _is_number(v):
-      fail(key, v, f"is a {type(v).__name__}", "a number")
+    v, (lo, hi, lo_in, hi_in) = _get(config, key), bounds
+    if not (_is_int(v) if setting.type is int else _is_number(v)):
+      fail(key, v, f"is a {type(v).__name__}", "an integer" if setting.type is int else "a number")
     if not math.isfinite(v) or (v < lo if lo_in else v <= lo) or (v > hi if hi_in else v >= hi):
-      fail(key, v, "is out of range", f"a number in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}")
+      fail(key, v, "is too small" if setting.type is int and v < lo else "is out of range",
+           _range_text(setting.type, lo, hi, lo_in, hi_in))
   for key, choices in _CHOICES.items():
     if _has(config, key) and _get(config, key) not in choices:
       fail(key, _get(config, key), "is not a known choice", f"one of {', '.join(choices)}")
-  if _get(config, "train.steps") == 0 and not _get(config, "train.init_from", ""):
+  if _get(config, "train.steps") == 0 and not _get(config, "train.init_from"):
     fail("train.steps", 0, "trains nothing from a fresh initialisation",
          "an integer >= 1, or 0 with train.init_from (an evaluation-only run of that checkpoint)")
   epochs = _get(config, "data.num_epochs")
   if epochs is not None and (not _is_int(epochs) or epochs < 1):
     fail("data.num_epochs", epochs, "is not a positive integer", "None (repeat forever) or an integer >= 1")
-  inject = _get(config, "train.inject_nan_steps", ())
+  inject = _get(config, "train.inject_nan_steps")
   if not isinstance(inject, (tuple, list)) or not all(_is_int(s) and s >= 1 for s in inject):
     fail("train.inject_nan_steps", inject, "is not a list of steps", "a tuple of step numbers >= 1 (fault injection)")
 
 
+def _type_ok(setting, value: Any) -> bool:
+  kind = setting.type
+  if value is None:
+    return setting.default is None
+  if kind is bool:
+    return isinstance(value, bool)
+  if kind is int:
+    return _is_int(value)
+  if kind is float:
+    return _is_number(value)
+  if kind in (tuple, list):
+    return isinstance(value, (tuple, list))
+  if kind is dict:
+    return isinstance(value, (Mapping, mlc.ConfigDict))
+  return isinstance(value, kind)
+
+
+def check_keys(config: mlc.ConfigDict) -> None:
+  """Every key is declared in configs/default.py (SCHEMA) and holds a value of its declared type, and every
+  declared key is there (free-form groups such as ``data.mixture`` and ``model.adapters`` are checked by their own
+  checks)."""
+
+  def walk(node: mlc.ConfigDict, prefix: str) -> None:
+    for k in node:
+      key, value = prefix + k, node[k]
+      shown = value.to_dict() if isinstance(value, mlc.ConfigDict) else value  # one line
+      setting = SCHEMA.get(key)
+      if setting is not None:
+        if not _type_ok(setting, value):
+          fail(key, shown, f"is a {type(value).__name__}",
+               f"a {setting.type.__name__} like the default {setting.default!r} ({setting.doc})")
+      elif isinstance(value, mlc.ConfigDict) and any(s.startswith(key + ".") for s in SCHEMA):
+        walk(value, key + ".")
+      else:
+        close = difflib.get_close_matches(key, list(SCHEMA), n=1)
+        fail(key, shown, "is not a declared setting",
+             (f"{close[0]!r} or " if close else "") + "a key declared in configs/default.py (SCHEMA)")
+
+  walk(config, "")
+  missing = [k for k in SCHEMA if not _has(config, k)]
+  if missing:
+    raise ConfigError(f"{missing[0]}: missing from the config ({len(missing)} declared key(s) missing: "
+                      f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); expected every key declared "
+                      f"in configs/default.py (build configs on default.get_config)")
+
+
 def check_tasks(config: mlc.ConfigDict) -> None:
   keys = ["diffusion.task_weights"]
-  steps = _get(config, "diffusion.curriculum_steps", 0)
+  steps = _get(config, "diffusion.curriculum_steps")
   if steps is not None and (not _is_int(steps) or steps < 0):
     fail("diffusion.curriculum_steps", steps, "is not a step count", "an integer >= 0 (0 = no curriculum)")
   if steps:
@@ -156,7 +178,7 @@ def check_mixture(config: mlc.ConfigDict) -> None:
   from data_pipelines import pipeline
 
   keys, transforms = tuple(pipeline.ENTRY_KEYS), tuple(pipeline.TRANSFORMS)
-  mixture = _get(config, "data.mixture", []) or []
+  mixture = _get(config, "data.mixture") or []
   if not isinstance(mixture, (list, tuple)):
     fail("data.mixture", mixture, "is not a list", "a list of dicts with keys among " + ", ".join(keys))
   for i, entry in enumerate(mixture):
@@ -200,7 +222,7 @@ def check_shapes(config: mlc.ConfigDict) -> None:
   if d.frames % temporal:
     fail("data.frames", d.frames, f"not divisible by the temporal compression autoencoder.temporal={temporal}",
          f"a multiple of {temporal}")
-  patch = int(_get(config, "model.patch_size", 1))
+  patch = int(_get(config, "model.patch_size"))
   for key in ("height", "width"):
     v = d[key]
     if v % spatial:
@@ -219,11 +241,11 @@ def joint_tokens(config: mlc.ConfigDict) -> int | None:
   if factors is None or not all(_has(config, k) for k in ("data.frames", "data.height", "data.width")):
     return None
   spatial, temporal = factors
-  patch = int(_get(config, "model.patch_size", 1))
+  patch = int(_get(config, "model.patch_size"))
   d = config.data
-  clips = layers.get_layout(_get(config, "layout", "rgba")).num_clips
+  clips = layers.get_layout(_get(config, "layout")).num_clips
   video = clips * (d.frames // temporal) * (d.height // spatial // patch) * (d.width // spatial // patch)
-  return 3 * int(_get(config, "text_encoder.max_length", 0)) + video
+  return 3 * int(_get(config, "text_encoder.max_length")) + video
 
 
 def check_splash(config: mlc.ConfigDict, sequence: int) -> None:
@@ -233,7 +255,7 @@ def check_splash(config: mlc.ConfigDict, sequence: int) -> None:
 
   if _get(config, "model.attention") != "splash" or sequence != 1:  # (-1: unknown before the devices are)
     return
-  tile, pad = attention.SPLASH_TILE, int(_get(config, "model.pad_tokens_to", 0))
+  tile, pad = attention.SPLASH_TILE, int(_get(config, "model.pad_tokens_to"))
   tokens = joint_tokens(config)
   if tokens is None:
     if pad % tile:
@@ -251,13 +273,13 @@ def check_splash(config: mlc.ConfigDict, sequence: int) -> None:
 
 
 def _adapter_names(config: mlc.ConfigDict) -> list[str]:
-  return sorted(dict(_get(config, "model.adapters", {}) or {}))
+  return sorted(dict(_get(config, "model.adapters") or {}))
 
 
 def check_adapters(config: mlc.ConfigDict) -> None:
   """Each adapter's keys, rank, targets and blocks; and every place that names an adapter."""
-  adapters = _get(config, "model.adapters", {}) or {}
-  n = int(_get(config, "model.num_layers", 1))
+  adapters = _get(config, "model.adapters") or {}
+  n = int(_get(config, "model.num_layers"))
   for name in sorted(adapters):
     a = adapters[name]
     key = f"model.adapters.{name}"
@@ -291,13 +313,13 @@ def check_adapters(config: mlc.ConfigDict) -> None:
              f"names among {present}")
   from data_pipelines.spec import BATCH_KEYS
 
-  for name, batch_key in dict(_get(config, "train.adapter_scale_keys", {}) or {}).items():
+  for name, batch_key in dict(_get(config, "train.adapter_scale_keys") or {}).items():
     if name not in present:
       fail(f"train.adapter_scale_keys.{name}", batch_key, f"adapter {name!r} is not in model.adapters",
            f"adapter names among {present}")
     if batch_key not in BATCH_KEYS:
       fail(f"train.adapter_scale_keys.{name}", batch_key, "is not a batch key", f"one of {', '.join(BATCH_KEYS)}")
-  for name in dict(_get(config, "sampling.adapter_scales", {}) or {}):
+  for name in dict(_get(config, "sampling.adapter_scales") or {}):
     if name not in present:
       fail(f"sampling.adapter_scales.{name}", _get(config, f"sampling.adapter_scales.{name}"),
            f"adapter {name!r} is not in model.adapters", f"adapter names among {present}")
@@ -310,7 +332,7 @@ def check_adapters(config: mlc.ConfigDict) -> None:
 
 def check_mesh(config: mlc.ConfigDict, num_devices: int) -> dict[str, int]:
   """The mesh axes resolved against ``num_devices`` (one axis may be -1)."""
-  mesh = dict(_get(config, "mesh", {}) or {})
+  mesh = dict(_get(config, "mesh") or {})
   dcn = mesh.pop("dcn", None)  # hybrid ICI/DCN factors, checked below once the axis sizes are known
   for k, v in mesh.items():
     if k not in MESH_AXES:
@@ -349,7 +371,7 @@ def check_batch(config: mlc.ConfigDict, mesh_shape: Mapping[str, int], process_c
                       f"(mesh data={mesh_shape['data']} × fsdp={mesh_shape['fsdp']}); expected a multiple of {dp}")
   if b % process_count:
     fail("data.batch_size", b, f"not divisible by the {process_count} processes", f"a multiple of {process_count}")
-  k = int(_get(config, "train.grad_accum", 1))
+  k = int(_get(config, "train.grad_accum"))
   per_process = b // process_count
   if per_process % k:
     fail("train.grad_accum", k, f"does not divide the per-process batch {per_process}",
@@ -380,7 +402,7 @@ def check_param_sharding(shapes: Mapping[str, Sequence[int]], specs: Mapping[str
 
 def check_init_from(config: mlc.ConfigDict) -> None:
   """``train.init_from`` (a previous stage) must be a work dir holding at least one finished checkpoint."""
-  src = _get(config, "train.init_from", "")
+  src = _get(config, "train.init_from")
   if not src:
     return
   path = pathlib.Path(src)
@@ -399,7 +421,7 @@ ATTENTION_BACKENDS = {"cudnn": ("gpu", "cuda")}
 
 def check_backend(config: mlc.ConfigDict, platform: str) -> None:
   """The chosen attention must exist on this backend (cuDNN attention only compiles on NVIDIA GPUs)."""
-  impl = _get(config, "model.attention", "xla")
+  impl = _get(config, "model.attention")
   allowed = ATTENTION_BACKENDS.get(impl)
   if allowed is not None and platform not in allowed:
     fail("model.attention", impl, f"needs an NVIDIA GPU but this backend is {platform!r}",
@@ -411,19 +433,19 @@ def ineffective_settings(config: mlc.ConfigDict) -> list[str]:
   out = []
   steps = _get(config, "train.steps")
   if _is_int(steps) and steps > 0:  # train.steps=0 (an evaluation-only run) trains nothing to warn about
-    curriculum = _get(config, "diffusion.curriculum_steps", 0) or 0
+    curriculum = _get(config, "diffusion.curriculum_steps") or 0
     if _is_int(curriculum) and curriculum >= steps:
       out.append(f"diffusion.curriculum_steps={curriculum} >= train.steps={steps}: the curriculum never "
                  f"ends, so diffusion.task_weights never take effect (every step uses "
                  f"diffusion.curriculum_weights)")
-    warmup = _get(config, "train.warmup_steps", 0) or 0
+    warmup = _get(config, "train.warmup_steps") or 0
     if _is_int(warmup) and warmup >= steps:
       out.append(f"train.warmup_steps={warmup} >= train.steps={steps}: the warm-up never ends, so the "
                  f"learning rate never reaches train.lr={_get(config, 'train.lr')}")
   heads, head_dim = _get(config, "model.num_heads"), _get(config, "model.head_dim")
   if _is_int(heads) and _is_int(head_dim):
     width = heads * head_dim  # the smallest side of every LoRA target (q, k, v, out: width²; ff: width × mlp)
-    for name, a in sorted(dict(_get(config, "model.adapters", {}) or {}).items()):
+    for name, a in sorted(dict(_get(config, "model.adapters") or {}).items()):
       rank = a.get("rank") if isinstance(a, (Mapping, mlc.ConfigDict)) else None
       if _is_int(rank) and rank > width:
         out.append(f"model.adapters.{name}.rank={rank} > the layer width {width} (model.num_heads × "
@@ -442,6 +464,7 @@ def validate(config: mlc.ConfigDict, *, num_devices: int | None = None, process_
   checks later stages before their source exists).
   """
   check_values(config)
+  check_keys(config)
   check_tasks(config)
   check_mixture(config)
   check_shapes(config)
@@ -450,11 +473,11 @@ def validate(config: mlc.ConfigDict, *, num_devices: int | None = None, process_
       check_mesh(config, num_devices) if num_devices is not None else None)
   if shape is not None:
     check_batch(config, shape, process_count)
-    if int(_get(config, "model.pad_tokens_to", 0)) and shape.get("sequence", 1) > 1:
+    if int(_get(config, "model.pad_tokens_to")) and shape.get("sequence", 1) > 1:
       fail("model.pad_tokens_to", _get(config, "model.pad_tokens_to"),
            f"pads the joint sequence, which sequence parallelism (mesh sequence={shape['sequence']}) cannot split",
            "0 with mesh.sequence > 1")
-  check_splash(config, int(shape.get("sequence", 1)) if shape is not None else _get(config, "mesh.sequence", 1))
+  check_splash(config, int(shape.get("sequence", 1)) if shape is not None else _get(config, "mesh.sequence"))
   if check_chain:
     check_init_from(config)
   return shape

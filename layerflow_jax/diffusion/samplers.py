@@ -271,6 +271,6 @@ def sample_kwargs(sampling_cfg: Any) -> dict[str, Any]:
       num_steps=int(sampling_cfg.num_steps),
       guidance_scale=float(sampling_cfg.guidance_scale),
       dynamic_cfg=bool(sampling_cfg.dynamic_cfg),
-      dynamic_cfg_steps=int(sampling_cfg.get("dynamic_cfg_steps", 0)),
+      dynamic_cfg_steps=int(sampling_cfg.dynamic_cfg_steps),
       eta=float(sampling_cfg.eta),
   )

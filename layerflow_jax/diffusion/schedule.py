@@ -111,9 +111,6 @@ def v_target(x0: jnp.ndarray, eps: jnp.ndarray, t: jnp.ndarray, sched: Schedule)
   return al * eps - sg * x0
 
 
-v_from_x0_eps = v_target
-
-
 def x0_from_v(x_t: jnp.ndarray, v: jnp.ndarray, t: jnp.ndarray, sched: Schedule) -> jnp.ndarray:
   """x0 = sqrt(a) x_t - sqrt(1 - a) v (stable for every t)."""
   al, sg = alpha_sigma(t, sched, x_t.ndim)

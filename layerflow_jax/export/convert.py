@@ -67,7 +67,7 @@ def _short(items: Sequence[str], n: int = 6) -> str:
 def _pixel_factors(config: mlc.ConfigDict, channels: int) -> tuple[int, int] | None:
   """(spatial, temporal) of a pixel codec with ``channels`` = 3·spatial²·temporal that fits the data sizes."""
   d = config.data
-  first = int(config.autoencoder.get("spatial", 2))
+  first = int(config.autoencoder.spatial)
   for s in dict.fromkeys((first, 1, 2, 4, 8)):
     t, rem = divmod(channels, 3 * s * s)
     if rem or t < 1:
@@ -251,8 +251,8 @@ def export_params(params: Mapping[str, Any], config: mlc.ConfigDict, out: str | 
   if cfg.given_embed or cfg.clip_positions != "video":
     raise ExportError(f"model.given_embed={cfg.given_embed}, model.clip_positions={cfg.clip_positions!r}: "
                       "export supports given_embed=False and clip_positions='video' (the official model)")
-  removed = set(config.sampling.get("remove_adapters", ()) or ())
-  scales = dict(config.sampling.get("adapter_scales", {}) or {})
+  removed = set(config.sampling.remove_adapters)
+  scales = dict(config.sampling.adapter_scales)
   adapters = []
   for spec in list(cfg.adapters):
     inference = spec.name not in removed

@@ -97,38 +97,38 @@ class DiTConfig:
       raise ValueError(f"model.layer_embed: {m.layer_embed!r} unknown; expected 'none', 'text' or 'text+video'")
     if m.pos_embed not in ("sincos", "rope", "none", "learned"):
       raise ValueError(f"model.pos_embed: {m.pos_embed!r} unknown; expected 'sincos', 'rope', 'none' or 'learned'")
-    lead = int(m.get("lead_frames", 0))
-    if lead < 0 or (lead and (m.layer_embed == "text+video" or m.get("clip_positions", "video") == "clip")):
+    lead = int(m.lead_frames)
+    if lead < 0 or (lead and (m.layer_embed == "text+video" or m.clip_positions == "clip")):
       raise ValueError(f"model.lead_frames: {lead} must be >= 0, and 0 with layer_embed 'text+video' or "
                        "clip_positions 'clip' (lead frames belong to no sub-clip)")
-    num_prompts = int(m.get("num_prompts", 3))
+    num_prompts = int(m.num_prompts)
     pos_text, pos_grid = 0, (0, 0, 0)
     if m.pos_embed == "learned":
       t, h, w, _ = codec_lib.make_codec(config.autoencoder).latent_shape(
           config.data.frames, config.data.height, config.data.width)
-      frames = int(m.get("pos_table_frames", 0)) or lead + layout.num_clips * t
+      frames = int(m.pos_table_frames) or lead + layout.num_clips * t
       pos_text, pos_grid = num_prompts * int(config.text_encoder.max_length), (frames, h // m.patch_size,
                                                                                  w // m.patch_size)
-    if m.get("clip_positions", "video") not in ("video", "clip"):
+    if m.clip_positions not in ("video", "clip"):
       raise ValueError(f"model.clip_positions: {m.clip_positions!r} unknown; expected 'video' or 'clip'")
     if m.remat not in REMAT_POLICIES:
       raise ValueError(f"model.remat: {m.remat!r} unknown; expected one of {sorted(REMAT_POLICIES)}")
     for key in ("dtype", "param_dtype"):
       if m[key] not in DTYPES:
         raise ValueError(f"model.{key}: {m[key]!r} unknown; expected one of {sorted(DTYPES)}")
-    adapters = lora_lib.specs_from_config(m.get("adapters", {}), m.num_layers)
+    adapters = lora_lib.specs_from_config(m.adapters, m.num_layers)
     return cls(
         num_layers=m.num_layers, num_heads=m.num_heads, head_dim=m.head_dim, time_embed_dim=m.time_embed_dim,
         in_channels=latent_c, out_channels=latent_c, text_embed_dim=config.text_encoder.dim,
         patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, norm_eps=m.norm_eps, qk_norm_eps=m.qk_norm_eps,
         pos_embed=m.pos_embed, spatial_interpolation_scale=m.spatial_interpolation_scale,
         temporal_interpolation_scale=m.temporal_interpolation_scale,
-        clip_positions=m.get("clip_positions", "video"), given_embed=bool(m.get("given_embed", False)),
+        clip_positions=m.clip_positions, given_embed=bool(m.given_embed),
         layer_embed=m.layer_embed, pos_text_tokens=pos_text, pos_grid=pos_grid,
         num_prompts=num_prompts, num_clips=layout.num_clips, lead_frames=lead,
-        final_norm_eps=float(m.get("final_norm_eps", 0.0)), dtype=m.dtype, param_dtype=m.param_dtype,
+        final_norm_eps=float(m.final_norm_eps), dtype=m.dtype, param_dtype=m.param_dtype,
         scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
-        fused_qkv=bool(m.get("fused_qkv", False)), pad_tokens_to=int(m.get("pad_tokens_to", 0)),
+        fused_qkv=bool(m.fused_qkv), pad_tokens_to=int(m.pad_tokens_to),
         adapters=adapters)
 
 

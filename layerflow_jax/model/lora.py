@@ -24,7 +24,6 @@ from flax import nnx
 from layerflow_jax import sharding as shd
 
 TARGETS = ("q", "k", "v", "out", "ff_in", "ff_out")
-ATTENTION_TARGETS = ("q", "k", "v", "out")
 
 
 class LoraParam(nnx.Param):

@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import orbax.checkpoint as ocp
 
+from layerflow_jax import config as config_lib
+
 log = logging.getLogger(__name__)
 
 
@@ -211,7 +213,8 @@ def config_to_meta(config: mlc.ConfigDict) -> str:
 
 
 def config_from_meta(text: str) -> mlc.ConfigDict:
-  return mlc.ConfigDict(json.loads(text))
+  """The config a checkpoint was written with; keys declared since (configs/default.py) take their defaults."""
+  return config_lib.complete(mlc.ConfigDict(json.loads(text)))
 
 
 def has_checkpoints(workdir: str | pathlib.Path) -> bool:

@@ -89,14 +89,14 @@ class Experiment:
     self.schedule = schedule_lib.make_schedule(config.diffusion)
     self.task_probs = layers.task_weights_vector(dict(config.diffusion.task_weights))
     # A curriculum: the first `curriculum_steps` steps draw tasks from `curriculum_weights` instead.
-    self.curriculum_steps = int(config.diffusion.get("curriculum_steps", 0) or 0)
+    self.curriculum_steps = int(config.diffusion.curriculum_steps)
     self.curriculum_probs = (layers.task_weights_vector(dict(config.diffusion.curriculum_weights))
                              if self.curriculum_steps > 0 else self.task_probs)
     self.given_table = layers.given_table(self.layout)
     # bool [num_tasks, packed latent frames]: what each task gives, frame by frame (lead frames, overrides)
     self.given_frame_table = layers.given_frame_table(
         self.layout, self.latent_shape[0], self.model_cfg.lead_frames,
-        {k: list(v) for k, v in dict(config.diffusion.get("given_latent_frames", {}) or {}).items()})
+        {k: list(v) for k, v in dict(config.diffusion.given_latent_frames).items()})
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
     self.optimizer, self.lr_schedule = make_optimizer(config.train)
 
@@ -111,7 +111,7 @@ class Experiment:
     self.param_specs = {k: shd.logical_to_spec(tuple(v), shd.LOGICAL_AXIS_RULES) for k, v in logical.items()}
     self.selection = partition.select(
         self.abstract_params, self.config.train.trainable, num_layers=self.model_cfg.num_layers,
-        adapters=list(self.config.train.get("trainable_adapters", ()) or ()))
+        adapters=list(self.config.train.trainable_adapters))
 
   # ------------------------------------------------------------------ shapes and shardings
 
@@ -214,12 +214,12 @@ class Experiment:
     ``autoencoder.packed_pass``: the whole stack (after ``lead`` copies of its first frame) in one pass, as the
     official code does; ``autoencoder.sample_posterior`` (with it) draws the posterior with ``rng``."""
     ae, lead = self.config.autoencoder, self.model_cfg.lead_frames
-    if ae.get("packed_pass", False):
+    if ae.packed_pass:
       video = jnp.concatenate([video[:, :1]] * lead + [video], axis=1) if lead else video
       if not hasattr(self.codec, "encode_packed"):
         return self.codec.encode(video)
-      return self.codec.encode_packed(video, rng if ae.get("sample_posterior", False) else None)
-    if ae.get("sample_posterior", False):
+      return self.codec.encode_packed(video, rng if ae.sample_posterior else None)
+    if ae.sample_posterior:
       raise ValueError("autoencoder.sample_posterior needs autoencoder.packed_pass=True")
     z = codec_lib.encode_clips(self.codec, video, self.layout.num_clips)
     lead = self.model_cfg.lead_frames
@@ -234,6 +234,6 @@ class Experiment:
 
   def adapter_scales(self, batch: dict) -> dict:
     """Per-sample adapter scales from the batch, as ``config.train.adapter_scale_keys`` maps them."""
-    keys = dict(self.config.train.get("adapter_scale_keys", {}) or {})
+    keys = dict(self.config.train.adapter_scale_keys)
     present = {a.name for a in self.model_cfg.adapters}
     return {name: batch[key] for name, key in keys.items() if name in present}

@@ -43,6 +43,19 @@ class MetricWriter:
     if self.enabled and self._tb is not None:
       self._tb.add_image(name, image_hwc_uint8, int(step), dataformats="HWC")
 
+  def video(self, step: int, name: str, frames_thwc_uint8: np.ndarray, fps: float = 8.0) -> None:
+    """An animation in TensorBoard's image dashboard (an animated GIF, as ``add_video`` writes, without moviepy)."""
+    if not (self.enabled and self._tb is not None):
+      return
+    import imageio.v3 as iio
+    from tensorboardX.proto.summary_pb2 import Summary
+
+    frames = np.asarray(frames_thwc_uint8, np.uint8)
+    gif = iio.imwrite("<bytes>", frames, extension=".gif", plugin="pillow", duration=1000.0 / fps, loop=0)
+    t, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=gif)
+    self._tb._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), int(step))
+
   def flush(self) -> None:
     if self._tb is not None:
       self._tb.flush()

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.nnx import traversals
 
@@ -88,7 +87,3 @@ def describe(selection: Selection) -> str:
   if rows:
     text += f", {len(selection) - whole} by blocks {list(rows[0])}"
   return text + ")"
-
-
-def zeros_like_selection(trainable: Mapping[str, jax.Array]) -> dict:
-  return {k: jnp.zeros_like(v) for k, v in trainable.items()}

@@ -46,7 +46,7 @@ def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Arr
   given = jnp.asarray(exp.given_frame_table, bool)[task_ids]  # per frame: lead frames, frame overrides
   loss_frames = loss_lib.loss_frames_for(given, _valid_frames(exp, batch, exp.latent_frames))
   x_t, t, eps = loss_lib.noisy_input(rng_noise, x0, given, exp.schedule,
-                                     timestep_power=float(cfg.diffusion.get("timestep_power", 1.0)) if train else 1.0)
+                                     timestep_power=float(cfg.diffusion.timestep_power) if train else 1.0)
   model = exp.model(flat_params)
   v = model(x_t, t, text, adapter_scales=exp.adapter_scales(batch), given_frames=given)
   out = loss_lib.masked_v_loss(v, x0, eps, t, loss_frames, sched=exp.schedule, num_clips=exp.layout.num_clips)

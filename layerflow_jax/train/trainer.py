@@ -5,7 +5,8 @@ step); starts from ``config.train.init_from`` (a previous stage's work dir: para
 otherwise. Checkpoints every ``train.checkpoint_every`` steps and/or ``train.checkpoint_every_seconds``. SIGTERM and
 SIGINT finish the current step, save and return. Non-finite updates are skipped inside the compiled step and
 counted; ``train.max_consecutive_nonfinite`` in a row stop the run. ``train.inject_nan_steps`` (tests) poisons the
-batches of those steps.
+batches of those steps. Every ``train.sample_every`` steps the current weights sample every trained task
+(:mod:`layerflow_jax.train.previews`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from layerflow_jax.config import ConfigError
 from layerflow_jax.errors import InputError, RunError
 from layerflow_jax.train import checkpoint as ckpt_lib
 from layerflow_jax.train import logging as log_lib
-from layerflow_jax.train import partition, workdir_lock
+from layerflow_jax.train import partition, previews, workdir_lock
 from layerflow_jax.train import step as step_lib
 from layerflow_jax.train.experiment import Experiment
 
@@ -50,11 +51,6 @@ def global_batch(exp: Experiment, local: dict) -> dict:
                        f"{s.dtype}{list(s.shape[1:])}")
     out[k] = jax.make_array_from_process_local_data(s.sharding, x)
   return out
-
-
-def check_batch(exp: Experiment) -> None:
-  """Batch vs the experiment's mesh and processes (see :func:`layerflow_jax.validate.check_batch`)."""
-  validate.check_batch(exp.config, dict(exp.mesh.shape), jax.process_count())
 
 
 def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None) -> tuple[dict, Any]:
@@ -210,8 +206,9 @@ def _flat(d, prefix: str = "") -> dict:
 
 
 def config_changes(saved_json: str, config: mlc.ConfigDict) -> list[str]:
-  """``key: checkpoint value -> new value`` for every key (but :data:`RESUME_MAY_CHANGE`) that differs."""
-  old = _flat(json.loads(saved_json))
+  """``key: checkpoint value -> new value`` for every key (but :data:`RESUME_MAY_CHANGE`) that differs. Keys
+  declared after the checkpoint was written count at their defaults (what that run used)."""
+  old = _flat(json.loads(ckpt_lib.config_to_meta(ckpt_lib.config_from_meta(saved_json))))
   new = _flat(json.loads(ckpt_lib.config_to_meta(config)))
   missing = "(absent)"
   show = lambda v: v if v is missing else json.dumps(v)[:60]
@@ -225,7 +222,7 @@ def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path)
   changes = config_changes(meta["config"], config)
   if not changes:
     return
-  if config.train.get("allow_config_change", False):
+  if config.train.allow_config_change:
     log.warning("resuming %s with a changed config (train.allow_config_change=True): %s", where,
                 "; ".join(changes))
     return
@@ -283,7 +280,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   held.enter_context(workdir_lock.hold(workdir, primary=distributed.is_primary()))
   ck = held.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
       workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
-      every_seconds=float(tc.get("checkpoint_every_seconds", 0.0)), writer=True)))
+      every_seconds=float(tc.checkpoint_every_seconds), writer=True)))
   if resuming:
     check_resume_config(config, ck.read_meta(), ck.directory)
   writer = log_lib.MetricWriter(workdir)
@@ -309,7 +306,7 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   train_fn = step_lib.compile_train_step(exp, shardings, None)
   eval_fn = step_lib.compile_eval(exp)
   stop.check()
-  val_batches = _validation_batches(exp, int(config.get("eval", {}).get("num_batches", 2)))
+  val_batches = _validation_batches(exp, int(config.eval.num_batches))
   summary = {"workdir": str(workdir), "start_step": start, "trainable_params": n_trainable,
              "total_params": n_total, "optimizer_state_values": n_opt,
              "trainable_selection": partition.describe(exp.selection)}
@@ -324,9 +321,10 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
 
   if start == 0 and not stop.signal:
     summary["initial"] = run_eval(0)
+  samples = previews.SampleHook(exp, writer, workdir)  # train.sample_every (0 = off)
   total = int(tc.steps) if stop_after is None else min(int(tc.steps), start + int(stop_after))
-  max_bad = int(tc.get("max_consecutive_nonfinite", 20))
-  inject = {int(s) for s in tc.get("inject_nan_steps", ()) or ()}
+  max_bad = int(tc.max_consecutive_nonfinite)
+  inject = {int(s) for s in tc.inject_nan_steps}
   last_metrics: dict = {}
   t0 = time.time()
   bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0, desc="train",
@@ -375,13 +373,14 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
       evaluate_now = bool(int(tc.eval_every)) and step % int(tc.eval_every) == 0 and step != total
       save_now = step == total or bool(stop.signal) or ck.due(step)
       pending = (step, metrics)
-      if evaluate_now or save_now:
+      if evaluate_now or save_now or samples.due(step):
         report(*pending)
         pending = None
       if evaluate_now:
         run_eval(step)
       if save_now:
         ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
+      samples(step, state)
     if pending is not None:
       report(*pending)
     stop.check()
