@@ -111,7 +111,7 @@ def cmd_sample(args, overrides) -> int:
   n, t = layout.num_clips, d.frames
   given = np.zeros((1, n * t, d.height, d.width, 3), np.float32)
 
-  def put(clip: str, video: np.ndarray):
+  def put(clip: str, video: np.typing.ArrayLike):
     i = layout.index(clip)
     given[0, i * t:(i + 1) * t] = video
 
@@ -121,6 +121,7 @@ def cmd_sample(args, overrides) -> int:
     ds = pipeline.layer_dataset(config, "validation")
     ds = pipeline.to_model_inputs(ds, config)
     ex = ds[int(args.from_validation)]
+    assert ex is not None  # grain gives None only for filtered-out elements; these datasets are only mapped
     given[0] = ex["video"]
     tokens = ex["tokens"][None]
   else:
@@ -245,7 +246,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
   from layerflow_jax import cliargs
 
-  p = _Parser(prog="layerflow", description=__doc__.splitlines()[0])
+  doc = __doc__ or "layerflow"  # python -OO strips docstrings
+  p = _Parser(prog="layerflow", description=doc.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
 
   t = sub.add_parser("train", help="train one stage from a config (auto-resumes from --workdir)")

@@ -12,11 +12,14 @@ time axis again.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import einops
 
 from layerflow_jax import layers
+
+if TYPE_CHECKING:  # annotations only: this module imports jax lazily
+  import jax
 
 
 @runtime_checkable
@@ -27,12 +30,27 @@ class Autoencoder(Protocol):
 
   def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     """(latent frames, latent height, latent width, channels) for a clip; clear error if not divisible."""
+    ...
 
-  def encode(self, video):
+  def encode(self, video, /) -> jax.Array:
     """[N, T, H, W, 3] in [-1, 1] → scaled latents [N, t, h, w, c]."""
+    ...
 
-  def decode(self, latents):
+  def decode(self, latents, /) -> jax.Array:
     """Scaled latents [N, t, h, w, c] → [N, T, H, W, 3]."""
+    ...
+
+
+@runtime_checkable
+class PackedAutoencoder(Autoencoder, Protocol):
+  """An :class:`Autoencoder` that can also encode a whole packed LayerFlow stack in one pass
+  (``autoencoder.packed_pass``; :class:`layerflow_jax.encoders.vae.CogVideoXCodec`). Optional: codecs
+  without it encode the stack with ``encode``."""
+
+  def encode_packed(self, video, rng: jax.Array | None = None) -> jax.Array:
+    """[N, T, H, W, 3] in [-1, 1] → scaled latents, with causal context across sub-clips; ``rng``: draw
+    from the posterior instead of taking its mode."""
+    ...
 
 
 class PixelCodec:

@@ -32,6 +32,8 @@ import platform
 import sys
 import threading
 import time
+from types import TracebackType
+from typing import Any, NoReturn
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ def detect(env=None) -> Launch:
     if missing:
       raise ValueError(f"multi-process environment incomplete: {', '.join(missing)} unset (the explicit launch "
                        "needs JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+    assert coordinator is not None and n is not None and rank is not None  # else `missing` raised above
     if ":" not in coordinator:
       raise ValueError(f"JAX_COORDINATOR_ADDRESS={coordinator!r}: expected host:port")
     if n < 1 or not 0 <= rank < n:
@@ -114,13 +117,15 @@ def detect(env=None) -> Launch:
 def _use_gloo_on_cpu() -> None:
   import jax
 
-  platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if not platforms:
+    platforms = str(jax.config.jax_platforms or "")  # pyright: ignore[reportAttributeAccessIssue]  # not in stub
   if not platforms or "cpu" in platforms.split(","):
     # Must precede backend creation; harmless when the job turns out to run on accelerators.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
   """Prints a one-line cause to stderr and exits the process now (from any thread)."""
   sys.stderr.write(f"layerflow: {message}\n")
   sys.stderr.flush()
@@ -154,8 +159,9 @@ def initialize(env=None) -> Launch:
 
   threading.Thread(target=watchdog, name="layerflow-init-watchdog", daemon=True).start()
   start = time.time()
-  kwargs = dict(initialization_timeout=init_timeout + 30,  # the watchdog, with the clearer message, fires first
-                heartbeat_timeout_seconds=heartbeat)
+  kwargs: dict[str, Any] = dict(
+      initialization_timeout=init_timeout + 30,  # the watchdog, with the clearer message, fires first
+      heartbeat_timeout_seconds=heartbeat)
   if launch.method == "explicit":
     kwargs.update(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
                   process_id=launch.process_id, local_device_ids=launch.local_device_ids)
@@ -178,7 +184,7 @@ def _install_excepthook() -> None:
   :data:`EXIT_PEER_LOST`), instead of a traceback followed by jax's shutdown barrier waiting for the dead peer."""
   previous = sys.excepthook
 
-  def hook(exc_type, exc, tb):
+  def hook(exc_type: type[BaseException], exc: BaseException, tb: TracebackType | None):
     if exc is not None and is_peer_failure(exc):
       previous(exc_type, exc, tb)
       _fail(peer_lost_message(exc))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -74,10 +74,16 @@ def eval_batches(config, split: str = "validation", *, num_batches: int | None =
   out = []
   for start in range(0, n, bs):
     idx = range(start, min(start + bs, n))
-    ex = [inputs[i] for i in idx]
-    batch = {k: np.stack([e[k] for e in ex]) for k in ex[0] if k in ("video", "tokens", "clip_valid",
-                                                                         "motion_scale")}
-    batch["fg_prompt"] = [decoded[i]["fg_prompt"] for i in idx]
+    ex: list[dict] = []
+    prompts: list[dict] = []
+    for i in idx:
+      e, d = inputs[i], decoded[i]
+      assert e is not None and d is not None  # grain gives None only for filtered-out elements: none here
+      ex.append(e)
+      prompts.append(d)
+    keys = ("video", "tokens", "clip_valid", "motion_scale")
+    batch: dict[str, Any] = {k: np.stack([e[k] for e in ex]) for k in ex[0] if k in keys}
+    batch["fg_prompt"] = [d["fg_prompt"] for d in prompts]
     out.append(batch)
   return out
 
@@ -139,7 +145,7 @@ def evaluate(sampler: LayeredSampler, batches: Iterable[dict], *, tasks: Sequenc
             add(f"{task}/color_accuracy_gt", float(metrics.dominant_color(t["fg"], t["alpha"]) == color))
             add(f"{task}/shape_accuracy", float(metrics.dominant_shape(g["alpha"]) == shape))
             add(f"{task}/shape_accuracy_gt", float(metrics.dominant_shape(t["alpha"]) == shape))
-  result = {k: float(np.mean(v)) for k, v in sorted(sums.items())}
+  result: dict[str, float | None] = {k: float(np.mean(v)) for k, v in sorted(sums.items())}
   result["num_clips"] = int(sum(len(b["video"]) for b in batches)) if isinstance(batches, list) else None
   return result, previews
 
@@ -267,7 +273,7 @@ def multistage_metrics(config, params: dict, *, num_batches: int | None = None, 
   and ``config.eval.video_data``, sampled as ``config`` samples (its ``sampling.remove_adapters``)."""
   from data_pipelines import synthetic
 
-  kw = dict(num_steps=num_steps, guidance_scale=guidance_scale)
+  kw: dict[str, Any] = dict(num_steps=num_steps, guidance_scale=guidance_scale)
   palette = {**metrics.PALETTE, **synthetic.IMAGE_ONLY_COLORS}
   sums: dict[str, list[float]] = {}
 

@@ -218,4 +218,5 @@ def format_prompts(fg: str, bg: str, blend: str | None, num_prompts: int = 3) ->
   missing = [k for k, v in prompts.items() if v is None or not str(v).strip()]
   if missing:
     raise ValueError(f"prompt missing for layer(s): {', '.join(missing)} (every layer needs a prompt)")
-  return [f"{i}, {prompts[name].strip()}" for i, name in enumerate(PROMPTS[:num_prompts])]
+  given = {k: v for k, v in prompts.items() if v is not None}  # all of them (checked above)
+  return [f"{i}, {given[name].strip()}" for i, name in enumerate(PROMPTS[:num_prompts])]

@@ -217,6 +217,7 @@ def write_layers(
   straight = L.unpremultiply(fg, alpha) if fg is not None and alpha is not None else None
 
   if straight is not None:
+    assert alpha is not None  # straight is None without it
     import imageio.v3 as iio
 
     rgba = np.concatenate([to_uint8(straight), alpha_to_uint8(alpha)], axis=-1)
@@ -370,7 +371,8 @@ def _read_frames(path: str) -> list[np.ndarray]:
   try:
     if ext in (".gif", ".webp"):
       return _read_animated(path)
-    return list(iio.imread(path, index=...))
+    # index=... (all frames) is documented by imageio v3; its stub types index as int | None
+    return list(iio.imread(path, index=...))  # pyright: ignore[reportArgumentType]
   except Exception as e:  # noqa: BLE001
     hint = "" if have_ffmpeg() else " (MP4 needs imageio-ffmpeg: pip install 'layerflow-jax[video]')"
     raise ValueError(f"{path}: cannot read video ({type(e).__name__}: {e}){hint}") from e

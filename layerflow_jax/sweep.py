@@ -441,7 +441,7 @@ def _compile_cache(path: pathlib.Path | None):
   import jax
   from jax.experimental.compilation_cache import compilation_cache as cc
 
-  old = jax.config.jax_compilation_cache_dir
+  old = jax.config.jax_compilation_cache_dir  # pyright: ignore[reportAttributeAccessIssue]  # not in stub
   if path is None or old:
     yield
     return

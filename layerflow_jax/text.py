@@ -12,9 +12,12 @@ Any encoder implementing :class:`TextEncoder` plugs in: ``kind = "t5"`` selects 
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+
+if TYPE_CHECKING:  # annotations only: this module imports jax lazily
+  import jax
 
 
 @runtime_checkable
@@ -24,9 +27,11 @@ class TextEncoder(Protocol):
 
   def tokenize(self, prompts: Sequence[str]) -> np.ndarray:
     """Prompts → int32 token ids [len(prompts), max_length]."""
+    ...
 
-  def encode(self, tokens):
+  def encode(self, tokens, /) -> jax.Array:
     """int32 ids [..., max_length] → float32 embeddings [..., max_length, dim] (jit-compatible)."""
+    ...
 
 
 def _sinusoid(length: int, dim: int) -> np.ndarray:

@@ -6,7 +6,7 @@ frames of clips the example's task gives (they stay clean and are left out of th
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +29,11 @@ def given_frames_for(task_ids: jnp.ndarray, given_table, frames_per_clip: int) -
   ``given_table`` is ``layers.given_table(layout)``, bool [num_tasks, num_clips].
   """
   per_clip = jnp.asarray(given_table, bool)[task_ids]
-  return layers.clip_time_mask(per_clip, frames_per_clip)
+  return cast(jnp.ndarray, layers.clip_time_mask(per_clip, frames_per_clip))  # jnp in, jnp out
 
 
-def loss_frames_for(given_frames: jnp.ndarray, valid_frames: jnp.ndarray | None = None) -> jnp.ndarray:
+def loss_frames_for(given_frames: jnp.ndarray,
+                    valid_frames: jnp.ndarray | np.ndarray | None = None) -> jnp.ndarray:
   """bool [B, F]: frames in the loss = not given (and valid, when a validity mask is passed)."""
   out = ~given_frames
   return out if valid_frames is None else out & valid_frames

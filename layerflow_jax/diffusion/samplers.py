@@ -173,6 +173,7 @@ def guided_velocity(v_cond: jnp.ndarray, v_uncond: jnp.ndarray | None, g: jnp.nd
   v_c = v_cond.astype(jnp.float32)
   if g is None:
     return v_c
+  assert v_uncond is not None, "guidance (g given) needs v_uncond"
   v_u = v_uncond.astype(jnp.float32)
   return v_u + g * (v_c - v_u)
 
@@ -235,10 +236,14 @@ def sample(
   )
   out_dtype = x_T.dtype
   batch = x_T.shape[0]
+  given_mask = None
   if given_frames is not None:
+    assert given_latents is not None  # checked above: given_latents and given_frames go together
     given_mask = given_frames.reshape(given_frames.shape + (1,) * (x_T.ndim - given_frames.ndim))
     given_f32 = given_latents.astype(jnp.float32)
-  keep = (lambda x: jnp.where(given_mask, given_f32, x)) if given_frames is not None else (lambda x: x)
+    keep = lambda x: jnp.where(given_mask, given_f32, x)
+  else:
+    keep = lambda x: x
 
   def body(carry, s):
     x, x0_old = carry
@@ -250,13 +255,14 @@ def sample(
     if sampler in ("dpmpp_2m", "sat_dpmpp_2m"):
       x_prev = x_prev + s["C"] * x0_old
     if stochastic:
+      assert rng is not None  # checked above: a stochastic sampler without rng raised
       x_prev = x_prev + s["D"] * step_noise(rng, s["i"], x.shape)
     return (x_prev, x0), None
 
   x = x_T.astype(jnp.float32)
   (x, _), _ = jax.lax.scan(body, (x, jnp.zeros_like(x)), xs)
   x = x.astype(out_dtype)
-  if given_frames is not None:
+  if given_mask is not None and given_latents is not None:  # both or neither (checked above)
     x = jnp.where(given_mask, given_latents.astype(out_dtype), x)
   return x
 

@@ -78,9 +78,10 @@ def make_schedule(diffusion_cfg: Any) -> Schedule:
   Keys: num_train_timesteps, beta_start, beta_end, snr_shift, zero_terminal_snr.
   """
   n = int(_cfg_get(diffusion_cfg, "num_train_timesteps", 1000))
-  kw = dict(num_train_timesteps=n, beta_start=float(_cfg_get(diffusion_cfg, "beta_start", 0.00085)),
-            beta_end=float(_cfg_get(diffusion_cfg, "beta_end", 0.012)),
-            snr_shift=float(_cfg_get(diffusion_cfg, "snr_shift", 3.0)))
+  kw: dict[str, Any] = dict(
+      num_train_timesteps=n, beta_start=float(_cfg_get(diffusion_cfg, "beta_start", 0.00085)),
+      beta_end=float(_cfg_get(diffusion_cfg, "beta_end", 0.012)),
+      snr_shift=float(_cfg_get(diffusion_cfg, "snr_shift", 3.0)))
   ac = alphas_cumprod_f64(**kw, zero_terminal_snr=bool(_cfg_get(diffusion_cfg, "zero_terminal_snr", True)))
   return Schedule(alphas_cumprod=ac.astype(np.float32), num_train_timesteps=n,
                   shifted_alphas_cumprod=alphas_cumprod_f64(**kw, zero_terminal_snr=False))

@@ -18,7 +18,7 @@ import dataclasses
 import functools
 import math
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -111,8 +111,8 @@ class T5RMSNorm(nnx.RMSNorm):
     super().__init__(cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, param_dtype=param_dtype,
                      rngs=rngs)
 
-  def __call__(self, x):
-    return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
+  def __call__(self, x, mask=None):
+    return super().__call__(x.astype(jnp.float32), mask).astype(x.dtype)
 
 
 class T5LayerSelfAttention(nnx.Module):
@@ -146,7 +146,7 @@ class T5LayerFF(nnx.Module):
 
 class T5Block(nnx.Module):
   def __init__(self, cfg: T5Config, has_relative_attention_bias: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.layer = nnx.List([
+    self.layer: nnx.List[Any] = nnx.List([  # the attention and the feed-forward sublayer
         T5LayerSelfAttention(cfg, has_relative_attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
         T5LayerFF(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)])
 
@@ -275,14 +275,14 @@ class T5TextEncoder:
     cache_key: encoders with the same key (and mesh) share one loaded copy (see ``weights.load_frozen``).
   """
 
-  def __init__(self, tokenizer: SentencePieceTokenizer, model: T5EncoderModel | Any, *, dim: int,
+  def __init__(self, tokenizer: SentencePieceTokenizer,
+               model: T5EncoderModel | Callable[[], T5EncoderModel], *, dim: int,
                use_attention_mask: bool = False, cache_key: Any = None):
     self.tokenizer = tokenizer
     self.max_length = tokenizer.max_length
     self.dim = int(dim)
     self.use_attention_mask = bool(use_attention_mask)
-    self._model = model if isinstance(model, T5EncoderModel) else None
-    self._load = None if self._model is not None else model
+    self._model, self._load = (model, None) if isinstance(model, T5EncoderModel) else (None, model)
     self._cache_key = cache_key
 
   @classmethod

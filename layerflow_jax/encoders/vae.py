@@ -515,7 +515,8 @@ class CogVideoXCodec:
     cache_key: codecs with the same key (and mesh) share one loaded copy (see ``weights.load_frozen``).
   """
 
-  def __init__(self, cfg: VAEConfig, model: AutoencoderKLCogVideoX | Any, *, dtype=jnp.float32,
+  def __init__(self, cfg: VAEConfig,
+               model: AutoencoderKLCogVideoX | Callable[[], AutoencoderKLCogVideoX], *, dtype=jnp.float32,
                tiling: Tiling | None = None, cache_key: Any = None):
     self.cfg = cfg
     self.spatial_factor = cfg.spatial_factor
@@ -524,8 +525,7 @@ class CogVideoXCodec:
     self.scaling_factor = float(cfg.scaling_factor)
     self.dtype = dtype
     self.tiling = tiling
-    self._model = model if isinstance(model, AutoencoderKLCogVideoX) else None
-    self._load = None if self._model is not None else model
+    self._model, self._load = (model, None) if isinstance(model, AutoencoderKLCogVideoX) else (None, model)
     self._cache_key = cache_key
 
   @classmethod

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+M = TypeVar("M", bound=nnx.Module)
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -105,7 +106,7 @@ def torch_to_nnx(state_dict: Mapping[str, Any], abstract: Mapping, *, what: str,
   for alias, target in aliases.items():
     if alias in state_dict and target not in sd:
       sd[target] = state_dict[alias]
-  flat_abstract = traverse_util.flatten_dict(dict(abstract))
+  flat_abstract: dict[tuple, Any] = traverse_util.flatten_dict(dict(abstract))  # leaves: abstract arrays
   filled: dict[tuple, np.ndarray] = {}
   unexpected, mismatched = [], []
   for key, value in sd.items():
@@ -113,8 +114,7 @@ def torch_to_nnx(state_dict: Mapping[str, Any], abstract: Mapping, *, what: str,
     prefix, leaf = path[:-1], path[-1]
     if leaf == "weight":
       leaf = next((n for n in _WEIGHT_LEAVES if prefix + (n,) in flat_abstract), None)
-    ours = prefix + (leaf,) if leaf is not None else None
-    if ours is None or ours not in flat_abstract:
+    if leaf is None or (ours := prefix + (leaf,)) not in flat_abstract:
       unexpected.append(key)
       continue
     arr = _convert(leaf, to_numpy(value))
@@ -133,8 +133,8 @@ def torch_to_nnx(state_dict: Mapping[str, Any], abstract: Mapping, *, what: str,
   return traverse_util.unflatten_dict(filled)
 
 
-def build_module(make: Callable[[], nnx.Module], state_dict: Mapping[str, Any], *, what: str,
-                 aliases: Mapping[str, str] | None = None) -> nnx.Module:
+def build_module(make: Callable[[], M], state_dict: Mapping[str, Any], *, what: str,
+                 aliases: Mapping[str, str] | None = None) -> M:
   """``make()``'s module with its parameters taken from ``state_dict`` (no random initialisation is run).
 
   Each array is cast to the parameter dtype the module declares (``param_dtype``).
@@ -142,7 +142,7 @@ def build_module(make: Callable[[], nnx.Module], state_dict: Mapping[str, Any], 
   graphdef, state = nnx.split(nnx.eval_shape(make))
   abstract = nnx.to_pure_dict(state)
   filled = torch_to_nnx(state_dict, abstract, what=what, aliases=aliases)
-  flat_abstract = traverse_util.flatten_dict(abstract)
+  flat_abstract: dict[tuple, Any] = traverse_util.flatten_dict(abstract)  # leaves: abstract arrays
   flat = traverse_util.flatten_dict(filled)
   with jax.ensure_compile_time_eval():  # concrete arrays even when first used inside a jit trace
     values = {p: jnp.asarray(flat[p], dtype=flat_abstract[p].dtype) for p in flat}
@@ -166,7 +166,7 @@ def _active_mesh():
 _FROZEN: dict = {}  # (key, mesh) → loaded module: encoders built from one config share one copy of the weights
 
 
-def load_frozen(load: Callable[[], nnx.Module], key: Any = None) -> nnx.Module:
+def load_frozen(load: Callable[[], M], key: Any = None) -> M:
   """``load()``'s module, built eagerly even inside a jit trace and replicated over the active mesh.
 
   Frozen encoders load on first use, which is usually inside the jitted train step or sampler: their arrays are

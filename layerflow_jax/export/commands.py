@@ -16,7 +16,7 @@ def _print(obj) -> None:
   print(json.dumps(obj, indent=2, default=str))
 
 
-def _fail(e: Exception) -> int:
+def _fail(e: Exception | str) -> int:
   print(f"error: {e}", file=sys.stderr)
   return 2
 

@@ -90,7 +90,7 @@ def default_autoencoder(ae: mlc.ConfigDict, channels: int, vae_dir: str | pathli
   out = mlc.ConfigDict(ae.to_dict())
   conf = pathlib.Path(vae_dir) / "config.json" if vae_dir else None
   if conf is not None and conf.is_file() and int(json.loads(conf.read_text()).get("latent_channels", -1)) == channels:
-    out.update(kind="cogvideox", path=str(pathlib.Path(vae_dir)), dtype="bfloat16")
+    out.update(kind="cogvideox", path=str(conf.parent), dtype="bfloat16")
   else:
     out.update(kind="latent", spatial=8, temporal=4, latent_channels=int(channels),
                scaling_factor=COGVIDEOX_SCALING_FACTOR, path="")

@@ -182,7 +182,7 @@ class LayerFlowTransformer(torch.nn.Module):
     ``adapters``: ``"inference"`` (the adapters sampling keeps, at their sampling scale; the default),
     ``"all"`` (every exported adapter, scale 1 unless its sampling scale says otherwise), or a list of names.
     """
-    from diffusers import CogVideoXTransformer3DModel
+    from diffusers import CogVideoXTransformer3DModel  # pyright: ignore[reportPrivateImportUsage]  # lazy
 
     folder = pathlib.Path(folder)
     transformer = CogVideoXTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)

@@ -74,7 +74,9 @@ class Checkpointer:
     if every_steps > 0:
       policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(int(every_steps)))
     if every_seconds > 0:
-      policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(minimum_interval_secs=every_seconds))
+      # orbax annotates int; it only compares the (float) seconds elapsed against it
+      policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
+          minimum_interval_secs=every_seconds))  # pyright: ignore[reportArgumentType]
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=writer,
         save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies))
