@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
 
   # ---------------------------------------------------------------- model
   c.model = common.model_config(args.size)
+  c.model.precision = "bf16"  # "bf16" (no FP8) | "fp8_attention" | "fp8_gemm" | "fp8": FP8 on Hopper (model/fp8.py)
   if args.gpu:  # what benchmarks/train_step.py measured fastest on one H200 (same values, bf16 compute)
     c.model.update(dict(dtype="bfloat16", attention="cudnn", remat="dots_attention", fused_qkv=True,
                         pad_tokens_to=64))
