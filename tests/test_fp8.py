@@ -155,3 +155,13 @@ def test_fp8_state_trains_checkpoints_and_resumes_exactly(tmp_path):
   assert float(m1["loss"]) == float(m2["loss"])
   for a, r in zip(jax.tree.leaves((cont.fp8, cont.trainable)), jax.tree.leaves((again.fp8, again.trainable))):
     np.testing.assert_array_equal(a, r)
+
+
+def test_run_all_measures_every_precision_against_one_peer_run():
+  from benchmarks import run_all
+
+  args = run_all.parse_args(["--tiny", "--precisions", "bf16,fp8_gemm", "--parts", "peer_train,jax_train"])
+  plan = run_all.runs(args)
+  assert [(side, precision) for side, _, precision in plan] == [("peer", None), ("jax", "bf16"), ("jax", "fp8_gemm")]
+  cmd = run_all.command(args, "jax", ["jax_train"], "out.json", None, "fp8_gemm")
+  assert cmd[cmd.index("--precision") + 1] == "fp8_gemm"
