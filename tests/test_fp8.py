@@ -165,3 +165,26 @@ def test_run_all_measures_every_precision_against_one_peer_run():
   assert [(side, precision) for side, _, precision in plan] == [("peer", None), ("jax", "bf16"), ("jax", "fp8_gemm")]
   cmd = run_all.command(args, "jax", ["jax_train"], "out.json", None, "fp8_gemm")
   assert cmd[cmd.index("--precision") + 1] == "fp8_gemm"
+
+
+def test_frozen_blocks_before_the_first_trained_one_keep_their_fp8_state():
+  from layerflow_jax.train import step as step_lib
+  from layerflow_jax.train.experiment import Experiment
+
+  config = _config("fp8_gemm", attention="xla")
+  config.model.adapters.content = dict(rank=4, alpha=1.0, targets="q,k,v,out", blocks=[1])
+  config.train.trainable = "adapters"
+  mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
+  exp = Experiment(config, mesh)
+  assert exp.first_backward_block == 1 and Experiment(_config(), mesh).first_backward_block == 0
+  with shd.use_mesh(mesh):
+    state = exp.init_state()
+  b = config.data.batch_size
+  batch = {"video": jax.random.uniform(jax.random.key(0), (b, 4 * config.data.frames, config.data.height,
+                                                          config.data.width, 3), minval=-1.0, maxval=1.0),
+           "tokens": jax.random.randint(jax.random.key(1), (b, 3, config.text_encoder.max_length), 0, 255)}
+  state, _ = jax.jit(lambda s, bt: step_lib.train_step(exp, s, bt))(state, batch)
+  for site, meta in state.fp8["blocks"].items():
+    assert float(jnp.abs(meta["input_amax_history"][0]).max()) == 0.0, site  # block 0: held, no backward
+    assert float(meta["input_amax_history"][1, 0]) > 0, site  # block 1 trains: its GEMMs recorded their amax
+  assert float(jnp.abs(state.fp8["text_proj"]["input_amax_history"]).max()) == 0.0

@@ -97,6 +97,22 @@ def updated(old: dict, new: dict) -> dict:
   return out
 
 
+def split_at(state: dict, first: int) -> tuple[dict, dict]:
+  """(held, differentiated): the state of blocks before ``first`` (and, when ``first`` > 0, the text
+  projection's) apart from the rest, so a step can keep the held part out of its gradient; :func:`join` undoes it."""
+  if not state or first == 0:
+    return {}, state
+  cut = lambda lo, hi: jax.tree.map(lambda a: a[lo:hi], state["blocks"])  # noqa: E731
+  return {"blocks": cut(0, first), "text_proj": state["text_proj"]}, {"blocks": cut(first, None)}
+
+
+def join(held: dict, differentiated: dict) -> dict:
+  if not held:
+    return differentiated
+  blocks = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), held["blocks"], differentiated["blocks"])
+  return {"blocks": blocks, "text_proj": held["text_proj"]}
+
+
 # ----------------------------------------------------------------------------- GEMMs
 
 

@@ -114,6 +114,23 @@ class Experiment:
         self.abstract_params, self.config.train.trainable, num_layers=self.model_cfg.num_layers,
         adapters=list(self.config.train.get("trainable_adapters", ()) or ()))
 
+  @property
+  def first_backward_block(self) -> int:
+    """The first block a training step runs backward through: the lowest block with a trainable value, or 0 when
+    something before the blocks trains (embeddings, projections). Blocks before it are frozen and their inputs need
+    no gradient, so the FP8 state of their GEMMs (and the text projection's) stays out of the gradient."""
+    blocks = {a.name: min(a.blocks) for a in self.model_cfg.adapters}
+    first = self.model_cfg.num_layers
+    for path, rows in self.selection.items():
+      parts = path.split(partition.SEP)
+      if parts[0] == "blocks":
+        first = min(first, 0 if rows is None else min(rows))
+      elif parts[0] == "adapters":
+        first = min(first, blocks[parts[1]])
+      else:
+        return 0
+    return first
+
   # ------------------------------------------------------------------ shapes and shardings
 
   @property
