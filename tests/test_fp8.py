@@ -1,10 +1,11 @@
-"""FP8 precision (``model.precision``) on CPU: the scaling math, the amax-history update, the train state's FP8 tree
-through a step and an Orbax checkpoint, and validation's refusal off Hopper. cuDNN's FP8 attention itself only runs
-on a GPU (benchmarks/train_step.py --precision measures it)."""
+"""FP8 precision (``model.precision``) on CPU: the scaling math, the amax-history update, the train state's
+FP8 tree through a step and an Orbax checkpoint, and validation's refusal off Hopper. cuDNN's FP8 attention
+itself only runs on a GPU (benchmarks/train_step.py --precision measures it)."""
 
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -188,3 +189,36 @@ def test_frozen_blocks_before_the_first_trained_one_keep_their_fp8_state():
     assert float(jnp.abs(meta["input_amax_history"][0]).max()) == 0.0, site  # block 0: held, no backward
     assert float(meta["input_amax_history"][1, 0]) > 0, site  # block 1 trains: its GEMMs recorded their amax
   assert float(jnp.abs(state.fp8["text_proj"]["input_amax_history"]).max()) == 0.0
+
+
+def _scans(jaxpr) -> int:
+  """scan equations in a jaxpr, nested ones included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == "scan"
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _scans(sub)
+  return n
+
+
+def test_frozen_prefix_runs_no_backward_pass_with_fp8_gemms():
+  """Stage 3 in FP8 runs as many block scans (forward and backward) as in bf16: held-out scaling state carries
+  no tangent, so the frozen blocks before the first adapter get no backward scan (the first GPU run had
+  them)."""
+  from layerflow_jax.train import step as step_lib
+  from layerflow_jax.train.experiment import Experiment
+
+  counts = {}
+  for precision in ("bf16", "fp8_gemm"):
+    config = _config(precision, attention="xla")
+    config.model.adapters.content = dict(rank=4, alpha=1.0, targets="q,k,v,out", blocks=[1])
+    config.train.trainable = "adapters"
+    mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
+    exp = Experiment(config, mesh)
+    state = exp.abstract_state()
+    b = config.data.batch_size
+    batch = {"video": jax.ShapeDtypeStruct((b, 4 * config.data.frames, config.data.height, config.data.width, 3),
+                                           jnp.float32),
+             "tokens": jax.ShapeDtypeStruct((b, 3, config.text_encoder.max_length), jnp.int32)}
+    counts[precision] = _scans(jax.make_jaxpr(lambda s, bt: step_lib.train_step(exp, s, bt))(state, batch).jaxpr)
+  assert counts["fp8_gemm"] == counts["bf16"], counts

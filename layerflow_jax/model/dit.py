@@ -457,7 +457,7 @@ class LayerFlowDiT(nnx.Module):
     for seg in lora_lib.segments(cfg.adapters, cfg.num_layers):
       seg_state = jax.tree.map(lambda a: a[seg.start:seg.stop], stacked)
       seg_lora = lora_lib.segment_lora(seg, adapters, cfg.adapters)
-      seg_fp8 = None if fp8 is None else jax.tree.map(lambda a: a[seg.start:seg.stop], fp8)
+      seg_fp8 = None if fp8 is None else fp8_lib.rows(fp8, seg.start, seg.stop)
       if cfg.scan_layers:
         carry, _ = jax.lax.scan(body, carry, (seg_state, seg_lora, seg_fp8))
       else:

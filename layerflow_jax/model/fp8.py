@@ -1,25 +1,29 @@
-"""FP8 compute on Hopper (``model.precision``): the large GEMMs through flax's fp8 ops, attention through jax's
-cuDNN FP8 flash kernel. Everything else (norms, modulation, LoRA deltas, the loss) stays in ``model.dtype``.
+"""FP8 compute on Hopper (``model.precision``): the large GEMMs through flax's fp8 ops, attention through
+jax's cuDNN FP8 flash kernel. Everything else (norms, modulation, LoRA deltas, the loss) stays in
+``model.dtype``.
 
 ``model.precision``:
 
 * ``"bf16"`` — no FP8 (the default; nothing here runs).
 * ``"fp8_gemm"`` — QKV (one fused GEMM), attention out, FFN in/out and the text projection in FP8:
-  ``flax.linen.fp8_ops.fp8_scaled_dot_general`` — e4m3 inputs and kernels, e5m2 output gradients, per-tensor scales.
-* ``"fp8_attention"`` — attention in FP8: ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention`` with
-  ``use_fp8=True``, forward only (see below).
+  ``flax.linen.fp8_ops.fp8_scaled_dot_general`` — e4m3 inputs and kernels, e5m2 output gradients, per-tensor
+  scales.
+* ``"fp8_attention"`` — attention in FP8: ``jax._src.cudnn.fused_attention_stablehlo.dot_product_attention``
+  with ``use_fp8=True``, forward only (see below).
 * ``"fp8"`` — both.
 
 Scaling, per tensor:
 
-* GEMMs while training — *delayed* scaling: each GEMM's input, kernel and output-gradient scales and their amax
-  histories (:data:`AMAX_HISTORY` steps) are the train state's ``fp8`` tree (:func:`init_state`, stacked on the
-  ``layers`` axis for the blocks). Flax's custom VJPs return the updated values as the "gradient" of that tree
-  (overwrite-with-gradient), and :func:`updated` writes them back, so Orbax checkpoints and exact resume carry them.
-* GEMMs in forward-only passes (sampling, evaluation, validation loss) — *current* scaling, no state: the same flax
-  function is given the tensor's own amax as a one-entry history (:func:`current_meta`).
+* GEMMs while training — *delayed* scaling: each GEMM's input, kernel and output-gradient scales and their
+  amax histories (:data:`AMAX_HISTORY` steps) are the train state's ``fp8`` tree (:func:`init_state`, stacked
+  on the ``layers`` axis for the blocks). Flax's custom VJPs return the updated values as the "gradient" of
+  that tree (overwrite-with-gradient), and :func:`updated` writes them back, so Orbax checkpoints and exact
+  resume carry them.
+* GEMMs in forward-only passes (sampling, evaluation, validation loss) — *current* scaling, no state: the same
+  flax function is given the tensor's own amax as a one-entry history (:func:`current_meta`).
 * Attention — current scaling, no state: q, k, v scales from their own amax; the softmax probabilities lie in
-  [0, 1] and the output is a convex combination of value rows, so their scales are bounded exactly (:func:`attention`).
+  [0, 1] and the output is a convex combination of value rows, so their scales are bounded exactly
+  (:func:`attention`).
 
 jax's cuDNN FP8 attention trains only at head_dim 128 with sequences of multiples of 128 and no mask; this
 project's models have head_dim 64 (2B, 5B), so ``validate`` refuses FP8 attention in training and it serves
@@ -63,16 +67,16 @@ def init_meta(history: int = AMAX_HISTORY, layers: int | None = None) -> dict:
 
 
 def init_state(precision: str, num_layers: int, history: int = AMAX_HISTORY) -> dict:
-  """The train state's ``fp8`` tree: ``{"blocks": {site: stacked meta}, "text_proj": meta}``; empty without FP8
-  GEMMs."""
+  """The train state's ``fp8`` tree: ``{"blocks": {site: stacked meta}, "text_proj": meta}``; empty without
+  FP8 GEMMs."""
   if not gemm_fp8(precision):
     return {}
   return {"blocks": {s: init_meta(history, num_layers) for s in BLOCK_SITES}, "text_proj": init_meta(history)}
 
 
 def current_meta(x: jax.Array, kernel: jax.Array) -> dict:
-  """State for a forward-only pass: each history holds the tensor's own amax, so the scale flax derives from it is
-  current scaling (the gradient entries are never read without a backward pass)."""
+  """State for a forward-only pass: each history holds the tensor's own amax, so the scale flax derives from
+  it is current scaling (the gradient entries are never read without a backward pass)."""
   amax = lambda t: jnp.max(jnp.abs(t)).astype(jnp.float32)[None]  # noqa: E731
   return {"input_scale": jnp.ones((1,), jnp.float32), "input_amax_history": amax(x),
           "kernel_scale": jnp.ones((1,), jnp.float32), "kernel_amax_history": amax(kernel),
@@ -80,9 +84,9 @@ def current_meta(x: jax.Array, kernel: jax.Array) -> dict:
 
 
 def updated(old: dict, new: dict) -> dict:
-  """The state after a step from its "gradient" ``new``: each (scale, history) pair where its GEMM ran a backward
-  pass; the old pair where it did not (a frozen block whose input needs no gradient gets a zero cotangent, and a
-  real scale is never 0)."""
+  """The state after a step from its "gradient" ``new``: each (scale, history) pair where its GEMM ran a
+  backward pass; the old pair where it did not (a frozen block whose input needs no gradient gets a zero
+  cotangent, and a real scale is never 0)."""
   out = {}
   for key, value in old.items():
     if isinstance(value, dict):
@@ -99,18 +103,41 @@ def updated(old: dict, new: dict) -> dict:
 
 def split_at(state: dict, first: int) -> tuple[dict, dict]:
   """(held, differentiated): the state of blocks before ``first`` (and, when ``first`` > 0, the text
-  projection's) apart from the rest, so a step can keep the held part out of its gradient; :func:`join` undoes it."""
+  projection's) apart from the rest, so a step can keep the held part out of its gradient."""
   if not state or first == 0:
     return {}, state
   cut = lambda lo, hi: jax.tree.map(lambda a: a[lo:hi], state["blocks"])  # noqa: E731
   return {"blocks": cut(0, first), "text_proj": state["text_proj"]}, {"blocks": cut(first, None)}
 
 
-def join(held: dict, differentiated: dict) -> dict:
+def for_model(held: dict, differentiated: dict) -> dict:
+  """The model's ``fp8`` argument from :func:`split_at`'s parts, the blocks' two parts kept apart:
+  :func:`rows` slices each on its own, so a held row carries no tangent (a concatenation would give it a zero
+  one, and the frozen blocks would run their backward pass after all)."""
+  if not held:
+    return differentiated
+  return {"blocks": {"held": held["blocks"], "rest": differentiated["blocks"]}, "text_proj": held["text_proj"]}
+
+
+def stacked(held: dict, differentiated: dict) -> dict:
+  """The train state's tree again from :func:`split_at`'s parts."""
   if not held:
     return differentiated
   blocks = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), held["blocks"], differentiated["blocks"])
   return {"blocks": blocks, "text_proj": held["text_proj"]}
+
+
+def rows(blocks: dict, start: int, stop: int) -> dict:
+  """Blocks ``[start, stop)`` of the blocks' state: stacked, or split by :func:`for_model`."""
+  if "held" not in blocks:
+    return jax.tree.map(lambda a: a[start:stop], blocks)
+  first = jax.tree.leaves(blocks["held"])[0].shape[0]
+  parts = []
+  if start < first:
+    parts.append(jax.tree.map(lambda a: a[start:min(stop, first)], blocks["held"]))
+  if stop > first:
+    parts.append(jax.tree.map(lambda a: a[max(start, first) - first:stop - first], blocks["rest"]))
+  return parts[0] if len(parts) == 1 else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *parts)
 
 
 # ----------------------------------------------------------------------------- GEMMs
@@ -140,9 +167,9 @@ def dense(linear, x: jax.Array, meta: dict | None) -> jax.Array:
 
 
 def attention_scales(q: jax.Array, k: jax.Array, v: jax.Array) -> dict:
-  """cuDNN's FP8 attention parameters (each [1, 1, 1, 1] float32) for current scaling: ``x_fp8 = x · scale_x``,
-  ``descale_x = 1 / scale_x``; the softmax ``s`` ∈ [0, 1] and the output ``o`` (|o| ≤ max|v|) have fixed bounds.
-  The backward-only entries are ones (forward only)."""
+  """cuDNN's FP8 attention parameters (each [1, 1, 1, 1] float32) for current scaling: ``x_fp8 = x ·
+  scale_x``, ``descale_x = 1 / scale_x``; the softmax ``s`` ∈ [0, 1] and the output ``o`` (|o| ≤ max|v|) have
+  fixed bounds. The backward-only entries are ones (forward only)."""
   top = float(jnp.finfo(E4M3).max)
   one = jnp.ones((1, 1, 1, 1), jnp.float32)
   amax = lambda t: jnp.maximum(jnp.max(jnp.abs(t)).astype(jnp.float32), 1e-12).reshape(1, 1, 1, 1)  # noqa: E731
@@ -160,10 +187,11 @@ def quantize(x: jax.Array, descale: jax.Array) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = None) -> jax.Array:
-  """Exact-softmax attention in FP8 (cuDNN, forward only): ``q, k, v`` [B, N, H, D] → [B, N, H, D] in ``q.dtype``.
+  """Exact-softmax attention in FP8 (cuDNN, forward only): ``q, k, v`` [B, N, H, D] → [B, N, H, D] in
+  ``q.dtype``.
 
-  The FP8 kernel takes no padding mask, so keys (and queries) from ``num_valid`` on are sliced off and the output
-  rows of padded queries are zero."""
+  The FP8 kernel takes no padding mask, so keys (and queries) from ``num_valid`` on are sliced off and the
+  output rows of padded queries are zero."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
   n = q.shape[1]

@@ -76,7 +76,7 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
 
   def loss_fn(trainable, fp8, micro, r):
     params = partition.combine(state.frozen, trainable, exp.selection)
-    return diffusion_loss(exp, params, micro, r, train=True, step=state.step, fp8=fp8_lib.join(held, fp8))
+    return diffusion_loss(exp, params, micro, r, train=True, step=state.step, fp8=fp8_lib.for_model(held, fp8))
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   if k == 1:
@@ -109,7 +109,7 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
   metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
   # A skipped (non-finite) step keeps the FP8 scales too: an Inf amax would hold them for a whole history.
   fp8 = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(metrics["grad_norm"]), new, old), fp8, fp8_state)
-  fp8 = fp8_lib.join(held, fp8)
+  fp8 = fp8_lib.stacked(held, fp8)
   metrics["param_norm"] = optax.tree_utils.tree_norm(trainable)
   metrics["lr"] = exp.lr_schedule(state.step)
   metrics["skipped_nonfinite"] = opt_state.total_notfinite
