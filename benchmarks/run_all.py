@@ -16,6 +16,11 @@ machine) the new lines and the logs are also written there.
   python benchmarks/run_all.py                                   # everything, 2B shape, ~10 min on one H100/H200
   python benchmarks/run_all.py --parts jax_train,peer_train      # only the train-step comparison
   python benchmarks/run_all.py --jax-args "--remat full --xla-preset none"   # a lever setting
+  python benchmarks/run_all.py --precisions bf16,fp8_gemm --parts jax_train,jax_lora   # model.precision side by side
+
+``--precisions`` runs the JAX parts once per ``model.precision`` (``--precision`` of train_step.py; the peer once,
+with the first), one table and one set of JSON lines each; a part a precision cannot run (FP8 attention trains
+nowhere here) is refused by ``validate`` in seconds and noted.
   python benchmarks/run_all.py --tiny --budget-s 0               # CPU check of every part (tiny model)
 """
 
@@ -59,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--steps", type=int, default=5, help="timed train steps per side (median)")
   p.add_argument("--sample-steps", type=int, default=50)
   p.add_argument("--jax-args", default="", help="extra train_step.py flags (levers), e.g. '--remat full'")
+  p.add_argument("--precisions", default="bf16",
+                 help="comma-separated model.precision values; the JAX parts run once for each (train_step.py "
+                      "--precision)")
   p.add_argument("--peer-args", default="", help="extra torch_peer.py flags, e.g. '--compile none'")
   p.add_argument("--results", default=str(bc.RESULTS_FILE), help="JSON-lines file to append to ('' = none)")
   p.add_argument("--python", default=sys.executable)
@@ -69,6 +77,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   if args.tiny:
     args.shape = "tiny"
   args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+  args.precisions = [x.strip() for x in args.precisions.split(",") if x.strip()] or ["bf16"]
   bad = [x for x in args.parts if x not in PARTS]
   if bad or not args.parts:
     p.error(f"--parts: {bad or args.parts} not in {PARTS}")
@@ -90,12 +99,14 @@ def groups(parts: list[str]) -> list[tuple[str, list[str]]]:
   return out
 
 
-def command(args, side: str, parts: list[str], out_json: str, matmul: float | None) -> list[str]:
+def command(args, side: str, parts: list[str], out_json: str, matmul: float | None,
+            precision: str = "bf16") -> list[str]:
   modes = ",".join(MODE[x] for x in parts)
   common = ["--shape", args.shape, "--modes", modes, "--steps", str(args.steps), "--sample-steps",
             str(args.sample_steps), "--out-json", out_json]
   if side == "jax":
-    return [args.python, str(bc.ROOT / "benchmarks" / "train_step.py"), *common, *shlex.split(args.jax_args)]
+    return [args.python, str(bc.ROOT / "benchmarks" / "train_step.py"), *common, "--precision", precision,
+            *shlex.split(args.jax_args)]
   extra = ["--matmul-tflops", str(matmul)] if matmul else []
   return [args.python, str(bc.ROOT / "benchmarks" / "torch_peer.py"), *common, *extra, *shlex.split(args.peer_args)]
 
@@ -271,6 +282,18 @@ def check_imports(args) -> int:
   return 1 if bad else 0
 
 
+def runs(args) -> list[tuple[str, list[str], str | None]]:
+  """The processes in order: [(side, parts, precision)] — the peer's once (precision None), the JAX side's once per
+  ``--precisions`` entry."""
+  out: list[tuple[str, list[str], str | None]] = []
+  for side, parts in groups(args.parts):
+    if side == "jax":
+      out += [(side, parts, p) for p in args.precisions]
+    else:
+      out.append((side, parts, None))
+  return out
+
+
 def main(args: argparse.Namespace) -> int:
   if args.check:
     return check_imports(args)
@@ -279,38 +302,43 @@ def main(args: argparse.Namespace) -> int:
   out_dir = pathlib.Path(os.environ["OUT"]) if os.environ.get("OUT") else None
   log_dir = (out_dir / "logs") if out_dir else pathlib.Path(tempfile.mkdtemp(prefix="layerflow_bench_"))
   log_dir.mkdir(parents=True, exist_ok=True)
-  res: dict[str, dict] = {}
+  peer: dict[str, dict] = {}
+  jax_res: dict[str, dict[str, dict]] = {p: {} for p in args.precisions}  # precision → part → record
   notes: list[str] = []
   matmul: float | None = None
-  plan = groups(args.parts)
+  plan = runs(args)
   print(f"shape: {bc.SHAPES[args.shape].describe()}", flush=True)
-  print(f"plan: {' | '.join(side + '[' + ','.join(p) + ']' for side, p in plan)}; budget "
-        f"{args.budget_s or 'unlimited'} s; logs in {log_dir}", flush=True)
+  print(f"plan: {' | '.join(side + '[' + ','.join(p) + ']' + (f' {pr}' if pr else '') for side, p, pr in plan)}; "
+        f"budget {args.budget_s or 'unlimited'} s; logs in {log_dir}", flush=True)
 
-  for side, parts in plan:
+  for side, parts, precision in plan:
     elapsed = time.perf_counter() - t_start
     remaining = args.budget_s - elapsed if args.budget_s else None
+    tag = f" [{precision}]" if precision else ""
     if remaining is not None and PROCESS_START_S + est[parts[0]] > remaining:
-      notes += [f"{part}: skipped (estimated {est[part]} s; {remaining:.0f} s of the budget left)" for part in parts]
+      notes += [f"{part}{tag}: skipped (estimated {est[part]} s; {remaining:.0f} s of the budget left)"
+                for part in parts]
       continue
-    out_json = str(log_dir / f"{side}_{'_'.join(MODE[x] for x in parts)}.json")
-    cmd = command(args, side, parts, out_json, matmul)
-    log = log_dir / f"{side}_{'_'.join(MODE[x] for x in parts)}.log"
-    print(f"\n[{elapsed:6.0f} s] {side}: {','.join(parts)}\n  $ {shlex.join(cmd)}", flush=True)
+    name = f"{side}_{'_'.join(MODE[x] for x in parts)}" + (f"_{precision}" if precision else "")
+    out_json = str(log_dir / f"{name}.json")
+    cmd = command(args, side, parts, out_json, matmul, precision or "bf16")
+    log = log_dir / f"{name}.log"
+    print(f"\n[{elapsed:6.0f} s] {side}: {','.join(parts)}{tag}\n  $ {shlex.join(cmd)}", flush=True)
     if args.dry_run:
       continue
     rc, wall = run_process(cmd, log, remaining)
     got = json.loads(pathlib.Path(out_json).read_text()) if pathlib.Path(out_json).exists() else []
     by_mode = {r["mode"]: r for r in got}
+    res = jax_res[precision] if side == "jax" else peer
     for part in parts:
       r = by_mode.get(MODE[part])
       if r is None:
         why = "stopped at the budget" if rc is None else f"exited with {rc} before finishing"
-        notes.append(f"{part}: no result ({why}; log {log})")
+        notes.append(f"{part}{tag}: no result ({why}; log {log})")
         continue
       res[part] = r
       if r.get("error"):
-        notes.append(f"{part}: ERROR {r['error'][:300]}")
+        notes.append(f"{part}{tag}: ERROR {r['error'][:300]}")
       if side == "jax" and matmul is None and r.get("matmul_tflops"):
         matmul = r["matmul_tflops"]
     status = "timed out (budget)" if rc is None else f"rc={rc}"
@@ -320,16 +348,19 @@ def main(args: argparse.Namespace) -> int:
 
   if args.dry_run:
     return 0
-  print(f"\n== issue 6 benchmark: {bc.SHAPES[args.shape].describe()}")
-  print(f"device: {next((r.get('device') for r in res.values() if r.get('device')), '?')}; "
-        f"jax levers: {res.get('jax_train', res.get('jax_sample', {})).get('levers')}")
-  print(table(res, matmul))
-  if args.shape == "2b":
-    print("targets (issue 6):")
-    print("\n".join(target_lines(res)))
+  recs: list[dict[str, Any]] = []
+  for precision in args.precisions:
+    res = {**peer, **jax_res[precision]}
+    print(f"\n== issue 6 benchmark: {bc.SHAPES[args.shape].describe()}; model.precision={precision}")
+    print(f"device: {next((r.get('device') for r in res.values() if r.get('device')), '?')}; "
+          f"jax levers: {res.get('jax_train', res.get('jax_sample', {})).get('levers')}")
+    print(table(res, matmul))
+    if args.shape == "2b":
+      print("targets (issue 6):")
+      print("\n".join(target_lines(res)))
+    recs += [dict(r, precision=precision) for r in records(res, matmul, args)]
   for n in notes:
     print("note: " + n)
-  recs = records(res, matmul, args)
   lines = "".join(json.dumps(r, default=str) + "\n" for r in recs)
   if args.results and recs:
     with open(args.results, "a") as f:
@@ -339,7 +370,8 @@ def main(args: argparse.Namespace) -> int:
     (out_dir / "results_new.jsonl").write_text(lines)
     print(f"and wrote them to {out_dir / 'results_new.jsonl'}")
   print(f"total wall time {time.perf_counter() - t_start:.0f} s")
-  return 0 if res and not any(r.get("error") for r in res.values()) else 1
+  got = [r for res in [peer, *jax_res.values()] for r in res.values()]
+  return 0 if got and not any(r.get("error") for r in got) else 1
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Timing: ahead-of-time lower + compile (reported), the first step, ``--warmup`` m
 against a bf16 matmul measured here, in this process.
 
 Levers: ``--attention xla|cudnn``, ``--remat none|full|dots|save_attention|dots_attention``, ``--dtype``,
-``--fused-qkv``, ``--pad-tokens-to N`` (0 = off), ``--no-scan``, ``--xla-preset`` / ``--xla-flags`` (set before jax starts), ``--override KEY=VALUE``.
+``--fused-qkv``, ``--pad-tokens-to N`` (0 = off), ``--no-scan``, ``--precision bf16|fp8_attention|fp8_gemm|fp8``
+(``model.precision``; validate refuses what a mode cannot run: FP8 attention in train/lora), ``--xla-preset`` /
+``--xla-flags`` (set before jax starts), ``--override KEY=VALUE``.
 
   python benchmarks/train_step.py --modes train,lora,sample            # the 2B shape (GPU)
   python benchmarks/train_step.py --tiny --modes train,lora,sample     # CPU check of the whole path
@@ -61,6 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (params fp32)")
   p.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction, default=True)
   p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="lax.scan over the blocks")
+  p.add_argument("--precision", default="bf16",
+                 help="model.precision: bf16 | fp8_attention | fp8_gemm | fp8 (layerflow_jax/model/fp8.py)")
   p.add_argument("--pad-tokens-to", type=int, default=64,
                  help="model.pad_tokens_to: pad the joint sequence to a multiple of this (padding keys masked)")
   p.add_argument("--xla-preset", choices=sorted(XLA_PRESETS), default="lhs")
@@ -153,6 +157,7 @@ def build_config(args: argparse.Namespace, shape: bc.Shape, mode: str):
   m.scan_layers = bool(args.scan)
   m.fused_qkv = bool(args.fused_qkv)
   m.pad_tokens_to = int(args.pad_tokens_to)
+  m.precision = args.precision
   config.train.grad_accum = 1
   apply_overrides(config, args.override)
   want = (shape.num_layers, shape.num_heads, shape.head_dim, shape.time_embed_dim)
@@ -219,7 +224,8 @@ def levers(args: argparse.Namespace, config=None) -> dict[str, Any]:
   return {"attention": pick("attention", args.attention), "remat": pick("remat", args.remat),
           "dtype": pick("dtype", args.dtype), "fused_qkv": bool(pick("fused_qkv", args.fused_qkv)),
           "scan_layers": bool(pick("scan_layers", args.scan)),
-          "pad_tokens_to": int(pick("pad_tokens_to", args.pad_tokens_to)), "xla_flags": xla_flags(args),
+          "pad_tokens_to": int(pick("pad_tokens_to", args.pad_tokens_to)),
+          "precision": pick("precision", args.precision), "xla_flags": xla_flags(args),
           "overrides": list(args.override)}
 
 
@@ -242,8 +248,17 @@ def print_record(rec: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- modes
 
 
+def check_precision(config, training: bool) -> None:
+  """What ``validate`` refuses for ``model.precision`` on this device (e.g. FP8 attention in a train step)."""
+  from layerflow_jax import validate
+
+  dev = jax.devices()[0]
+  validate.check_precision(config, dev.platform, getattr(dev, "compute_capability", None), training=training)
+
+
 def run_train(args, shape: bc.Shape, mode: str, matmul: float | None) -> dict[str, Any]:
   spec, config = build_config(args, shape, mode)
+  check_precision(config, training=True)
   mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
   exp = Experiment(config, mesh)
   rec = base_record(args, shape, mode, spec, config)
@@ -314,6 +329,7 @@ def run_train(args, shape: bc.Shape, mode: str, matmul: float | None) -> dict[st
 
 def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
   spec, config = build_config(args, shape, "sample")
+  check_precision(config, training=False)
   mesh = shd.make_mesh(config.mesh, devices=jax.devices()[:1])
   exp = Experiment(config, mesh)
   rec = base_record(args, shape, "sample", spec, config)

@@ -117,6 +117,8 @@ SCHEMA: dict[str, common.Setting] = {
     "model.remat": S("none", '"none" | "full" | "save_attention" | "dots" | "dots_attention"'),
     "model.attention": S("xla", '"xla" | "cudnn" | "chunked" (exact, 1024 queries at a time) | "splash" (Pallas '
                                 'TPU; pad_tokens_to a multiple of 128)'),
+    "model.precision": S("bf16", '"bf16" (no FP8) | "fp8_attention" | "fp8_gemm" | "fp8": FP8 on Hopper '
+                         "(model/fp8.py; validate says what each needs)"),
     "model.fused_qkv": S(False, "one matmul for q, k, v where no LoRA targets them (same values; faster on GPUs)"),
     "model.pad_tokens_to": S(0, "pad [text; video] to a multiple of this in each block, padding masked", "[0, inf)"),
     "model.adapters": S({}, 'LoRA adapters: name → {rank, alpha, targets ("q,k,v,out[,ff_in,ff_out]"), blocks '

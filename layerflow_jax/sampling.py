@@ -44,6 +44,8 @@ class LayeredSampler:
     from layerflow_jax import validate
 
     validate.check_backend(config, jax.default_backend())  # e.g. a cuDNN-attention checkpoint sampled on a CPU
+    validate.check_precision(config, jax.default_backend(), getattr(jax.devices()[0], "compute_capability", None),
+                             training=False)
     remove = [n for n in config.sampling.remove_adapters if n not in keep_adapters]
     self._source_config = config
     config, params = drop_adapters(config, params, remove)

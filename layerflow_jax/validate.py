@@ -25,6 +25,7 @@ import ml_collections as mlc
 from layerflow_jax import layers
 from layerflow_jax.config import SCHEMA, ConfigError
 from layerflow_jax.diffusion.samplers import SAMPLERS
+from layerflow_jax.model import fp8 as fp8_lib
 from layerflow_jax.model import lora as lora_lib
 from layerflow_jax.model.dit import REMAT_POLICIES
 from layerflow_jax.sharding import MESH_AXES
@@ -41,6 +42,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": tuple(REMAT_POLICIES),
     "sampling.sampler": SAMPLERS,
     "model.attention": ("xla", "cudnn", "chunked", "splash"),  # layerflow_jax.model.attention.attend
+    "model.precision": fp8_lib.PRECISIONS,
 }
 
 
@@ -426,6 +428,36 @@ def check_backend(config: mlc.ConfigDict, platform: str) -> None:
   if allowed is not None and platform not in allowed:
     fail("model.attention", impl, f"needs an NVIDIA GPU but this backend is {platform!r}",
          "'xla' or 'chunked' here (--config.model.attention=xla)")
+
+
+def check_precision(config: mlc.ConfigDict, platform: str, compute_capability: str | None, *,
+                    training: bool) -> None:
+  """FP8 ``model.precision`` needs Hopper's FP8 tensor cores (compute capability 9.x; ``compute_capability`` is
+  ``jax.devices()[0].compute_capability``, None off CUDA), bfloat16 compute and, for attention, cuDNN; jax's cuDNN
+  FP8 attention has no backward pass at this project's head dims, so training refuses it."""
+  precision = _get(config, "model.precision", "bf16")
+  if precision == "bf16":
+    return
+  if platform not in ("gpu", "cuda") or not compute_capability or not str(compute_capability).startswith("9."):
+    where = f"compute capability {compute_capability}" if compute_capability else f"backend {platform!r}"
+    fail("model.precision", precision, f"FP8 runs on Hopper GPUs (compute capability 9.x), this device is {where}",
+         "'bf16' here (--config.model.precision=bf16)")
+  if _get(config, "model.dtype") != "bfloat16":
+    fail("model.precision", precision, f"FP8 scales bfloat16 tensors, model.dtype is {_get(config, 'model.dtype')!r}",
+         "model.dtype='bfloat16' with it")
+  if not fp8_lib.attention_fp8(precision):
+    return
+  if _get(config, "model.attention") != "cudnn":
+    fail("model.precision", precision, f"FP8 attention is cuDNN's, model.attention is "
+         f"{_get(config, 'model.attention')!r}", "model.attention='cudnn' with it")
+  head_dim = _get(config, "model.head_dim")
+  if training:
+    fail("model.precision", precision, f"jax's cuDNN FP8 attention trains only at head_dim 128 with no padding mask "
+         f"(this model: head_dim {head_dim}); FP8 attention serves sampling and evaluation",
+         "'bf16' or 'fp8_gemm' for training")
+  if not _is_int(head_dim) or head_dim > 256 or head_dim % 16:
+    fail("model.head_dim", head_dim, "cuDNN FP8 attention needs a head dim that is a multiple of 16, at most 256",
+         "model.precision 'bf16' or 'fp8_gemm' for this model")
 
 
 def ineffective_settings(config: mlc.ConfigDict) -> list[str]:

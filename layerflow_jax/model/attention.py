@@ -69,7 +69,8 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | Non
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None,
            num_valid: int | None = None) -> jax.Array:
   """:func:`xla_attention` (``None``/``"xla"``), :func:`chunked_attention` (``"chunked"``),
-  :func:`splash_attention` (``"splash"``; on one device or inside ``shard_map``) or
+  :func:`splash_attention` (``"splash"``; on one device or inside ``shard_map``), cuDNN's FP8 flash attention
+  (``"cudnn_fp8"``, forward only: :func:`layerflow_jax.model.fp8.attention`) or
   ``jax.nn.dot_product_attention(implementation=…)`` (``"cudnn"``); keys from ``num_valid`` on (padding) are
   masked."""
   if implementation in (None, "xla"):
@@ -78,6 +79,10 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None 
     return chunked_attention(q, k, v, num_valid=num_valid)
   if implementation == "splash":
     return splash_attention(q, k, v, num_valid)
+  if implementation == "cudnn_fp8":  # model.precision with FP8 attention (forward only)
+    from layerflow_jax.model import fp8
+
+    return fp8.attention(q, k, v, num_valid)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=_kv_lengths(k, num_valid),
                                       implementation=implementation)
 

@@ -27,6 +27,7 @@ from jax.ad_checkpoint import checkpoint_name
 from layerflow_jax import sharding as shd
 from layerflow_jax.model import attention as attention_lib
 from layerflow_jax.model import embeddings as emb
+from layerflow_jax.model import fp8 as fp8_lib
 from layerflow_jax.model import lora as lora_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -79,6 +80,8 @@ class DiTConfig:
   # GEMMs contracting over tokens then run misaligned (align2) cuBLAS kernels on GPU. Not with sequence parallelism.
   pad_tokens_to: int = 0
   adapters: tuple[lora_lib.AdapterSpec, ...] = ()
+  # "bf16" | "fp8_attention" | "fp8_gemm" | "fp8": which pieces compute in FP8 (see model/fp8.py)
+  precision: str = "bf16"
 
   @property
   def hidden(self) -> int:
@@ -117,6 +120,9 @@ class DiTConfig:
       if m[key] not in DTYPES:
         raise ValueError(f"model.{key}: {m[key]!r} unknown; expected one of {sorted(DTYPES)}")
     adapters = lora_lib.specs_from_config(m.adapters, m.num_layers)
+    precision = m.precision
+    if precision not in fp8_lib.PRECISIONS:
+      raise ValueError(f"model.precision: {precision!r} unknown; expected one of {fp8_lib.PRECISIONS}")
     return cls(
         num_layers=m.num_layers, num_heads=m.num_heads, head_dim=m.head_dim, time_embed_dim=m.time_embed_dim,
         in_channels=latent_c, out_channels=latent_c, text_embed_dim=config.text_encoder.dim,
@@ -129,7 +135,7 @@ class DiTConfig:
         final_norm_eps=float(m.final_norm_eps), dtype=m.dtype, param_dtype=m.param_dtype,
         scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
         fused_qkv=bool(m.fused_qkv), pad_tokens_to=int(m.pad_tokens_to),
-        adapters=adapters)
+        adapters=adapters, precision=precision)
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -189,12 +195,20 @@ class Attention(nnx.Module):
     self.norm_k = LayerNorm(cfg.head_dim, cfg.qk_norm_eps, rngs)
     self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs)
 
-  def __call__(self, x, num_text: int, rope, lora: lora_lib.BlockLora | None, num_valid: int | None = None):
-    """``x`` [B, T+N(+pad), D]; with ``num_valid`` the tokens from there on are padding: masked as keys."""
+  def __call__(self, x, num_text: int, rope, lora: lora_lib.BlockLora | None, num_valid: int | None = None,
+               fp8: dict | None = None):
+    """``x`` [B, T+N(+pad), D]; with ``num_valid`` the tokens from there on are padding: masked as keys. ``fp8``:
+    this block's delayed-scaling state of its FP8 GEMMs (None: current scaling; read only with FP8 GEMMs)."""
     cfg = self.cfg
     b, n, _ = x.shape
     qkv_lora = lora is not None and any(t in w for w in lora.weights.values() for t in ("q", "k", "v"))
-    if cfg.fused_qkv and not qkv_lora:
+    gemm_fp8 = fp8_lib.gemm_fp8(cfg.precision)
+    meta = lambda site: None if fp8 is None else fp8[site]  # noqa: E731
+    if gemm_fp8:  # one FP8 GEMM (one kernel scale) for q, k, v in every block; LoRA deltas added in model.dtype
+      base = self.fused_qkv(x, meta("qkv"))
+      q, k, v = (lora_lib.project(lin, x, lora, t, base=y) for lin, t, y in zip((self.to_q, self.to_k, self.to_v),
+                                                                               "qkv", base))
+    elif cfg.fused_qkv and not qkv_lora:
       q, k, v = self.fused_qkv(x)
     else:
       q = lora_lib.project(self.to_q, x, lora, "q")
@@ -211,33 +225,44 @@ class Attention(nnx.Module):
                                       axis=1)
       q, k = rot(q), rot(k)
     impl = None if cfg.attention == "xla" else cfg.attention
+    if fp8_lib.attention_fp8(cfg.precision):
+      impl = "cudnn_fp8"
     out = attention_lib.joint_attention(q, k, v, num_text, implementation=impl,  # sequence-parallel if meshed
                                         num_valid=None if num_valid == n else num_valid)
     out = checkpoint_name(out, "attention_out")
     out = out.reshape(b, n, cfg.hidden)
-    return lora_lib.project(self.to_out, out, lora, "out")
+    return lora_lib.project(self.to_out, out, lora, "out",
+                            base=fp8_lib.dense(self.to_out, out, meta("out")) if gemm_fp8 else None)
 
-  def fused_qkv(self, x):
+  def fused_qkv(self, x, fp8_meta: dict | None = None):
     """q, k, v from one matmul over the stacked kernels [in, 3, out]: one larger GEMM (and one for each gradient)
-    instead of three; the parameters stay the separate to_q / to_k / to_v of the diffusers layout."""
+    instead of three; the parameters stay the separate to_q / to_k / to_v of the diffusers layout. With FP8 GEMMs
+    (``model.precision``) the matmul runs in FP8, ``fp8_meta`` its scaling state (None: current scaling)."""
     dtype = DTYPES[self.cfg.dtype]
     linears = (self.to_q, self.to_k, self.to_v)
     kernel = jnp.stack([l.kernel[...] for l in linears], axis=1).astype(dtype)
     bias = jnp.stack([l.bias[...] for l in linears], axis=0).astype(dtype)
-    qkv = jnp.einsum("bnd,dke->bnke", x.astype(dtype), kernel) + bias
+    if fp8_lib.gemm_fp8(self.cfg.precision):
+      qkv = fp8_lib.einsum("bnd,dke->bnke", x.astype(dtype), kernel, fp8_meta) + bias
+    else:
+      qkv = jnp.einsum("bnd,dke->bnke", x.astype(dtype), kernel) + bias
     return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 class FeedForward(nnx.Module):
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
+    self.gemm_fp8 = fp8_lib.gemm_fp8(cfg.precision)
     inner = cfg.mlp_ratio * cfg.hidden
     self.proj_in = _linear(cfg, cfg.hidden, inner, ("embed", "mlp"), rngs)
     self.proj_out = _linear(cfg, inner, cfg.hidden, ("mlp", "embed"), rngs)
 
-  def __call__(self, x, lora: lora_lib.BlockLora | None):
-    h = jax.nn.gelu(lora_lib.project(self.proj_in, x, lora, "ff_in"), approximate=True)
+  def __call__(self, x, lora: lora_lib.BlockLora | None, fp8: dict | None = None):
+    base = lambda lin, t, site: (fp8_lib.dense(lin, t, None if fp8 is None else fp8[site])  # noqa: E731
+                                 if self.gemm_fp8 else None)
+    h = jax.nn.gelu(lora_lib.project(self.proj_in, x, lora, "ff_in", base=base(self.proj_in, x, "ff_in")),
+                    approximate=True)
     h = shd.constrain(h, ("batch", None, "act_mlp"))
-    return lora_lib.project(self.proj_out, h, lora, "ff_out")
+    return lora_lib.project(self.proj_out, h, lora, "ff_out", base=base(self.proj_out, h, "ff_out"))
 
 
 class Block(nnx.Module):
@@ -250,7 +275,7 @@ class Block(nnx.Module):
     self.norm2 = LayerNormZero(cfg, rngs)
     self.ff = FeedForward(cfg, rngs)
 
-  def __call__(self, x, enc, temb, rope, lora: lora_lib.BlockLora | None = None):
+  def __call__(self, x, enc, temb, rope, lora: lora_lib.BlockLora | None = None, fp8: dict | None = None):
     num_text, num_valid = enc.shape[1], enc.shape[1] + x.shape[1]
     pad = (-num_valid) % self.pad_to if self.pad_to else 0
 
@@ -259,11 +284,11 @@ class Block(nnx.Module):
       return jnp.concatenate(parts, axis=1)
 
     nx, nenc, gate, enc_gate = self.norm1(x, enc, temb)
-    attn = self.attn1(joint(nenc, nx), num_text, rope, lora, num_valid=num_valid)
+    attn = self.attn1(joint(nenc, nx), num_text, rope, lora, num_valid=num_valid, fp8=fp8)
     x = x + gate * attn[:, num_text:num_valid]
     enc = enc + enc_gate * attn[:, :num_text]
     nx, nenc, gate, enc_gate = self.norm2(x, enc, temb)
-    ff = self.ff(joint(nenc, nx), lora)
+    ff = self.ff(joint(nenc, nx), lora, fp8)
     x = x + gate * ff[:, num_text:num_valid]
     enc = enc + enc_gate * ff[:, :num_text]
     x = shd.constrain(x, ("batch", "video_tokens", "act_embed"))
@@ -296,9 +321,10 @@ class LayerFlowDiT(nnx.Module):
   """CogVideoX-compatible DiT over packed layered latents.
 
   Call: ``model(latents [B, F, h, w, c], timesteps [B], text [B, P·L, text_dim], adapter_scales=None,
-  given_frames=None)`` → velocity ``[B, F, h, w, c]`` (float32). ``F`` must be divisible by ``num_clips``;
+  given_frames=None, fp8=None)`` → velocity ``[B, F, h, w, c]`` (float32). ``F`` must be divisible by ``num_clips``;
   ``P = num_prompts``. ``adapter_scales`` maps an adapter name to a per-sample scale [B] (default 1 for every
-  adapter); ``given_frames`` bool [B, F] marks the latent frames of given clips (used with ``given_embed``).
+  adapter); ``given_frames`` bool [B, F] marks the latent frames of given clips (used with ``given_embed``);
+  ``fp8`` is the delayed-scaling state of the FP8 GEMMs (``fp8.init_state``; None: current scaling).
   """
 
   def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
@@ -349,10 +375,12 @@ class LayerFlowDiT(nnx.Module):
                           cfg.temporal_interpolation_scale)
     return np.concatenate([np.zeros((cfg.pos_text_tokens, cfg.hidden), np.float32), video], axis=0)
 
-  def embed_text(self, text):
-    """Text embeddings [B, P·L, text_dim] → projected tokens [B, P·L, hidden] with layer embeddings."""
+  def embed_text(self, text, fp8_meta: dict | None = None):
+    """Text embeddings [B, P·L, text_dim] → projected tokens [B, P·L, hidden] with layer embeddings (the projection
+    in FP8 with FP8 GEMMs, ``fp8_meta`` its scaling state; None: current scaling)."""
     cfg = self.cfg
-    enc = self.text_proj(text.astype(DTYPES[cfg.dtype]))
+    text = text.astype(DTYPES[cfg.dtype])
+    enc = fp8_lib.dense(self.text_proj, text, fp8_meta) if fp8_lib.gemm_fp8(cfg.precision) else self.text_proj(text)
     if cfg.layer_embed in ("text", "text+video"):
       b, total, d = enc.shape
       if total % cfg.num_prompts:
@@ -408,7 +436,8 @@ class LayerFlowDiT(nnx.Module):
     t = emb.timestep_embedding(timesteps, self.cfg.hidden)
     return self.time_linear_2(jax.nn.silu(self.time_linear_1(t.astype(DTYPES[self.cfg.dtype]))))
 
-  def run_blocks(self, x, enc, temb, rope, adapter_scales: Mapping[str, Any] | None):
+  def run_blocks(self, x, enc, temb, rope, adapter_scales: Mapping[str, Any] | None, fp8: dict | None = None):
+    """The blocks, scanned; ``fp8`` the blocks' FP8 GEMM state stacked on ``layers`` (None: current scaling)."""
     cfg = self.cfg
     graphdef, stacked = nnx.split(self.blocks)
     scales = lora_lib.resolve_scales(cfg.adapters, adapter_scales, x.shape[0])
@@ -416,10 +445,10 @@ class LayerFlowDiT(nnx.Module):
     policy = REMAT_POLICIES[cfg.remat]
 
     def body(carry, xs):
-      layer_state, layer_lora = xs
+      layer_state, layer_lora, layer_fp8 = xs
       block = nnx.merge(graphdef, layer_state)
       lora = lora_lib.BlockLora(layer_lora, scales) if layer_lora else None
-      return block(carry[0], carry[1], temb, rope, lora), None
+      return block(carry[0], carry[1], temb, rope, lora, layer_fp8), None
 
     if cfg.remat != "none":
       body = jax.checkpoint(body, policy=policy, prevent_cse=not cfg.scan_layers)
@@ -428,26 +457,28 @@ class LayerFlowDiT(nnx.Module):
     for seg in lora_lib.segments(cfg.adapters, cfg.num_layers):
       seg_state = jax.tree.map(lambda a, seg=seg: a[seg.start:seg.stop], stacked)
       seg_lora = lora_lib.segment_lora(seg, adapters, cfg.adapters)
+      seg_fp8 = None if fp8 is None else fp8_lib.rows(fp8, seg.start, seg.stop)
       if cfg.scan_layers:
-        carry, _ = jax.lax.scan(body, carry, (seg_state, seg_lora))
+        carry, _ = jax.lax.scan(body, carry, (seg_state, seg_lora, seg_fp8))
       else:
         for i in range(seg.stop - seg.start):
-          carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], (seg_state, seg_lora)))
+          carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], (seg_state, seg_lora, seg_fp8)))
     return carry
 
   def __call__(self, latents, timesteps, text, adapter_scales: Mapping[str, Any] | None = None,
-               given_frames=None):
+               given_frames=None, fp8: dict | None = None):
     cfg = self.cfg
     b, f, h, w, c = latents.shape
     p = cfg.patch_size
     x = self.embed_video(latents, given_frames)
-    enc = self.embed_text(text)
+    fp8 = fp8 or None  # {} (no FP8 GEMMs, or no state): None
+    enc = self.embed_text(text, None if fp8 is None else fp8["text_proj"])
     temb = self.embed_time(timesteps)
     rope = None
     if cfg.pos_embed == "rope":
       cos, sin = emb.rope_3d(cfg.head_dim, self._position_frames(f), h // p, w // p)
       rope = (jnp.asarray(self._tile_positions(cos, f)), jnp.asarray(self._tile_positions(sin, f)))
-    x, enc = self.run_blocks(x, enc, temb, rope, adapter_scales)
+    x, enc = self.run_blocks(x, enc, temb, rope, adapter_scales, None if fp8 is None else fp8["blocks"])
     x = self.norm_final(x)
     shift, scale = jnp.split(self.norm_out_linear(jax.nn.silu(temb)), 2, axis=-1)
     x = self.norm_out(x) * (1 + scale[:, None]) + shift[:, None]

@@ -119,9 +119,10 @@ class BlockLora(NamedTuple):
   scales: Mapping[str, jax.Array]
 
 
-def project(linear: nnx.Linear, x, lora: BlockLora | None, target: str):
-  """``linear(x)`` plus every adapter's low-rank update on this target."""
-  y = linear(x)
+def project(linear: nnx.Linear, x, lora: BlockLora | None, target: str, base=None):
+  """``linear(x)`` (or ``base``, the linear's output computed elsewhere, e.g. in FP8) plus every adapter's low-rank
+  update on this target."""
+  y = linear(x) if base is None else base
   if lora is None:
     return y
   for name, per_target in lora.weights.items():

@@ -6,6 +6,8 @@ config the same way. The train state is a flat-dict pytree (see :mod:`layerflow_
 * ``frozen``  — parameters that are not (wholly) trainable, full leaves;
 * ``trainable`` — the trainable values (whole leaves or selected block rows);
 * ``opt_state`` — optax state for ``trainable`` only; ``ema`` — an EMA of ``trainable`` (or empty);
+* ``fp8`` — the delayed-scaling state of the FP8 GEMMs (``model.precision``: scales and amax histories,
+  :mod:`layerflow_jax.model.fp8`; empty without FP8 GEMMs), replicated;
 * ``step`` and ``rng``.
 
 Parameters are created already sharded: ``init_state`` is a ``jax.jit`` with ``out_shardings`` derived from the
@@ -32,6 +34,7 @@ from layerflow_jax import sharding as shd
 from layerflow_jax import text as text_lib
 from layerflow_jax.diffusion import schedule as schedule_lib
 from layerflow_jax.model import dit
+from layerflow_jax.model import fp8 as fp8_lib
 from layerflow_jax.train import partition
 
 
@@ -43,6 +46,7 @@ class TrainState:
   opt_state: Any
   ema: dict
   rng: jax.Array
+  fp8: dict
 
 
 LR_SCHEDULES = ("cosine", "constant")
@@ -113,6 +117,23 @@ class Experiment:
         self.abstract_params, self.config.train.trainable, num_layers=self.model_cfg.num_layers,
         adapters=list(self.config.train.trainable_adapters))
 
+  @property
+  def first_backward_block(self) -> int:
+    """The first block a training step runs backward through: the lowest block with a trainable value, or 0 when
+    something before the blocks trains (embeddings, projections). Blocks before it are frozen and their inputs need
+    no gradient, so the FP8 state of their GEMMs (and the text projection's) stays out of the gradient."""
+    blocks = {a.name: min(a.blocks) for a in self.model_cfg.adapters}
+    first = self.model_cfg.num_layers
+    for path, rows in self.selection.items():
+      parts = path.split(partition.SEP)
+      if parts[0] == "blocks":
+        first = min(first, 0 if rows is None else min(rows))
+      elif parts[0] == "adapters":
+        first = min(first, blocks[parts[1]])
+      else:
+        return 0
+    return first
+
   # ------------------------------------------------------------------ shapes and shardings
 
   @property
@@ -138,7 +159,8 @@ class Experiment:
     opt = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_state.opt_state, trainable,
                                 transform_non_params=lambda _: rep)
     return TrainState(step=rep, frozen={k: ps[k] for k in abstract_state.frozen}, trainable=trainable,
-                      opt_state=opt, ema={k: ps[k] for k in abstract_state.ema}, rng=rep)
+                      opt_state=opt, ema={k: ps[k] for k in abstract_state.ema}, rng=rep,
+                      fp8=jax.tree.map(lambda _: rep, abstract_state.fp8))
 
   # ------------------------------------------------------------------ state
 
@@ -162,7 +184,8 @@ class Experiment:
     frozen, trainable = self.split_params(flat_params)
     return TrainState(step=jnp.zeros((), jnp.int32), frozen=frozen, trainable=trainable,
                       opt_state=self.optimizer.init(trainable),
-                      ema=dict(trainable) if self.use_ema else {}, rng=rng)
+                      ema=dict(trainable) if self.use_ema else {}, rng=rng,
+                      fp8=fp8_lib.init_state(self.model_cfg.precision, self.model_cfg.num_layers))
 
   def abstract_state(self) -> TrainState:
     return jax.eval_shape(lambda: self.state_from_params(self._init_params(0), jax.random.key(0)))

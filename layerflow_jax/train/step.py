@@ -2,7 +2,9 @@
 
 Train step: encode text and clips → draw each example's task → noise the generated clips, keep the given ones
 clean → model velocity → masked v-loss (given and missing clips excluded) → gradients of the trainable values only
-(averaged over ``grad_accum`` micro-batches) → optax update (non-finite updates skipped) → EMA.
+(averaged over ``grad_accum`` micro-batches) → optax update (non-finite updates skipped) → EMA. With FP8 GEMMs
+(``model.precision``) the state's ``fp8`` scales and amax histories come back as the "gradient" of that tree
+(flax's overwrite-with-gradient) and replace it: micro-batch by micro-batch, and not on a non-finite step.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import optax
 from layerflow_jax import layers
 from layerflow_jax import sharding as shd
 from layerflow_jax.diffusion import loss as loss_lib
+from layerflow_jax.model import fp8 as fp8_lib
 from layerflow_jax.train import partition
 from layerflow_jax.train.experiment import Experiment, TrainState
 
@@ -28,9 +31,10 @@ def _valid_frames(exp: Experiment, batch, frames_per_clip: int):
 
 
 def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Array, *, train: bool,
-                   task_ids=None, step=None):
+                   task_ids=None, step=None, fp8=None):
   """Loss and metrics for one (micro-)batch. ``task_ids`` [B] overrides the drawn tasks (evaluation); ``step``
-  selects the task curriculum's weights while training."""
+  selects the task curriculum's weights while training; ``fp8`` is the FP8 GEMMs' delayed-scaling state (None:
+  current scaling)."""
   cfg = exp.config
   rng_task, rng_drop, rng_noise = jax.random.split(rng, 3)
   # A latent-cache batch (data.cached) carries the encoder outputs already.
@@ -48,7 +52,7 @@ def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Arr
   x_t, t, eps = loss_lib.noisy_input(rng_noise, x0, given, exp.schedule,
                                      timestep_power=float(cfg.diffusion.timestep_power) if train else 1.0)
   model = exp.model(flat_params)
-  v = model(x_t, t, text, adapter_scales=exp.adapter_scales(batch), given_frames=given)
+  v = model(x_t, t, text, adapter_scales=exp.adapter_scales(batch), given_frames=given, fp8=fp8)
   out = loss_lib.masked_v_loss(v, x0, eps, t, loss_frames, sched=exp.schedule, num_clips=exp.layout.num_clips)
   metrics = {"loss": out.loss}
   for i, name in enumerate(exp.layout.clips):
@@ -65,26 +69,34 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
   k = int(exp.config.train.grad_accum)
   rng, step_rng = jax.random.split(state.rng)
 
-  def loss_fn(trainable, micro, r):
-    params = partition.combine(state.frozen, trainable, exp.selection)
-    return diffusion_loss(exp, params, micro, r, train=True, step=state.step)
+  # The FP8 state of the frozen blocks before the first trained one stays out of the gradient: differentiating it
+  # would run those blocks' backward only to record their output gradients' amax (stage 3: 5 of 30 blocks).
+  held, fp8_state = fp8_lib.split_at(state.fp8, exp.first_backward_block)
+  held = jax.lax.stop_gradient(held)
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  def loss_fn(trainable, fp8, micro, r):
+    params = partition.combine(state.frozen, trainable, exp.selection)
+    return diffusion_loss(exp, params, micro, r, train=True, step=state.step, fp8=fp8_lib.for_model(held, fp8))
+
+  grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   if k == 1:
-    (_, metrics), grads = grad_fn(state.trainable, batch, step_rng)
+    (_, metrics), (grads, fp8_new) = grad_fn(state.trainable, fp8_state, batch, step_rng)
+    fp8 = fp8_lib.updated(fp8_state, fp8_new)
   else:
     micro = _micro_batches(batch, k)
 
     def acc(carry, xs):
-      g_sum, m_sum = carry
+      g_sum, m_sum, fp8 = carry
       mb, r = xs
-      (_, m), g = grad_fn(state.trainable, mb, r)
-      return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m)), None
+      (_, m), (g, fp8_new) = grad_fn(state.trainable, fp8, mb, r)
+      return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m), fp8_lib.updated(fp8, fp8_new)), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.trainable)
-    m_shape = jax.eval_shape(lambda: grad_fn(state.trainable, jax.tree.map(lambda x: x[0], micro), step_rng)[0][1])
+    m_shape = jax.eval_shape(
+        lambda: grad_fn(state.trainable, fp8_state, jax.tree.map(lambda x: x[0], micro), step_rng)[0][1])
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-    (grads, metrics), _ = jax.lax.scan(acc, (zeros_g, zeros_m), (micro, jax.random.split(step_rng, k)))
+    (grads, metrics, fp8), _ = jax.lax.scan(acc, (zeros_g, zeros_m, fp8_state),
+                                            (micro, jax.random.split(step_rng, k)))
     grads = jax.tree.map(lambda g: g / k, grads)
     metrics = {n: (v / k if not n.startswith("count_") else v) for n, v in metrics.items()}
 
@@ -95,11 +107,15 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
     d = float(exp.config.train.ema_decay)
     ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, trainable)
   metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
+  # A skipped (non-finite) step keeps the FP8 scales too: an Inf amax would hold them for a whole history.
+  fp8 = jax.tree.map(lambda new, old: jnp.where(jnp.isfinite(metrics["grad_norm"]), new, old), fp8, fp8_state)
+  fp8 = fp8_lib.stacked(held, fp8)
   metrics["param_norm"] = optax.tree_utils.tree_norm(trainable)
   metrics["lr"] = exp.lr_schedule(state.step)
   metrics["skipped_nonfinite"] = opt_state.total_notfinite
   metrics["nonfinite_in_a_row"] = opt_state.notfinite_count
-  new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema, rng=rng)
+  new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema, rng=rng,
+                            fp8=fp8)
   return new_state, metrics
 
 

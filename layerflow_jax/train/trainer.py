@@ -268,6 +268,8 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   validate.validate(config, num_devices=jax.device_count(), process_count=jax.process_count(),
                     mesh_shape=dict(mesh.shape) if mesh is not None else None, check_chain=not resuming)
   validate.check_backend(config, jax.default_backend())
+  validate.check_precision(config, jax.default_backend(), getattr(jax.devices()[0], "compute_capability", None),
+                           training=int(tc.steps) > 0)
   for warning in validate.ineffective_settings(config):
     log.warning("%s", warning)
   exp = Experiment(config, mesh)
