@@ -132,7 +132,7 @@ class LayerflowVideos(import_builder.ManualImportBuilder):
 
 
 def make_builder(data_cfg) -> LayerflowVideos:
-  config = make_config(data_cfg.height, data_cfg.width, data_cfg.get("background_frames", 0) or data_cfg.frames,
+  config = make_config(data_cfg.height, data_cfg.width, data_cfg.background_frames or data_cfg.frames,
                        data_cfg.get("frame_window", 0), data_cfg.get("resize", "crop"),
                        data_cfg.get("num_validation", 0), data_cfg.get("max_bad_fraction", 0.05))
   return importing.make_array_record_builder(LayerflowVideos, config, data_cfg.data_dir)

@@ -151,7 +151,7 @@ def entry_dataset(config: mlc.ConfigDict, entry, index: int, *, train: bool = Tr
     return ds.random_map(fn, seed=seed + offset) if train else ds.map(functools.partial(fn, rng=None))
 
   frames, height, width = int(d.frames), int(d.height), int(d.width)
-  temporal = functools.partial(transforms.temporal_sample, frames=frames, max_stride=int(d.get("max_frame_stride", 1)))
+  temporal = functools.partial(transforms.temporal_sample, frames=frames, max_stride=int(d.max_frame_stride))
   crop = functools.partial(transforms.random_crop_resize, height=height, width=width,
                            min_area=float(d.get("random_crop", 1.0)))
   ds = random_map(ds, temporal, 2)  # missing fg/bg stay missing (no resize for them below)
@@ -230,7 +230,7 @@ def to_iterator(ds: grain.MapDataset, config: mlc.ConfigDict) -> grain.DatasetIt
   read = grain.ReadOptions(num_threads=int(config.data.get("read_threads", 2)),
                            prefetch_buffer_size=int(config.data.get("prefetch_batches", 4)))
   it_ds = ds.to_iter_dataset(read)
-  workers = int(config.data.get("worker_count", 0))
+  workers = int(config.data.worker_count)
   if workers > 0:
     # Grain's worker processes read absl flags, which raise unless parsed (we are not under absl.app).
     if not flags.FLAGS.is_parsed():

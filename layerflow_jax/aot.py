@@ -103,11 +103,12 @@ def _compile_only_devices(platform: str, name: str):
 
 def _bytes_per_device(tree, shardings) -> int:
   import jax
+  import jax.numpy as jnp
   import numpy as np
 
   total = 0
   for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "shard_shape"))):
-    if jax.dtypes.issubdtype(a.dtype, jax.dtypes.extended):  # RNG keys: negligible
+    if jnp.issubdtype(a.dtype, jax.dtypes.extended):  # RNG keys: negligible
       continue
     total += int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
   return total
@@ -301,7 +302,7 @@ def run(args, overrides) -> int:
   if platform == "tpu":
     devices = tpu_devices(name, args.num_slices)
     chip = TPU_CHIPS.get(devices[0].device_kind)
-    memory_gb = args.device_memory_gb or (chip["hbm_GiB"] * GiB / 1e9 if chip else 80.0)
+    memory_gb = args.device_memory_gb or (float(chip["hbm_GiB"]) * GiB / 1e9 if chip else 80.0)
     print(f"# {len(devices)} compile-only {devices[0].device_kind} devices ({args.num_slices} × {name})", flush=True)
   else:
     memory_gb = args.device_memory_gb or 80.0

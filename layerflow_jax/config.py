@@ -32,6 +32,8 @@ def load_module(path: str):
     raise ConfigError(f"config file {path!r} does not exist")
   name = f"_layerflow_config_{abs(hash(str(file.resolve())))}"
   spec = importlib.util.spec_from_file_location(name, file)
+  if spec is None or spec.loader is None:
+    raise ConfigError(f"config file {path!r} cannot be loaded as a Python module")
   module = importlib.util.module_from_spec(spec)
   repo = str(file.resolve().parent.parent)
   if repo not in sys.path:  # so config files can `from configs import common`

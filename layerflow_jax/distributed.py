@@ -20,7 +20,7 @@ exists. Failure modes end in bounded time with a message that names the cause:
 * a peer that dies (or hangs) after start-up: ``LAYERFLOW_HEARTBEAT_TIMEOUT_S`` (default 100) — jax's coordination
   service stops the remaining processes; a collective that sees the dead peer first raises at once, and
   :func:`initialize` installs an excepthook that turns that error into one line naming the cause and exits
-  with :data:`EXIT_PEER_LOST` (``with peer_failure():`` raises a :class:`PeerLostError` instead).
+  with :data:`EXIT_PEER_LOST`.
 """
 
 from __future__ import annotations
@@ -46,10 +46,6 @@ ENV_SWITCH = "LAYERFLOW_DISTRIBUTED"
 # Messages of errors raised when another process disappeared (gloo, gRPC coordination service, NCCL).
 _PEER_ERROR_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Gloo", "heartbeat",
                        "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE", "NCCL", "Socket closed")
-
-
-class PeerLostError(RuntimeError):
-  """Another process of the job died, hung or never joined; this one stops rather than hang."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,20 +213,6 @@ def is_peer_failure(error: BaseException) -> bool:
   text = f"{type(error).__name__}: {error}"
   return any(m.lower() in text.lower() for m in _PEER_ERROR_MARKERS)
 
-
-class peer_failure:
-  """Context manager: an error caused by a lost peer becomes a :class:`PeerLostError` with a clear message.
-
-  ``with distributed.peer_failure(): step()`` — other errors pass through unchanged.
-  """
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, exc_type, exc, tb):
-    if exc is None or isinstance(exc, PeerLostError) or not is_peer_failure(exc):
-      return False
-    raise PeerLostError(peer_lost_message(exc)) from exc
 
 
 def host_description() -> str:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 from flax import nnx
@@ -93,7 +93,7 @@ def dcn_shape(mesh_cfg, shape: dict[str, int]) -> dict[str, int]:
   return dcn
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
   """The ``(data, fsdp, tensor, sequence)`` mesh over ``devices`` (default: all, across processes).
 
   With ``mesh.dcn`` factors > 1 the device order comes from ``create_hybrid_device_mesh``: each axis is split into

@@ -124,7 +124,8 @@ def highest_precision():
 
 @pytest.mark.parametrize("pos_embed", ["sincos", "rope"])
 @pytest.mark.parametrize("sample", [(F, H, W), (2, 16, 16)], ids=["sample=input", "sample!=input"])
-def test_forward_matches_diffusers(highest_precision, pos_embed, sample):
+@pytest.mark.usefixtures("highest_precision")
+def test_forward_matches_diffusers(pos_embed, sample):
   cfg = _cfg(pos_embed)
   theirs_model = _torch_model(cfg, sample=sample)
   ours_model = create_model(cfg, seed=1)
@@ -142,7 +143,8 @@ def test_forward_matches_diffusers(highest_precision, pos_embed, sample):
   assert err <= REL_TOL, f"max|ours − theirs| / max|theirs| = {err:.3e} > {REL_TOL}"
 
 
-def test_forward_matches_diffusers_clips2_fractional_t(highest_precision):
+@pytest.mark.usefixtures("highest_precision")
+def test_forward_matches_diffusers_clips2_fractional_t():
   """num_clips 2, 8 output channels, fractional timesteps, RoPE."""
   cfg = _cfg("rope", num_clips=2, out_channels=8)
   theirs_model = _torch_model(cfg, seed=3)

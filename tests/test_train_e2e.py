@@ -121,7 +121,7 @@ def test_three_stages_chain_and_freeze(data_dir, tmp_path):
                    "--workdir", str(work), "--no-progress"] + _flags(data_dir, steps)) == 0
   p1, _ = trainer.load_params(work / "stage1_base")
   p2, c2 = trainer.load_params(work / "stage2_motion_lora")
-  p3, c3 = trainer.load_params(work / "stage3_content_lora")
+  p3, _ = trainer.load_params(work / "stage3_content_lora")
   base_keys = [k for k in p1]
   for k in base_keys:  # the base model is frozen in stages 2 and 3
     np.testing.assert_array_equal(np.asarray(p1[k]), np.asarray(p2[k]), err_msg=k)

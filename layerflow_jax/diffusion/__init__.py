@@ -68,7 +68,6 @@ __all__ = [
   "rescale_zero_terminal_snr",
   "v_from_eps",
   "v_from_x0",
-  "v_from_x0_eps",
   "v_target",
   "x0_from_v",
   "x0_loss_weight",

@@ -84,7 +84,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None 
 
     return fp8.attention(q, k, v, num_valid)
   return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=_kv_lengths(k, num_valid),
-                                      implementation=implementation)
+                                      implementation="cudnn" if implementation == "cudnn" else None)
 
 
 def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK,
@@ -118,6 +118,9 @@ def _splash_kernel(num_heads: int, nq: int, nk: int, interpret: bool):
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
   bq, bk = splash_block(nq), splash_block(nk)
+  if bq is None or bk is None:
+    raise ValueError(f"splash attention: {nq} queries / {nk} keys do not tile into blocks {SPLASH_BLOCKS}; pad "
+                     f"them to a multiple of {SPLASH_TILE} (model.pad_tokens_to)")
   blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
                              block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
   mask = splash.MultiHeadMask([splash.FullMask((nq, nk))] * num_heads)  # padding is masked by segment ids
@@ -162,7 +165,7 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | 
   # The Mosaic kernel where the program is lowered for TPU (real or compile-only devices); interpret mode anywhere
   # else. Chosen at lowering, so a TPU compile on this CPU gets the TPU kernel.
   out = jax.lax.platform_dependent(qh, kh, vh, tpu=run(False), default=run(True))
-  return jnp.swapaxes(out, 1, 2)[:, :nq]
+  return jnp.swapaxes(out, 1, 2)[:, :nq]  # pyright: ignore[reportArgumentType]  (Pallas types its result loosely)
 
 
 def _batch_head_axes(mesh, b: int, h: int):

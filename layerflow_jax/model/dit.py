@@ -146,7 +146,7 @@ _ones = nnx.initializers.ones_init()
 _xavier = nnx.initializers.xavier_uniform()
 
 
-def _linear(cfg: DiTConfig, din: int, dout: int, names: tuple[str, str], rngs: nnx.Rngs, *,
+def _linear(cfg: DiTConfig, din: int, dout: int, names: tuple[str | None, str | None], rngs: nnx.Rngs, *,
             kernel_init=_xavier, bias_init=_zeros) -> nnx.Linear:
   return nnx.Linear(
       din, dout, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
@@ -241,7 +241,7 @@ class Attention(nnx.Module):
     dtype = DTYPES[self.cfg.dtype]
     linears = (self.to_q, self.to_k, self.to_v)
     kernel = jnp.stack([l.kernel[...] for l in linears], axis=1).astype(dtype)
-    bias = jnp.stack([l.bias[...] for l in linears], axis=0).astype(dtype)
+    bias = jnp.stack([l.bias[...] for l in linears], axis=0).astype(dtype)  # pyright: ignore[reportOptionalSubscript]  (q, k, v have biases)
     if fp8_lib.gemm_fp8(self.cfg.precision):
       qkv = fp8_lib.einsum("bnd,dke->bnke", x.astype(dtype), kernel, fp8_meta) + bias
     else:

@@ -158,8 +158,9 @@ class Experiment:
     trainable = {k: ps[k] for k in abstract_state.trainable}
     opt = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_state.opt_state, trainable,
                                 transform_non_params=lambda _: rep)
-    return TrainState(step=rep, frozen={k: ps[k] for k in abstract_state.frozen}, trainable=trainable,
-                      opt_state=opt, ema={k: ps[k] for k in abstract_state.ema}, rng=rep,
+    # The same tree with shardings for leaves (a TrainState is a pytree; its annotations name the arrays).
+    return TrainState(step=rep, frozen={k: ps[k] for k in abstract_state.frozen}, trainable=trainable,  # pyright: ignore[reportArgumentType]
+                      opt_state=opt, ema={k: ps[k] for k in abstract_state.ema}, rng=rep,  # pyright: ignore[reportArgumentType]
                       fp8=jax.tree.map(lambda _: rep, abstract_state.fp8))
 
   # ------------------------------------------------------------------ state
@@ -239,7 +240,7 @@ class Experiment:
     ae, lead = self.config.autoencoder, self.model_cfg.lead_frames
     if ae.packed_pass:
       video = jnp.concatenate([video[:, :1]] * lead + [video], axis=1) if lead else video
-      if not hasattr(self.codec, "encode_packed"):
+      if not isinstance(self.codec, codec_lib.PackedAutoencoder):
         return self.codec.encode(video)
       return self.codec.encode_packed(video, rng if ae.sample_posterior else None)
     if ae.sample_posterior:

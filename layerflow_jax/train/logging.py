@@ -48,7 +48,7 @@ class MetricWriter:
     if not (self.enabled and self._tb is not None):
       return
     import imageio.v3 as iio
-    from tensorboardX.proto.summary_pb2 import Summary
+    from tensorboardX.proto.summary_pb2 import Summary  # pyright: ignore[reportAttributeAccessIssue]  (generated protobuf)
 
     frames = np.asarray(frames_thwc_uint8, np.uint8)
     gif = iio.imwrite("<bytes>", frames, extension=".gif", plugin="pillow", duration=1000.0 / fps, loop=0)

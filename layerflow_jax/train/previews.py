@@ -91,6 +91,7 @@ class SampleHook:
     else:
       self._sampler.load(params)
     sampler, clip = self._sampler, self._clip
+    assert clip is not None  # set with the sampler above
     out = {}
     for task in self.tasks:
       video = sampler.sample(clip["tokens"], task, given_video=clip["video"], seed=SEED)

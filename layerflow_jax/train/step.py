@@ -9,7 +9,9 @@ clean → model velocity → masked v-loss (given and missing clips excluded) �
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import typing
 
 import jax
 import jax.numpy as jnp
@@ -112,9 +114,10 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
   fp8 = fp8_lib.stacked(held, fp8)
   metrics["param_norm"] = optax.tree_utils.tree_norm(trainable)
   metrics["lr"] = exp.lr_schedule(state.step)
-  metrics["skipped_nonfinite"] = opt_state.total_notfinite
-  metrics["nonfinite_in_a_row"] = opt_state.notfinite_count
-  new_state = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema, rng=rng,
+  finite_state = typing.cast(optax.ApplyIfFiniteState, opt_state)  # the optimizer is wrapped in apply_if_finite
+  metrics["skipped_nonfinite"] = finite_state.total_notfinite
+  metrics["nonfinite_in_a_row"] = finite_state.notfinite_count
+  new_state = dataclasses.replace(state, step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema, rng=rng,
                             fp8=fp8)
   return new_state, metrics
 

@@ -75,6 +75,8 @@ def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None
     exp = Experiment(config, mesh)
     abstract = exp.abstract_state()
     state, _, step = ck.restore_latest(abstract, exp.state_shardings(abstract))
+    if state is None or step is None:
+      raise InputError(f"{ck.directory}: none of the steps {steps} could be read")
     skipped = [s for s in steps if s > step]
     used = f"step {step} of {ck.directory}" + (
         f" (the newer step(s) {skipped} are unreadable; fell back to step {step})" if skipped else "")
@@ -137,7 +139,9 @@ def _validation_batches(exp: Experiment, num_batches: int) -> list[dict]:
                              shard_count=jax.process_count())
   out = []
   for i in range(min(num_batches, len(ds))):
-    out.append(global_batch(exp, ds[i]))
+    batch = ds[i]
+    assert batch is not None  # a batched map dataset: only filters give None
+    out.append(global_batch(exp, batch))
   return out
 
 
@@ -290,8 +294,9 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   # ------------------------------------------------------------------ state: resume, chain or init
   abstract = exp.abstract_state()
   shardings = exp.state_shardings(abstract)
-  state, meta, resumed = ck.restore_latest(abstract, shardings, iterator=iterator, quarantine=True)
-  if state is not None:
+  restored, meta, resumed = ck.restore_latest(abstract, shardings, iterator=iterator, quarantine=True)
+  if restored is not None:
+    state = restored
     log.info("resumed from %s at step %d", ck.directory, resumed)
   elif tc.init_from:
     params, _ = load_params(tc.init_from, exp.mesh)
