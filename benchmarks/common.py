@@ -69,19 +69,32 @@ class Shape:
     return self.num_heads * self.head_dim
 
   def describe(self) -> str:
-    return (f"{self.num_clips} clips x {self.frames_per_clip} frames x {self.channels} ch x {self.height}x{self.width}"
-            f" (patch {self.patch}) + {self.num_prompts} x {self.text_len} text tokens (dim {self.text_dim}), "
-            f"batch {self.batch}; N = {self.tokens} tokens; {self.num_layers} blocks, d = {self.hidden}")
+    return (
+      f"{self.num_clips} clips x {self.frames_per_clip} frames x {self.channels} ch x {self.height}x{self.width}"
+      f" (patch {self.patch}) + {self.num_prompts} x {self.text_len} text tokens (dim {self.text_dim}), "
+      f"batch {self.batch}; N = {self.tokens} tokens; {self.num_layers} blocks, d = {self.hidden}"
+    )
 
 
 SHAPES = {
-    # The shape: LayerFlow RGBA at 2B (21,600 video + 678 text tokens).
-    "2b": Shape("2b"),
-    # The same clips at 5B (CogVideoX-5b: 42 blocks, 48 heads; RoPE). Compiled for TPU only (tpu_aot.py).
-    "5b": Shape("5b", num_layers=42, num_heads=48, head_dim=64, time_embed_dim=512, config_size="5b"),
-    # CPU validation: the tiny model size (configs/common.py) on a few dozen tokens.
-    "tiny": Shape("tiny", frames_per_clip=1, height=8, width=8, text_len=8, text_dim=64, num_layers=2, num_heads=4,
-                  head_dim=32, time_embed_dim=128, config_size="tiny"),
+  # The shape: LayerFlow RGBA at 2B (21,600 video + 678 text tokens).
+  "2b": Shape("2b"),
+  # The same clips at 5B (CogVideoX-5b: 42 blocks, 48 heads; RoPE). Compiled for TPU only (tpu_aot.py).
+  "5b": Shape("5b", num_layers=42, num_heads=48, head_dim=64, time_embed_dim=512, config_size="5b"),
+  # CPU validation: the tiny model size (configs/common.py) on a few dozen tokens.
+  "tiny": Shape(
+    "tiny",
+    frames_per_clip=1,
+    height=8,
+    width=8,
+    text_len=8,
+    text_dim=64,
+    num_layers=2,
+    num_heads=4,
+    head_dim=32,
+    time_embed_dim=128,
+    config_size="tiny",
+  ),
 }
 
 
@@ -110,12 +123,12 @@ def lora_flops(num_layers: int, first_trained: int, n: int, d: int, batch: int =
 
 # Dense bf16 tensor-core peaks (datasheet, FLOP/s) by device-kind substring, most specific first.
 SPEC_PEAK_BF16 = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
+  ("H100 PCIe", 756e12),
+  ("H100", 989e12),
+  ("H200", 989e12),
+  ("GH200", 989e12),
+  ("B200", 2250e12),
+  ("A100", 312e12),
 )
 
 

@@ -65,30 +65,50 @@ def main(argv=None) -> int:
       exp = Experiment(config)
       d = config.data
       frames = exp.layout.num_clips * d.frames
-      batch = {"video": jnp.zeros((b, frames, d.height, d.width, 3)),
-               "tokens": jnp.ones((b, 3, config.text_encoder.max_length), jnp.int32),
-               "clip_valid": jnp.ones((b, exp.layout.num_clips), bool), "motion_scale": jnp.zeros((b,))}
+      batch = {
+        "video": jnp.zeros((b, frames, d.height, d.width, 3)),
+        "tokens": jnp.ones((b, 3, config.text_encoder.max_length), jnp.int32),
+        "clip_valid": jnp.ones((b, exp.layout.num_clips), bool),
+        "motion_scale": jnp.zeros((b,)),
+      }
       state = exp.init_state()
       train = step_lib.compile_train_step(exp, exp.state_shardings(exp.abstract_state()), None)
       with shd.use_mesh(exp.mesh):
         state, _ = train(state, batch)
         # the step donates its state: time it on a fresh copy each call
-        step_ms = _ms(lambda train=train, state=state, batch=batch: train(jax.tree.map(jnp.copy, state), batch)[1]["loss"],
-                      repeats=args.repeats)
+        step_ms = _ms(
+          lambda train=train, state=state, batch=batch: train(jax.tree.map(jnp.copy, state), batch)[1][
+            "loss"
+          ],
+          repeats=args.repeats,
+        )
       if not attention_ms:
         m = exp.model_cfg
-        tokens = exp.latent_frames * exp.layout.num_clips * (exp.latent_shape[1] // m.patch_size) * (
-            exp.latent_shape[2] // m.patch_size) + 3 * config.text_encoder.max_length
+        tokens = (
+          exp.latent_frames
+          * exp.layout.num_clips
+          * (exp.latent_shape[1] // m.patch_size)
+          * (exp.latent_shape[2] // m.patch_size)
+          + 3 * config.text_encoder.max_length
+        )
         q = jax.random.normal(jax.random.key(0), (b, tokens, m.num_heads, m.head_dim))
         attention_ms["tokens"] = tokens
-        for name, fn in (("jax_nn", lambda x: jax.nn.dot_product_attention(x, x, x)),
-                         ("xla_attention", lambda x: attention.xla_attention(x, x, x))):
+        for name, fn in (
+          ("jax_nn", lambda x: jax.nn.dot_product_attention(x, x, x)),
+          ("xla_attention", lambda x: attention.xla_attention(x, x, x)),
+        ):
           bwd = jax.grad(lambda x, f=fn: (f(x) ** 2).sum())
           attention_ms[f"{name}_fwd_ms"] = common.sig(_ms(jax.jit(fn), q, repeats=args.repeats))
           attention_ms[f"{name}_fwd_bwd_ms"] = common.sig(_ms(jax.jit(bwd), q, repeats=args.repeats))
-      rows.append({"batch": b, "tokens": attention_ms["tokens"], "scan_layers": scan,
-                   "train_step_ms": common.sig(step_ms),
-                   **{k: v for k, v in attention_ms.items() if k != "tokens"}})
+      rows.append(
+        {
+          "batch": b,
+          "tokens": attention_ms["tokens"],
+          "scan_layers": scan,
+          "train_step_ms": common.sig(step_ms),
+          **{k: v for k, v in attention_ms.items() if k != "tokens"},
+        }
+      )
 
   keys = list(rows[0])
   print(f"host: {distributed.host_description()}; jax {jax.__version__}")
@@ -97,10 +117,17 @@ def main(argv=None) -> int:
   for r in rows:
     print("| " + " | ".join(str(r[k]) for k in keys) + " |")
   if not args.no_record:
-    common.append_jsonl(args.results, {
-        "kind": "cpu_step", "time": common.utc_now(), "config": args.config,
+    common.append_jsonl(
+      args.results,
+      {
+        "kind": "cpu_step",
+        "time": common.utc_now(),
+        "config": args.config,
         "host": distributed.host_description(),
-        "jax": jax.__version__, "rows": rows})
+        "jax": jax.__version__,
+        "rows": rows,
+      },
+    )
   return 0
 
 

@@ -31,17 +31,23 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from benchmarks import common  # noqa: E402
 
 SIZES = {
-    # name: (frames per clip, height, width, per-process batch, dataset sizes (layered videos, images, backgrounds))
-    "tiny": (8, 16, 16, 8, (24, 24, 12)),
-    "480x720x16": (16, 480, 720, 1, (6, 6, 4)),
+  # name: (frames per clip, height, width, per-process batch, dataset sizes (layered videos, images, backgrounds))
+  "tiny": (8, 16, 16, 8, (24, 24, 12)),
+  "480x720x16": (16, 480, 720, 1, (6, 6, 4)),
 }
 STAGES = {
-    "stage1_base": [dict(name="layerflow_folder", weight=1.0, transform="video", motion_scale=0.0)],
-    "stage2_motion_lora": [dict(name="layerflow_folder", weight=1.0, transform="static",
-                                background="layerflow_videos", motion_scale=1.0)],
-    "stage3_content_lora": [dict(name="layerflow_images", weight=0.5, transform="static", motion_scale=1.0),
-                            dict(name="layerflow_folder", weight=0.5, transform="video",
-                                 background="layerflow_videos", motion_scale=0.0)],
+  "stage1_base": [dict(name="layerflow_folder", weight=1.0, transform="video", motion_scale=0.0)],
+  "stage2_motion_lora": [
+    dict(
+      name="layerflow_folder", weight=1.0, transform="static", background="layerflow_videos", motion_scale=1.0
+    )
+  ],
+  "stage3_content_lora": [
+    dict(name="layerflow_images", weight=0.5, transform="static", motion_scale=1.0),
+    dict(
+      name="layerflow_folder", weight=0.5, transform="video", background="layerflow_videos", motion_scale=0.0
+    ),
+  ],
 }
 
 
@@ -61,18 +67,25 @@ def write_data(root: pathlib.Path, frames: int, height: int, width: int, counts)
   from data_pipelines import layout_writer, synthetic
 
   n_videos, n_images, n_backgrounds = counts
-  roots = {"layerflow_folder": root / "layered", "layerflow_images": root / "images",
-           "layerflow_videos": root / "videos"}
+  roots = {
+    "layerflow_folder": root / "layered",
+    "layerflow_images": root / "images",
+    "layerflow_videos": root / "videos",
+  }
   entries = {}
   for i in range(n_videos):  # fg on half of them, bg on two thirds: the derived and missing paths both run
     s = synthetic.make_scene(i, frames + 4, height, width)
-    entries[f"v{i:03d}"] = layout_writer.write_layered_video(roots["layerflow_folder"], f"v{i:03d}", s,
-                                                             fg=i % 2 == 0, bg=i % 3 != 0)
+    entries[f"v{i:03d}"] = layout_writer.write_layered_video(
+      roots["layerflow_folder"], f"v{i:03d}", s, fg=i % 2 == 0, bg=i % 3 != 0
+    )
   layout_writer.write_meta(roots["layerflow_folder"] / "train.json", entries)
-  layout_writer.write_layered_images(roots["layerflow_images"],
-                                     [synthetic.make_scene(100 + i, 1, height, width) for i in range(n_images)])
+  layout_writer.write_layered_images(
+    roots["layerflow_images"], [synthetic.make_scene(100 + i, 1, height, width) for i in range(n_images)]
+  )
   bgs = [synthetic.make_scene(200 + i, 2 * frames, height, width) for i in range(n_backgrounds)]
-  layout_writer.write_plain_videos(roots["layerflow_videos"], [s["bg"] for s in bgs], [s["bg_prompt"] for s in bgs])
+  layout_writer.write_plain_videos(
+    roots["layerflow_videos"], [s["bg"] for s in bgs], [s["bg_prompt"] for s in bgs]
+  )
   return roots
 
 
@@ -177,12 +190,19 @@ def main(argv=None) -> int:
       t_write = time.perf_counter() - t0
       config = make_config(root, roots, frames, height, width, batch)
       t0 = time.perf_counter()
-      for name, module in (("layerflow_folder", layerflow_folder), ("layerflow_images", layerflow_images),
-                           ("layerflow_videos", layerflow_videos)):
+      for name, module in (
+        ("layerflow_folder", layerflow_folder),
+        ("layerflow_images", layerflow_images),
+        ("layerflow_videos", layerflow_videos),
+      ):
         module.build(pipeline.source_config(config, name).data)
       t_import = time.perf_counter() - t0
-      setup[size] = {"write_s": round(t_write, 1), "import_s": round(t_import, 1), "records": list(counts),
-                     "import_records_per_s": round(sum(counts) / t_import, 2)}
+      setup[size] = {
+        "write_s": round(t_write, 1),
+        "import_s": round(t_import, 1),
+        "records": list(counts),
+        "import_records_per_s": round(sum(counts) / t_import, 2),
+      }
       if size == "tiny":
         c = make_config(root, roots, frames, height, width, batch)
         c.data.mixture = STAGES["stage1_base"]
@@ -195,37 +215,79 @@ def main(argv=None) -> int:
           config.data.worker_count = workers
           rate, clips = measure(config, args.seconds)
           need = None if step_ms is None else batch / (step_ms / 1000.0)
-          rows.append({"size": size, "stage": stage, "workers": workers, "clips_per_s": round(rate, 2),
-                       "clips_measured": clips, "clips_per_step": batch,
-                       "pipeline_ms_per_step": round(1000.0 * batch / rate, 1),
-                       "step_ms": None if step_ms is None else round(step_ms, 1), "step_source": step_src,
-                       "needed_clips_per_s": None if need is None else round(need, 2)})
+          rows.append(
+            {
+              "size": size,
+              "stage": stage,
+              "workers": workers,
+              "clips_per_s": round(rate, 2),
+              "clips_measured": clips,
+              "clips_per_step": batch,
+              "pipeline_ms_per_step": round(1000.0 * batch / rate, 1),
+              "step_ms": None if step_ms is None else round(step_ms, 1),
+              "step_source": step_src,
+              "needed_clips_per_s": None if need is None else round(need, 2),
+            }
+          )
           print(json.dumps(rows[-1]), flush=True)
   finally:
     if args.workdir is None:
       shutil.rmtree(workdir, ignore_errors=True)
 
-  head = ("size", "stage", "workers", "clips/s/process", "clips/step", "pipeline ms/step", "train step ms",
-          "keeps up")
+  head = (
+    "size",
+    "stage",
+    "workers",
+    "clips/s/process",
+    "clips/step",
+    "pipeline ms/step",
+    "train step ms",
+    "keeps up",
+  )
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
   for r in rows:
     ok = "—" if r["step_ms"] is None else ("yes" if r["pipeline_ms_per_step"] <= r["step_ms"] else "no")
-    lines.append("| " + " | ".join(str(x) for x in (
-        r["size"], r["stage"], r["workers"], r["clips_per_s"], r["clips_per_step"], r["pipeline_ms_per_step"],
-        "—" if r["step_ms"] is None else r["step_ms"], ok)) + " |")
+    lines.append(
+      "| "
+      + " | ".join(
+        str(x)
+        for x in (
+          r["size"],
+          r["stage"],
+          r["workers"],
+          r["clips_per_s"],
+          r["clips_per_step"],
+          r["pipeline_ms_per_step"],
+          "—" if r["step_ms"] is None else r["step_ms"],
+          ok,
+        )
+      )
+      + " |"
+    )
   print()
   print("\n".join(lines))
   print()
   for size, s in setup.items():
-    print(f"{size}: wrote {s['records']} (videos, images, backgrounds) in {s['write_s']} s, imported in "
-          f"{s['import_s']} s ({s['import_records_per_s']} records/s)")
+    print(
+      f"{size}: wrote {s['records']} (videos, images, backgrounds) in {s['write_s']} s, imported in "
+      f"{s['import_s']} s ({s['import_records_per_s']} records/s)"
+    )
   steps = {r["size"]: r["step_source"] for r in rows}
   for size, src in steps.items():
     print(f"{size}: train step time from: {src}")
   if not args.no_record:
-    common.append_jsonl(common.RESULTS_FILE, {
-        "date": common.utc_now(), "device": device_name(), "kind": "data", "benchmark": "data_throughput",
-        "seconds_per_row": args.seconds, "setup": setup, "rows": rows})
+    common.append_jsonl(
+      common.RESULTS_FILE,
+      {
+        "date": common.utc_now(),
+        "device": device_name(),
+        "kind": "data",
+        "benchmark": "data_throughput",
+        "seconds_per_row": args.seconds,
+        "setup": setup,
+        "rows": rows,
+      },
+    )
     print(f"appended to {common.RESULTS_FILE}")
   return 0
 

@@ -38,22 +38,42 @@ DEFAULT_CONFIG = "configs/learn_gpu.py"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--config", default=DEFAULT_CONFIG, help="configs/FILE.py[:ARG] to train (default: %(default)s)")
-  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override, as --config.KEY=VALUE in the CLI (repeatable; not seed: use --seeds)")
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  p.add_argument(
+    "--config", default=DEFAULT_CONFIG, help="configs/FILE.py[:ARG] to train (default: %(default)s)"
+  )
+  p.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="config override, as --config.KEY=VALUE in the CLI (repeatable; not seed: use --seeds)",
+  )
   p.add_argument("--seeds", default="0,1,2", help="comma-separated config seeds (default: %(default)s)")
-  p.add_argument("--workdir", default="runs/learning",
-                 help="root of the runs: WORKDIR/<config>/seedS (default: %(default)s)")
+  p.add_argument(
+    "--workdir",
+    default="runs/learning",
+    help="root of the runs: WORKDIR/<config>/seedS (default: %(default)s)",
+  )
   p.add_argument("--data-dir", default=None, help="TFDS data_dir (default: the config's data.data_dir)")
-  p.add_argument("--eval-steps", type=int, default=50, help="sampling steps per evaluation (default: %(default)s)")
+  p.add_argument(
+    "--eval-steps", type=int, default=50, help="sampling steps per evaluation (default: %(default)s)"
+  )
   p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the config's)")
-  p.add_argument("--eval-batches", type=int, default=None,
-                 help="validation batches to evaluate (default: the whole split, as `layerflow evaluate`)")
+  p.add_argument(
+    "--eval-batches",
+    type=int,
+    default=None,
+    help="validation batches to evaluate (default: the whole split, as `layerflow evaluate`)",
+  )
   p.add_argument("--results", default=str(bc.RESULTS_FILE), help="JSON-lines file to append to ('' = none)")
   p.add_argument("--parallel", action="store_true", help="one process per seed, all at once")
   p.add_argument("--note", default="", help="free text stored with every line")
-  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # one seed; --record-out gets its line
+  p.add_argument(
+    "--worker", action="store_true", help=argparse.SUPPRESS
+  )  # one seed; --record-out gets its line
   p.add_argument("--record-out", default=None, help=argparse.SUPPRESS)
   p.add_argument("--concurrent-runs", type=int, default=1, help=argparse.SUPPRESS)  # set by --parallel
   args = p.parse_args(argv)
@@ -85,8 +105,11 @@ def git_state(root: pathlib.Path = bc.ROOT) -> dict[str, Any]:
   commit = git("rev-parse", "HEAD")
   status = git("status", "--porcelain", "--untracked-files=no")  # "XY path" lines
   changed = [line[3:] for line in (status or "").splitlines() if line.strip()]
-  return {"commit": commit.strip() if commit else None, "dirty": None if status is None else bool(changed),
-          "dirty_files": changed or None}
+  return {
+    "commit": commit.strip() if commit else None,
+    "dirty": None if status is None else bool(changed),
+    "dirty_files": changed or None,
+  }
 
 
 def run_dir(root: str | pathlib.Path, spec: str, overrides: Sequence[str], seed: int) -> pathlib.Path:
@@ -142,26 +165,42 @@ def run_seed(args: argparse.Namespace, seed: int, *, concurrent_runs: int = 1) -
   params, trained_config = trainer.load_params(work)
   sampler = LayeredSampler(trained_config, params)
   batches = evaluate.eval_batches(trained_config, "validation", num_batches=args.eval_batches)
-  metrics, previews = evaluate.evaluate(sampler, batches, num_steps=args.eval_steps, guidance_scale=args.guidance)
+  metrics, previews = evaluate.evaluate(
+    sampler, batches, num_steps=args.eval_steps, guidance_scale=args.guidance
+  )
   evaluate.write_report(work / "eval", metrics, previews, title=f"{args.config} seed {seed} on validation")
   eval_s = time.time() - t
   print(f"[seed {seed}] evaluated {metrics.get('num_clips')} clips in {eval_s:.1f} s", flush=True)
 
   initial, final = summary.get("initial") or {}, summary.get("final") or {}
   return {
-      "date": bc.utc_now(), "kind": "learning", **git_state(),
-      "device": dev.device_kind, "platform": dev.platform, "device_count": jax.device_count(),
-      "jax_version": jax.__version__,
-      "config": args.config, "overrides": list(args.override), "seed": seed, "workdir": _relative(work),
-      "train_steps": int(config.train.steps), "steps_this_run": end - start, "resumed_from_step": start,
-      "train_seconds": round(train_s, 2), "data_seconds": round(data_s, 2), "eval_seconds": round(eval_s, 2),
-      "concurrent_runs": concurrent_runs,
-      "eval_clips": metrics.get("num_clips"),
-      "sampling_steps": args.eval_steps,
-      "guidance_scale": float(trained_config.sampling.guidance_scale if args.guidance is None else args.guidance),
-      "val_loss_start": initial.get("val_loss"), "val_loss_end": final.get("val_loss"),
-      "metrics": {k: v for k, v in metrics.items() if k != "num_clips"},
-      "note": args.note,
+    "date": bc.utc_now(),
+    "kind": "learning",
+    **git_state(),
+    "device": dev.device_kind,
+    "platform": dev.platform,
+    "device_count": jax.device_count(),
+    "jax_version": jax.__version__,
+    "config": args.config,
+    "overrides": list(args.override),
+    "seed": seed,
+    "workdir": _relative(work),
+    "train_steps": int(config.train.steps),
+    "steps_this_run": end - start,
+    "resumed_from_step": start,
+    "train_seconds": round(train_s, 2),
+    "data_seconds": round(data_s, 2),
+    "eval_seconds": round(eval_s, 2),
+    "concurrent_runs": concurrent_runs,
+    "eval_clips": metrics.get("num_clips"),
+    "sampling_steps": args.eval_steps,
+    "guidance_scale": float(
+      trained_config.sampling.guidance_scale if args.guidance is None else args.guidance
+    ),
+    "val_loss_start": initial.get("val_loss"),
+    "val_loss_end": final.get("val_loss"),
+    "metrics": {k: v for k, v in metrics.items() if k != "num_clips"},
+    "note": args.note,
   }
 
 
@@ -169,9 +208,25 @@ def run_seed(args: argparse.Namespace, seed: int, *, concurrent_runs: int = 1) -
 
 
 def worker_command(args: argparse.Namespace, seed: int, record_out: pathlib.Path) -> list[str]:
-  cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), "--worker", "--seeds", str(seed),
-         "--config", args.config, "--workdir", args.workdir, "--eval-steps", str(args.eval_steps),
-         "--results", "", "--record-out", str(record_out), "--note", args.note]
+  cmd = [
+    sys.executable,
+    str(pathlib.Path(__file__).resolve()),
+    "--worker",
+    "--seeds",
+    str(seed),
+    "--config",
+    args.config,
+    "--workdir",
+    args.workdir,
+    "--eval-steps",
+    str(args.eval_steps),
+    "--results",
+    "",
+    "--record-out",
+    str(record_out),
+    "--note",
+    args.note,
+  ]
   for o in args.override:
     cmd += ["--override", o]
   if args.data_dir:
@@ -188,8 +243,10 @@ def run_parallel(args: argparse.Namespace) -> list[dict[str, Any]]:
   from data_pipelines import registry
   from layerflow_jax.config import load_config
 
-  config = load_config(args.config, list(args.override) + (
-      [f"data.data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []))
+  config = load_config(
+    args.config,
+    list(args.override) + ([f"data.data_dir={json.dumps(args.data_dir)}"] if args.data_dir else []),
+  )
   registry.build(config.data)
   env = dict(os.environ)
   env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # several processes on one GPU
@@ -221,8 +278,9 @@ def metric_table(records: Sequence[dict[str, Any]]) -> str:
 
   columns = {f"seed {r['seed']}": dict(r["metrics"]) for r in records}
   keys = sorted({k for c in columns.values() for k in c})
-  columns["mean"] = {k: sum(c[k] for c in columns.values() if k in c) / sum(k in c for c in columns.values())
-                     for k in keys}
+  columns["mean"] = {
+    k: sum(c[k] for c in columns.values() if k in c) / sum(k in c for c in columns.values()) for k in keys
+  }
   known = {k for k, _, _ in evaluate.TABLE_METRICS}
   rows = list(evaluate.TABLE_METRICS) + [(k, k, None) for k in keys if k not in known]
   extra = {"train_seconds": "train wall time, s", "eval_seconds": "evaluation wall time, s"}
@@ -258,9 +316,11 @@ def main(argv=None) -> int:
       bc.append_jsonl(args.results, r)
   if records:
     g = git_state()
-    print(f"\n{args.config} {' '.join(args.override)} — commit {str(g['commit'])[:10]}"
-          f"{' (dirty)' if g['dirty'] else ''}, {records[0]['device']}, {records[0]['eval_clips']} validation clips, "
-          f"{args.eval_steps} sampling steps, guidance {records[0]['guidance_scale']:g}\n")
+    print(
+      f"\n{args.config} {' '.join(args.override)} — commit {str(g['commit'])[:10]}"
+      f"{' (dirty)' if g['dirty'] else ''}, {records[0]['device']}, {records[0]['eval_clips']} validation clips, "
+      f"{args.eval_steps} sampling steps, guidance {records[0]['guidance_scale']:g}\n"
+    )
     print(metric_table(records))
     if args.results:
       print(f"\n{len(records)} line(s) appended to {args.results}")

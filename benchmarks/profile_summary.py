@@ -23,13 +23,16 @@ from typing import Any
 
 # First match wins; names are lower-cased kernel names (cuDNN, cuBLAS, XLA fusions, Triton).
 CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("attention bwd", r"(fmha|flash|sdpa|attention).*(bprop|bwd|backward|dgrad|dq|dkv)|(bprop|bwd).*(fmha|flash|sdpa)"),
-    ("attention fwd", r"fmha|flash|sdpa|attention"),
-    ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|ampere_|hopper_|dot"),
-    ("memcpy/memset", r"memcpy|memset|copy_kernel"),
-    ("transpose/copy fusions", r"transpose|^copy|_copy"),
-    ("reductions", r"reduce|reduction|norm"),
-    ("elementwise fusions", r"fusion|loop_|kernel|triton"),
+  (
+    "attention bwd",
+    r"(fmha|flash|sdpa|attention).*(bprop|bwd|backward|dgrad|dq|dkv)|(bprop|bwd).*(fmha|flash|sdpa)",
+  ),
+  ("attention fwd", r"fmha|flash|sdpa|attention"),
+  ("gemm", r"gemm|nvjet|cutlass|xmma|cublas|sm90_|sm80_|ampere_|hopper_|dot"),
+  ("memcpy/memset", r"memcpy|memset|copy_kernel"),
+  ("transpose/copy fusions", r"transpose|^copy|_copy"),
+  ("reductions", r"reduce|reduction|norm"),
+  ("elementwise fusions", r"fusion|loop_|kernel|triton"),
 )
 
 
@@ -69,12 +72,23 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
 
 def summarize(events: list[dict], steps: int = 1) -> dict[str, Any]:
   """Kernel time (ms per step) by category over the device processes' stream threads."""
-  pnames = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
-  tnames = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
-            if e.get("ph") == "M" and e.get("name") == "thread_name"}
+  pnames = {
+    e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+  }
+  tnames = {
+    (e["pid"], e.get("tid")): e["args"]["name"]
+    for e in events
+    if e.get("ph") == "M" and e.get("name") == "thread_name"
+  }
   device_pids = {p for p, n in pnames.items() if "/device:" in n and "cpu" not in n.lower()}
-  kernels = [e for e in events if e.get("ph") == "X" and e.get("pid") in device_pids
-             and "stream" in tnames.get((e["pid"], e.get("tid")), "").lower() and e.get("dur") is not None]
+  kernels = [
+    e
+    for e in events
+    if e.get("ph") == "X"
+    and e.get("pid") in device_pids
+    and "stream" in tnames.get((e["pid"], e.get("tid")), "").lower()
+    and e.get("dur") is not None
+  ]
   if not kernels:
     raise ValueError(f"no device kernels in the trace (processes: {sorted(set(pnames.values()))})")
   by_cat: dict[str, float] = collections.defaultdict(float)
@@ -88,18 +102,25 @@ def summarize(events: list[dict], steps: int = 1) -> dict[str, Any]:
   per = 1e-3 / steps  # µs → ms per step
   top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:20]
   return {
-      "steps": steps, "kernels": len(kernels), "span_ms": span * per, "busy_ms": busy * per,
-      "idle_ms": (span - busy) * per, "kernel_sum_ms": sum(by_cat.values()) * per,
-      "by_category_ms": {k: v * per for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
-      "top_kernels": [{"name": n[:120], "ms": t * per, "calls": c / steps, "category": categorize(n)}
-                      for n, (t, c) in top],
+    "steps": steps,
+    "kernels": len(kernels),
+    "span_ms": span * per,
+    "busy_ms": busy * per,
+    "idle_ms": (span - busy) * per,
+    "kernel_sum_ms": sum(by_cat.values()) * per,
+    "by_category_ms": {k: v * per for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+    "top_kernels": [
+      {"name": n[:120], "ms": t * per, "calls": c / steps, "category": categorize(n)} for n, (t, c) in top
+    ],
   }
 
 
 def format_table(s: dict[str, Any]) -> str:
-  lines = [f"per step (of {s['steps']} traced): span {s['span_ms']:.1f} ms, kernels busy {s['busy_ms']:.1f} ms, "
-           f"idle {s['idle_ms']:.1f} ms; {s['kernels'] / s['steps']:.0f} kernels",
-           f"{'category':<26}{'ms/step':>10}{'share':>8}"]
+  lines = [
+    f"per step (of {s['steps']} traced): span {s['span_ms']:.1f} ms, kernels busy {s['busy_ms']:.1f} ms, "
+    f"idle {s['idle_ms']:.1f} ms; {s['kernels'] / s['steps']:.0f} kernels",
+    f"{'category':<26}{'ms/step':>10}{'share':>8}",
+  ]
   total = s["kernel_sum_ms"] or 1.0
   for k, v in s["by_category_ms"].items():
     lines.append(f"{k:<26}{v:>10.1f}{100 * v / total:>7.1f}%")

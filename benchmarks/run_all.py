@@ -42,37 +42,54 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from benchmarks import common as bc  # noqa: E402
 
 PARTS = ("peer_train", "peer_sample", "jax_train", "jax_sample", "jax_lora")
-MODE = {"jax_train": "train", "jax_lora": "lora", "jax_sample": "sample", "peer_train": "train",
-        "peer_sample": "sample"}
+MODE = {
+  "jax_train": "train",
+  "jax_lora": "lora",
+  "jax_sample": "sample",
+  "peer_train": "train",
+  "peer_sample": "sample",
+}
 # Seconds a part takes — for the budget only. 2B on one H100/H200 (guesses until measured): JAX compile ~60 s +
 # steps; the peer's compiled first step ~220 s (less with a warm inductor cache); 50 CFG sampling steps ~40-60 s.
 ESTIMATE_S = {
-    "2b": {"peer_train": 250, "peer_sample": 60, "jax_train": 100, "jax_sample": 75, "jax_lora": 90},
-    "tiny": {"jax_train": 60, "peer_train": 200, "peer_sample": 10, "jax_sample": 30, "jax_lora": 40},
+  "2b": {"peer_train": 250, "peer_sample": 60, "jax_train": 100, "jax_sample": 75, "jax_lora": 90},
+  "tiny": {"jax_train": 60, "peer_train": 200, "peer_sample": 10, "jax_sample": 30, "jax_lora": 40},
 }
 PROCESS_START_S = 15
 TARGETS = {"step_ms": 1300.0, "vs_peer": 0.74, "tflops": 400.0, "first_step_s": 60.0, "sampling_speedup": 1.3}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
   p.add_argument("--shape", default="2b", choices=sorted(bc.SHAPES))
   p.add_argument("--tiny", action="store_true", help="same as --shape tiny")
-  p.add_argument("--budget-s", type=float, default=None,
-                 help="wall-clock budget in seconds (default 580 for 2b, unlimited for tiny; 0 = unlimited)")
+  p.add_argument(
+    "--budget-s",
+    type=float,
+    default=None,
+    help="wall-clock budget in seconds (default 580 for 2b, unlimited for tiny; 0 = unlimited)",
+  )
   p.add_argument("--steps", type=int, default=5, help="timed train steps per side (median)")
   p.add_argument("--sample-steps", type=int, default=50)
   p.add_argument("--jax-args", default="", help="extra train_step.py flags (levers), e.g. '--remat full'")
-  p.add_argument("--precisions", default="bf16",
-                 help="comma-separated model.precision values; the JAX parts run once for each (train_step.py "
-                      "--precision)")
+  p.add_argument(
+    "--precisions",
+    default="bf16",
+    help="comma-separated model.precision values; the JAX parts run once for each (train_step.py "
+    "--precision)",
+  )
   p.add_argument("--peer-args", default="", help="extra torch_peer.py flags, e.g. '--compile none'")
   p.add_argument("--results", default=str(bc.RESULTS_FILE), help="JSON-lines file to append to ('' = none)")
   p.add_argument("--python", default=sys.executable)
   p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
-  p.add_argument("--check", action="store_true",
-                 help="only import each side's script (missing packages show here, in seconds) and exit")
+  p.add_argument(
+    "--check",
+    action="store_true",
+    help="only import each side's script (missing packages show here, in seconds) and exit",
+  )
   args = p.parse_args(argv)
   if args.tiny:
     args.shape = "tiny"
@@ -99,16 +116,39 @@ def groups(parts: list[str]) -> list[tuple[str, list[str]]]:
   return out
 
 
-def command(args, side: str, parts: list[str], out_json: str, matmul: float | None,
-            precision: str = "bf16") -> list[str]:
+def command(
+  args, side: str, parts: list[str], out_json: str, matmul: float | None, precision: str = "bf16"
+) -> list[str]:
   modes = ",".join(MODE[x] for x in parts)
-  common = ["--shape", args.shape, "--modes", modes, "--steps", str(args.steps), "--sample-steps",
-            str(args.sample_steps), "--out-json", out_json]
+  common = [
+    "--shape",
+    args.shape,
+    "--modes",
+    modes,
+    "--steps",
+    str(args.steps),
+    "--sample-steps",
+    str(args.sample_steps),
+    "--out-json",
+    out_json,
+  ]
   if side == "jax":
-    return [args.python, str(bc.ROOT / "benchmarks" / "train_step.py"), *common, "--precision", precision,
-            *shlex.split(args.jax_args)]
+    return [
+      args.python,
+      str(bc.ROOT / "benchmarks" / "train_step.py"),
+      *common,
+      "--precision",
+      precision,
+      *shlex.split(args.jax_args),
+    ]
   extra = ["--matmul-tflops", str(matmul)] if matmul else []
-  return [args.python, str(bc.ROOT / "benchmarks" / "torch_peer.py"), *common, *extra, *shlex.split(args.peer_args)]
+  return [
+    args.python,
+    str(bc.ROOT / "benchmarks" / "torch_peer.py"),
+    *common,
+    *extra,
+    *shlex.split(args.peer_args),
+  ]
 
 
 def run_process(cmd: list[str], log: pathlib.Path, timeout: float | None) -> tuple[int | None, float]:
@@ -116,7 +156,9 @@ def run_process(cmd: list[str], log: pathlib.Path, timeout: float | None) -> tup
   t0 = time.perf_counter()
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   with open(log, "w") as f:
-    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=bc.ROOT, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+      cmd, stdout=f, stderr=subprocess.STDOUT, cwd=bc.ROOT, env=env, start_new_session=True
+    )
     try:
       rc = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -166,26 +208,49 @@ def table(res: dict[str, dict], matmul: float | None) -> str:
     return _pct(r["model_tflops"] / ref) if r.get("model_tflops") and ref else "-"
 
   rows += [
-      ("train step (ms, median)", _fmt(jt.get("step_ms"), ".1f"), _fmt(pt.get("step_ms"), ".1f"),
-       ratio(jt.get("step_ms"), pt.get("step_ms"))),
-      ("first step (s)", _fmt(jt.get("first_step_s"), ".1f"), _fmt(pt.get("first_step_s"), ".1f"), ""),
-      ("  of which compile (s)", _fmt(jt.get("compile_s"), ".1f"), "-", ""),
-      ("warm-up steps after it (s)", _fmt(jt.get("warmup_s"), ".1f"), _fmt(pt.get("warmup_s"), ".1f"), ""),
-      ("tokens/s", _fmt(jt.get("tokens_per_s"), ".0f"), _fmt(pt.get("tokens_per_s"), ".0f"), ""),
-      ("model TFLOP/s", _fmt(jt.get("model_tflops")), _fmt(pt.get("model_tflops")), ""),
-      (f"MFU vs bf16 matmul ({_fmt(matmul)} TFLOP/s)", mfu(jt, matmul), mfu(pt, matmul), ""),
-      (f"MFU vs datasheet ({_fmt(peak and peak / 1e12)} TFLOP/s)", mfu(jt, peak and peak / 1e12),
-       mfu(pt, peak and peak / 1e12), ""),
-      ("peak memory (GiB)", _fmt(jt.get("peak_mem_gib")), _fmt(pt.get("peak_mem_gib")), ""),
-      ("LoRA step (ms) [stage 3]", _fmt(lo.get("step_ms"), ".1f"), "-",
-       f"{lo['step_ms'] / jt['step_ms']:.2f}x of full" if lo.get("step_ms") and jt.get("step_ms") else ""),
-      (f"sampling {js.get('num_steps') or ps.get('num_steps') or ''} steps CFG (s)", _fmt(js.get("sample_s"), ".2f"),
-       _fmt(ps.get("sample_s"), ".2f"), ratio(js.get("sample_s"), ps.get("sample_s"))),
-      ("  per step (ms)", _fmt(js.get("step_ms"), ".1f"), _fmt(ps.get("step_ms"), ".1f"), ""),
-      ("  sampling compile / warm-up (s)", _fmt(js.get("compile_s"), ".1f"), _fmt(ps.get("warmup_s"), ".1f"), ""),
+    (
+      "train step (ms, median)",
+      _fmt(jt.get("step_ms"), ".1f"),
+      _fmt(pt.get("step_ms"), ".1f"),
+      ratio(jt.get("step_ms"), pt.get("step_ms")),
+    ),
+    ("first step (s)", _fmt(jt.get("first_step_s"), ".1f"), _fmt(pt.get("first_step_s"), ".1f"), ""),
+    ("  of which compile (s)", _fmt(jt.get("compile_s"), ".1f"), "-", ""),
+    ("warm-up steps after it (s)", _fmt(jt.get("warmup_s"), ".1f"), _fmt(pt.get("warmup_s"), ".1f"), ""),
+    ("tokens/s", _fmt(jt.get("tokens_per_s"), ".0f"), _fmt(pt.get("tokens_per_s"), ".0f"), ""),
+    ("model TFLOP/s", _fmt(jt.get("model_tflops")), _fmt(pt.get("model_tflops")), ""),
+    (f"MFU vs bf16 matmul ({_fmt(matmul)} TFLOP/s)", mfu(jt, matmul), mfu(pt, matmul), ""),
+    (
+      f"MFU vs datasheet ({_fmt(peak and peak / 1e12)} TFLOP/s)",
+      mfu(jt, peak and peak / 1e12),
+      mfu(pt, peak and peak / 1e12),
+      "",
+    ),
+    ("peak memory (GiB)", _fmt(jt.get("peak_mem_gib")), _fmt(pt.get("peak_mem_gib")), ""),
+    (
+      "LoRA step (ms) [stage 3]",
+      _fmt(lo.get("step_ms"), ".1f"),
+      "-",
+      f"{lo['step_ms'] / jt['step_ms']:.2f}x of full" if lo.get("step_ms") and jt.get("step_ms") else "",
+    ),
+    (
+      f"sampling {js.get('num_steps') or ps.get('num_steps') or ''} steps CFG (s)",
+      _fmt(js.get("sample_s"), ".2f"),
+      _fmt(ps.get("sample_s"), ".2f"),
+      ratio(js.get("sample_s"), ps.get("sample_s")),
+    ),
+    ("  per step (ms)", _fmt(js.get("step_ms"), ".1f"), _fmt(ps.get("step_ms"), ".1f"), ""),
+    (
+      "  sampling compile / warm-up (s)",
+      _fmt(js.get("compile_s"), ".1f"),
+      _fmt(ps.get("warmup_s"), ".1f"),
+      "",
+    ),
   ]
   widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+  lines = [
+    "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+  ]
   lines.insert(1, "-" * len(lines[0]))
   return "\n".join(lines)
 
@@ -201,15 +266,21 @@ def target_lines(res: dict[str, dict]) -> list[str]:
 
   s = jt.get("step_ms")
   check(f"JAX full step <= {TARGETS['step_ms']:.0f} ms", None if s is None else s <= TARGETS["step_ms"])
-  check(f"JAX step <= {TARGETS['vs_peer']} x peer", None if not (s and pt.get("step_ms"))
-        else s <= TARGETS["vs_peer"] * pt["step_ms"])
+  check(
+    f"JAX step <= {TARGETS['vs_peer']} x peer",
+    None if not (s and pt.get("step_ms")) else s <= TARGETS["vs_peer"] * pt["step_ms"],
+  )
   t = jt.get("model_tflops")
   check(f">= {TARGETS['tflops']:.0f} model TFLOP/s", None if t is None else t >= TARGETS["tflops"])
   f = jt.get("first_step_s")
   check(f"first step <= {TARGETS['first_step_s']:.0f} s", None if f is None else f <= TARGETS["first_step_s"])
   check("LoRA step faster than the full step", None if not (lo.get("step_ms") and s) else lo["step_ms"] < s)
-  check(f"sampling >= {TARGETS['sampling_speedup']}x the peer", None if not (js.get("sample_s") and ps.get("sample_s"))
-        else ps["sample_s"] / js["sample_s"] >= TARGETS["sampling_speedup"])
+  check(
+    f"sampling >= {TARGETS['sampling_speedup']}x the peer",
+    None
+    if not (js.get("sample_s") and ps.get("sample_s"))
+    else ps["sample_s"] / js["sample_s"] >= TARGETS["sampling_speedup"],
+  )
   return out
 
 
@@ -225,46 +296,107 @@ def records(res: dict[str, dict], matmul: float | None, args) -> list[dict[str, 
   common = {"shape": args.shape, "jax_args": args.jax_args, "peer_args": args.peer_args}
   out = []
   if lo:
-    out.append({
-        "date": date, "device": device, "kind": "train_step", "step": "lora_stage3", "config": lo.get("config"),
-        "jax_version": jax_version, "torch_version": torch_version, "jax_step_ms": lo.get("step_ms"),
-        "peer_step_ms": None, "model_tflops": lo.get("model_tflops"), "matmul_tflops": matmul, "mfu": lo.get("mfu"),
-        "compile_s": lo.get("compile_s"), "peak_mem_gib": lo.get("peak_mem_gib"),
-        "first_step_s": lo.get("first_step_s"), "flops_formula": lo.get("flops_formula"),
+    out.append(
+      {
+        "date": date,
+        "device": device,
+        "kind": "train_step",
+        "step": "lora_stage3",
+        "config": lo.get("config"),
+        "jax_version": jax_version,
+        "torch_version": torch_version,
+        "jax_step_ms": lo.get("step_ms"),
+        "peer_step_ms": None,
+        "model_tflops": lo.get("model_tflops"),
+        "matmul_tflops": matmul,
+        "mfu": lo.get("mfu"),
+        "compile_s": lo.get("compile_s"),
+        "peak_mem_gib": lo.get("peak_mem_gib"),
+        "first_step_s": lo.get("first_step_s"),
+        "flops_formula": lo.get("flops_formula"),
         "full_step_ms": jt.get("step_ms"),
-        "lora_vs_full": round(lo["step_ms"] / jt["step_ms"], 3) if lo.get("step_ms") and jt.get("step_ms") else None,
-        "adapters": lo.get("adapters"), "trained_adapters": lo.get("trained_adapters"),
-        "exe_mem_gib": lo.get("exe_mem_gib"), "levers": lo.get("levers"), "error": lo.get("error"), **common})
+        "lora_vs_full": round(lo["step_ms"] / jt["step_ms"], 3)
+        if lo.get("step_ms") and jt.get("step_ms")
+        else None,
+        "adapters": lo.get("adapters"),
+        "trained_adapters": lo.get("trained_adapters"),
+        "exe_mem_gib": lo.get("exe_mem_gib"),
+        "levers": lo.get("levers"),
+        "error": lo.get("error"),
+        **common,
+      }
+    )
   if jt or pt:
-    out.append({
-        "date": date, "device": device, "kind": "train_step", "step": "full", "config": jt.get("config"),
-        "jax_version": jax_version, "torch_version": torch_version, "jax_step_ms": jt.get("step_ms"),
-        "peer_step_ms": pt.get("step_ms"), "model_tflops": jt.get("model_tflops"), "matmul_tflops": matmul,
-        "mfu": jt.get("mfu"), "compile_s": jt.get("compile_s"), "peak_mem_gib": jt.get("peak_mem_gib"),
-        "first_step_s": jt.get("first_step_s"), "tokens_per_s": jt.get("tokens_per_s"),
-        "speedup": round(pt["step_ms"] / jt["step_ms"], 3) if jt.get("step_ms") and pt.get("step_ms") else None,
-        "mfu_spec": jt.get("mfu_spec"), "exe_mem_gib": jt.get("exe_mem_gib"),
-        "attention_kernels": jt.get("attention_kernels"), "levers": jt.get("levers"),
-        "jax_step_ms_all": jt.get("step_ms_all"), "peer_step_ms_all": pt.get("step_ms_all"),
-        "peer_first_step_s": pt.get("first_step_s"), "peer_model_tflops": pt.get("model_tflops"),
+    out.append(
+      {
+        "date": date,
+        "device": device,
+        "kind": "train_step",
+        "step": "full",
+        "config": jt.get("config"),
+        "jax_version": jax_version,
+        "torch_version": torch_version,
+        "jax_step_ms": jt.get("step_ms"),
+        "peer_step_ms": pt.get("step_ms"),
+        "model_tflops": jt.get("model_tflops"),
+        "matmul_tflops": matmul,
+        "mfu": jt.get("mfu"),
+        "compile_s": jt.get("compile_s"),
+        "peak_mem_gib": jt.get("peak_mem_gib"),
+        "first_step_s": jt.get("first_step_s"),
+        "tokens_per_s": jt.get("tokens_per_s"),
+        "speedup": round(pt["step_ms"] / jt["step_ms"], 3)
+        if jt.get("step_ms") and pt.get("step_ms")
+        else None,
+        "mfu_spec": jt.get("mfu_spec"),
+        "exe_mem_gib": jt.get("exe_mem_gib"),
+        "attention_kernels": jt.get("attention_kernels"),
+        "levers": jt.get("levers"),
+        "jax_step_ms_all": jt.get("step_ms_all"),
+        "peer_step_ms_all": pt.get("step_ms_all"),
+        "peer_first_step_s": pt.get("first_step_s"),
+        "peer_model_tflops": pt.get("model_tflops"),
         "peer_mfu": bc.sig(pt["model_tflops"] / matmul, 3) if pt.get("model_tflops") and matmul else None,
-        "peer_peak_mem_gib": pt.get("peak_mem_gib"), "peer_setup": pt.get("setup"),
+        "peer_peak_mem_gib": pt.get("peak_mem_gib"),
+        "peer_setup": pt.get("setup"),
         "diffusers_version": pt.get("diffusers_version"),
-        "errors": {k: r["error"] for k, r in (("jax", jt), ("peer", pt)) if r.get("error")} or None, **common})
+        "errors": {k: r["error"] for k, r in (("jax", jt), ("peer", pt)) if r.get("error")} or None,
+        **common,
+      }
+    )
   if js or ps:
-    out.append({
-        "date": date, "device": device, "kind": "sampling", "config": js.get("config"), "jax_version": jax_version,
-        "torch_version": torch_version, "sampler": "ddim (trailing), CFG on the doubled batch",
+    out.append(
+      {
+        "date": date,
+        "device": device,
+        "kind": "sampling",
+        "config": js.get("config"),
+        "jax_version": jax_version,
+        "torch_version": torch_version,
+        "sampler": "ddim (trailing), CFG on the doubled batch",
         "num_steps": js.get("num_steps") or ps.get("num_steps"),
-        "guidance_scale": js.get("guidance_scale") or ps.get("guidance_scale"), "jax_sample_s": js.get("sample_s"),
+        "guidance_scale": js.get("guidance_scale") or ps.get("guidance_scale"),
+        "jax_sample_s": js.get("sample_s"),
         "peer_sample_s": ps.get("sample_s"),
-        "speedup": round(ps["sample_s"] / js["sample_s"], 3) if js.get("sample_s") and ps.get("sample_s") else None,
-        "jax_step_ms": js.get("step_ms"), "peer_step_ms": ps.get("step_ms"), "model_tflops": js.get("model_tflops"),
-        "peer_model_tflops": ps.get("model_tflops"), "matmul_tflops": matmul, "mfu": js.get("mfu"),
-        "compile_s": js.get("compile_s"), "peak_mem_gib": js.get("peak_mem_gib"),
-        "exe_mem_gib": js.get("exe_mem_gib"), "peer_peak_mem_gib": ps.get("peak_mem_gib"),
-        "peer_setup": ps.get("setup"), "levers": js.get("levers"),
-        "errors": {k: r["error"] for k, r in (("jax", js), ("peer", ps)) if r.get("error")} or None, **common})
+        "speedup": round(ps["sample_s"] / js["sample_s"], 3)
+        if js.get("sample_s") and ps.get("sample_s")
+        else None,
+        "jax_step_ms": js.get("step_ms"),
+        "peer_step_ms": ps.get("step_ms"),
+        "model_tflops": js.get("model_tflops"),
+        "peer_model_tflops": ps.get("model_tflops"),
+        "matmul_tflops": matmul,
+        "mfu": js.get("mfu"),
+        "compile_s": js.get("compile_s"),
+        "peak_mem_gib": js.get("peak_mem_gib"),
+        "exe_mem_gib": js.get("exe_mem_gib"),
+        "peer_peak_mem_gib": ps.get("peak_mem_gib"),
+        "peer_setup": ps.get("setup"),
+        "levers": js.get("levers"),
+        "errors": {k: r["error"] for k, r in (("jax", js), ("peer", ps)) if r.get("error")} or None,
+        **common,
+      }
+    )
   return out
 
 
@@ -308,16 +440,21 @@ def main(args: argparse.Namespace) -> int:
   matmul: float | None = None
   plan = runs(args)
   print(f"shape: {bc.SHAPES[args.shape].describe()}", flush=True)
-  print(f"plan: {' | '.join(side + '[' + ','.join(p) + ']' + (f' {pr}' if pr else '') for side, p, pr in plan)}; "
-        f"budget {args.budget_s or 'unlimited'} s; logs in {log_dir}", flush=True)
+  print(
+    f"plan: {' | '.join(side + '[' + ','.join(p) + ']' + (f' {pr}' if pr else '') for side, p, pr in plan)}; "
+    f"budget {args.budget_s or 'unlimited'} s; logs in {log_dir}",
+    flush=True,
+  )
 
   for side, parts, precision in plan:
     elapsed = time.perf_counter() - t_start
     remaining = args.budget_s - elapsed if args.budget_s else None
     tag = f" [{precision}]" if precision else ""
     if remaining is not None and PROCESS_START_S + est[parts[0]] > remaining:
-      notes += [f"{part}{tag}: skipped (estimated {est[part]} s; {remaining:.0f} s of the budget left)"
-                for part in parts]
+      notes += [
+        f"{part}{tag}: skipped (estimated {est[part]} s; {remaining:.0f} s of the budget left)"
+        for part in parts
+      ]
       continue
     name = f"{side}_{'_'.join(MODE[x] for x in parts)}" + (f"_{precision}" if precision else "")
     out_json = str(log_dir / f"{name}.json")
@@ -352,8 +489,10 @@ def main(args: argparse.Namespace) -> int:
   for precision in args.precisions:
     res = {**peer, **jax_res[precision]}
     print(f"\n== issue 6 benchmark: {bc.SHAPES[args.shape].describe()}; model.precision={precision}")
-    print(f"device: {next((r.get('device') for r in res.values() if r.get('device')), '?')}; "
-          f"jax levers: {res.get('jax_train', res.get('jax_sample', {})).get('levers')}")
+    print(
+      f"device: {next((r.get('device') for r in res.values() if r.get('device')), '?')}; "
+      f"jax levers: {res.get('jax_train', res.get('jax_sample', {})).get('levers')}"
+    )
     print(table(res, matmul))
     if args.shape == "2b":
       print("targets (issue 6):")

@@ -29,26 +29,48 @@ MODES = ("train", "sample")
 
 # CogVideoX-2b scheduler_config.json (shared/COGVIDEOX_PARITY.md: scaled_linear, v-prediction, SNR shift 3, zero
 # terminal SNR, trailing spacing, set_alpha_to_one).
-SCHEDULER_2B = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                    clip_sample=False, set_alpha_to_one=True, steps_offset=0, prediction_type="v_prediction",
-                    timestep_spacing="trailing", rescale_betas_zero_snr=True, snr_shift_scale=3.0)
+SCHEDULER_2B = dict(
+  num_train_timesteps=1000,
+  beta_start=0.00085,
+  beta_end=0.012,
+  beta_schedule="scaled_linear",
+  clip_sample=False,
+  set_alpha_to_one=True,
+  steps_offset=0,
+  prediction_type="v_prediction",
+  timestep_spacing="trailing",
+  rescale_betas_zero_snr=True,
+  snr_shift_scale=3.0,
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--modes", default="train", help=f"comma-separated, in order: {','.join(MODES)}")
   p.add_argument("--shape", default="2b", choices=sorted(bc.SHAPES))
   p.add_argument("--tiny", action="store_true", help="same as --shape tiny (CPU validation)")
-  p.add_argument("--compile", choices=("inductor", "aot_eager", "none"), default="inductor",
-                 help="torch.compile backend for the train step (none = eager)")
-  p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                 help="enable_gradient_checkpointing() (the peer: without it 2B runs out of memory at 80 GB)")
+  p.add_argument(
+    "--compile",
+    choices=("inductor", "aot_eager", "none"),
+    default="inductor",
+    help="torch.compile backend for the train step (none = eager)",
+  )
+  p.add_argument(
+    "--checkpointing",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="enable_gradient_checkpointing() (the peer: without it 2B runs out of memory at 80 GB)",
+  )
   p.add_argument("--steps", type=int, default=5)
   p.add_argument("--warmup", type=int, default=1, help="untimed steps after the first (compiling) one")
   p.add_argument("--sample-steps", type=int, default=50)
   p.add_argument("--guidance", type=float, default=6.0)
   p.add_argument("--sample-compile", action="store_true", help="torch.compile the transformer for sampling")
-  p.add_argument("--matmul-tflops", type=float, default=None, help="the JAX run's bf16 matmul, for the peer's MFU")
+  p.add_argument(
+    "--matmul-tflops", type=float, default=None, help="the JAX run's bf16 matmul, for the peer's MFU"
+  )
   p.add_argument("--out-json", default="")
   args = p.parse_args(argv)
   if args.tiny:
@@ -88,9 +110,17 @@ def build_model(shape: bc.Shape, dev: torch.device) -> CogVideoXTransformer3DMod
   """The 2B defaults; only the text length differs (three prompts); smaller model fields for ``tiny``."""
   kw: dict[str, Any] = dict(max_text_seq_length=shape.text_tokens)
   if shape.name != "2b":
-    kw.update(num_attention_heads=shape.num_heads, attention_head_dim=shape.head_dim, num_layers=shape.num_layers,
-              time_embed_dim=shape.time_embed_dim, text_embed_dim=shape.text_dim, in_channels=shape.channels,
-              out_channels=shape.channels, sample_height=shape.height, sample_width=shape.width)
+    kw.update(
+      num_attention_heads=shape.num_heads,
+      attention_head_dim=shape.head_dim,
+      num_layers=shape.num_layers,
+      time_embed_dim=shape.time_embed_dim,
+      text_embed_dim=shape.text_dim,
+      in_channels=shape.channels,
+      out_channels=shape.channels,
+      sample_height=shape.height,
+      sample_width=shape.width,
+    )
   torch.manual_seed(0)
   with dev:  # initialise on the device (a 2B CPU init takes minutes)
     return CogVideoXTransformer3DModel(**kw)
@@ -98,8 +128,16 @@ def build_model(shape: bc.Shape, dev: torch.device) -> CogVideoXTransformer3DMod
 
 def inputs(shape: bc.Shape, dev: torch.device, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
   g = torch.Generator(device=dev).manual_seed(0)
-  x0 = torch.randn(shape.batch, shape.latent_frames, shape.channels, shape.height, shape.width, generator=g,
-                   device=dev, dtype=dtype)
+  x0 = torch.randn(
+    shape.batch,
+    shape.latent_frames,
+    shape.channels,
+    shape.height,
+    shape.width,
+    generator=g,
+    device=dev,
+    dtype=dtype,
+  )
   enc = torch.randn(shape.batch, shape.text_tokens, shape.text_dim, generator=g, device=dev, dtype=dtype)
   return x0, enc
 
@@ -107,12 +145,29 @@ def inputs(shape: bc.Shape, dev: torch.device, dtype=torch.float32) -> tuple[tor
 def base_record(shape: bc.Shape, mode: str, dev: torch.device, args) -> dict[str, Any]:
   import diffusers
 
-  return {"mode": mode, "shape": shape.name, "tokens": shape.tokens, "device": device_name(dev),
-          "torch_version": torch.__version__, "diffusers_version": diffusers.__version__,
-          "setup": ({"compile": args.compile, "checkpointing": bool(args.checkpointing), "autocast": "bfloat16",
-                     "weights": "float32", "optimizer": "AdamW(fused=True)"} if mode == "train" else
-                    {"compile": "inductor" if args.sample_compile else "none", "weights": "bfloat16",
-                     "scheduler": "CogVideoXDDIMScheduler (2B config)"})}
+  return {
+    "mode": mode,
+    "shape": shape.name,
+    "tokens": shape.tokens,
+    "device": device_name(dev),
+    "torch_version": torch.__version__,
+    "diffusers_version": diffusers.__version__,
+    "setup": (
+      {
+        "compile": args.compile,
+        "checkpointing": bool(args.checkpointing),
+        "autocast": "bfloat16",
+        "weights": "float32",
+        "optimizer": "AdamW(fused=True)",
+      }
+      if mode == "train"
+      else {
+        "compile": "inductor" if args.sample_compile else "none",
+        "weights": "bfloat16",
+        "scheduler": "CogVideoXDDIMScheduler (2B config)",
+      }
+    ),
+  }
 
 
 def add_mfu(rec: dict[str, Any], matmul: float | None) -> None:
@@ -168,17 +223,26 @@ def run_train(args, shape: bc.Shape, dev: torch.device) -> tuple[dict[str, Any],
     times.append(time.perf_counter() - t)
   step_s = bc.median(times)
   flops = bc.train_flops(shape.num_layers, shape.tokens, shape.hidden, shape.batch)
-  rec.update({"step_ms": round(step_s * 1e3, 2), "step_ms_all": [round(t * 1e3, 2) for t in times],
-              "first_step_s": round(first, 2), "warmup_s": round(warm, 2),
-              "tokens_per_s": round(shape.tokens * shape.batch / step_s, 1),
-              "model_flops": flops, "model_tflops": bc.sig(flops / step_s / 1e12), "loss": float(loss),
-              "peak_mem_gib": peak_gib(dev)})
+  rec.update(
+    {
+      "step_ms": round(step_s * 1e3, 2),
+      "step_ms_all": [round(t * 1e3, 2) for t in times],
+      "first_step_s": round(first, 2),
+      "warmup_s": round(warm, 2),
+      "tokens_per_s": round(shape.tokens * shape.batch / step_s, 1),
+      "model_flops": flops,
+      "model_tflops": bc.sig(flops / step_s / 1e12),
+      "loss": float(loss),
+      "peak_mem_gib": peak_gib(dev),
+    }
+  )
   add_mfu(rec, args.matmul_tflops)
   return rec, model  # the optimizer state goes with this frame (main resets dynamo's graphs before sampling)
 
 
-def run_sample(args, shape: bc.Shape, dev: torch.device,
-               model: CogVideoXTransformer3DModel | None) -> dict[str, Any]:
+def run_sample(
+  args, shape: bc.Shape, dev: torch.device, model: CogVideoXTransformer3DModel | None
+) -> dict[str, Any]:
   rec = base_record(shape, "sample", dev, args)
   t0 = time.perf_counter()
   if model is None:
@@ -198,12 +262,20 @@ def run_sample(args, shape: bc.Shape, dev: torch.device,
   def denoise(num_steps: int) -> torch.Tensor:
     """CogVideoXPipeline.__call__'s loop (no dynamic CFG, no rotary embeddings at 2B)."""
     scheduler.set_timesteps(num_steps, device=dev)
-    latents = torch.randn(x0.shape, generator=torch.Generator(device=dev).manual_seed(1), device=dev,
-                          dtype=torch.bfloat16) * scheduler.init_noise_sigma
+    latents = (
+      torch.randn(
+        x0.shape, generator=torch.Generator(device=dev).manual_seed(1), device=dev, dtype=torch.bfloat16
+      )
+      * scheduler.init_noise_sigma
+    )
     for t in scheduler.timesteps:
       latent_in = scheduler.scale_model_input(torch.cat([latents] * 2), t)
-      noise_pred = transformer(hidden_states=latent_in, encoder_hidden_states=prompt_embeds,
-                               timestep=t.expand(latent_in.shape[0]), return_dict=False)[0].float()
+      noise_pred = transformer(
+        hidden_states=latent_in,
+        encoder_hidden_states=prompt_embeds,
+        timestep=t.expand(latent_in.shape[0]),
+        return_dict=False,
+      )[0].float()
       uncond, cond = noise_pred.chunk(2)
       noise_pred = uncond + args.guidance * (cond - uncond)
       latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0].to(torch.bfloat16)
@@ -219,10 +291,19 @@ def run_sample(args, shape: bc.Shape, dev: torch.device,
     sync(dev)
     total = time.perf_counter() - t0
   flops = args.sample_steps * bc.forward_flops(shape.num_layers, shape.tokens, shape.hidden, 2 * shape.batch)
-  rec.update({"num_steps": args.sample_steps, "guidance_scale": args.guidance, "sample_s": round(total, 3),
-              "step_ms": round(total / args.sample_steps * 1e3, 2), "warmup_s": round(warm, 2),
-              "model_flops": flops, "model_tflops": bc.sig(flops / total / 1e12),
-              "finite": bool(torch.isfinite(out).all()), "peak_mem_gib": peak_gib(dev)})
+  rec.update(
+    {
+      "num_steps": args.sample_steps,
+      "guidance_scale": args.guidance,
+      "sample_s": round(total, 3),
+      "step_ms": round(total / args.sample_steps * 1e3, 2),
+      "warmup_s": round(warm, 2),
+      "model_flops": flops,
+      "model_tflops": bc.sig(flops / total / 1e12),
+      "finite": bool(torch.isfinite(out).all()),
+      "peak_mem_gib": peak_gib(dev),
+    }
+  )
   add_mfu(rec, args.matmul_tflops)
   return rec
 

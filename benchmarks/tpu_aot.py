@@ -33,9 +33,12 @@ from benchmarks import common as bc  # noqa: E402
 
 # Cloud TPU slice names → (topology, slices). v5p-N counts TensorCores (2 per chip), v6e-N counts chips.
 TOPOLOGIES = {
-    "v5p-8": ("v5p:2x2x1", 1), "v5p-16": ("v5p:2x2x2", 1), "v5p-32": ("v5p:2x2x4", 1),
-    "2x v5p-8": ("v5p:2x2x1", 2),
-    "v6e-8": ("v6e:2x4", 1), "v6e-16": ("v6e:4x4", 1),
+  "v5p-8": ("v5p:2x2x1", 1),
+  "v5p-16": ("v5p:2x2x2", 1),
+  "v5p-32": ("v5p:2x2x4", 1),
+  "2x v5p-8": ("v5p:2x2x1", 2),
+  "v6e-8": ("v6e:2x4", 1),
+  "v6e-16": ("v6e:4x4", 1),
 }
 STAGES = ("stage1_base", "stage3_content_lora")
 ROWS = [f"{size}:{stage}:{topo}" for size in ("2b", "5b") for stage in STAGES for topo in TOPOLOGIES]
@@ -58,9 +61,17 @@ def build(size: str, stage: str, chips: int, remat: str | None):
   spec = f"configs/stages.py:stage={stage},size={size},tpu=1"
   base = load_config(spec)
   m = base.model
-  args = argparse.Namespace(config=spec, lora_config=spec, dtype=m.dtype, attention=m.attention,
-                            remat=remat or m.remat, scan=m.scan_layers, fused_qkv=m.fused_qkv,
-                            pad_tokens_to=m.pad_tokens_to, override=[])
+  args = argparse.Namespace(
+    config=spec,
+    lora_config=spec,
+    dtype=m.dtype,
+    attention=m.attention,
+    remat=remat or m.remat,
+    scan=m.scan_layers,
+    fused_qkv=m.fused_qkv,
+    pad_tokens_to=m.pad_tokens_to,
+    override=[],
+  )
   shape = bc.Shape(**{**shape.__dict__, "batch": chips})
   mode = "lora" if stage == "stage3_content_lora" else "train"
   _, config = ts.build_config(args, shape, mode)
@@ -95,28 +106,46 @@ def run_row(row: str) -> dict:
       config = shd.multislice_config(config, len(devices) // slices, slices)
     r = aot.compile_train_step(config, devices, label=row)
     out = dict(r, remat=config.model.remat)
-    print(f"# {row}: remat={config.model.remat} peak {r['peak_GiB']:.1f} GiB of {chip['hbm_GiB']} "
-          f"({'fits' if r['fits'] else 'does not fit'}), compiled in {r['compile_s']:.0f} s", flush=True)
+    print(
+      f"# {row}: remat={config.model.remat} peak {r['peak_GiB']:.1f} GiB of {chip['hbm_GiB']} "
+      f"({'fits' if r['fits'] else 'does not fit'}), compiled in {r['compile_s']:.0f} s",
+      flush=True,
+    )
     if r["fits"] or config.model.remat == FALLBACK_REMAT:
       break
   flops, formula = model_flops(shape, config, stage)
   peak_total = len(devices) * chip["bf16_flops"]
-  out.update(kind="tpu_aot", time=bc.utc_now(), row=row, size=size, stage=stage, slice=slice_name,
-             topology=topology, config=spec, model_flops=flops, flops_formula=formula,
-             mfu_at_estimate=flops / (peak_total * out["est_step_s"]), shape=shape.describe(),
-             estimate="compiler estimates (memory_analysis, cost_analysis, datasheet roofline), not measurements")
+  out.update(
+    kind="tpu_aot",
+    time=bc.utc_now(),
+    row=row,
+    size=size,
+    stage=stage,
+    slice=slice_name,
+    topology=topology,
+    config=spec,
+    model_flops=flops,
+    flops_formula=formula,
+    mfu_at_estimate=flops / (peak_total * out["est_step_s"]),
+    shape=shape.describe(),
+    estimate="compiler estimates (memory_analysis, cost_analysis, datasheet roofline), not measurements",
+  )
   return out
 
 
 def format_rows(rows: list[dict]) -> str:
-  head = ("| model | stage | slice | chips | mesh | remat | peak/chip GiB | HBM GiB | fits | TFLOP/chip/step "
-          "| est. step s | MFU at est. | compile s (+ 1- and 2-block cost compiles) |")
+  head = (
+    "| model | stage | slice | chips | mesh | remat | peak/chip GiB | HBM GiB | fits | TFLOP/chip/step "
+    "| est. step s | MFU at est. | compile s (+ 1- and 2-block cost compiles) |"
+  )
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
-    lines.append(f"| {r['size'].upper()} | {r['stage']} | {r['slice']} | {r['devices']} | {r['mesh']} | "
-                 f"{r['remat']} | {r['peak_GiB']:.1f} | {r['hbm_GiB']} | {'yes' if r['fits'] else 'no'} | "
-                 f"{r['flops_per_chip'] / 1e12:.0f} | {r['est_step_s']:.2f} | {100 * r['mfu_at_estimate']:.0f}% | "
-                 f"{r['compile_s']:.0f} (+{r['cost_compile_s']:.0f}) |")
+    lines.append(
+      f"| {r['size'].upper()} | {r['stage']} | {r['slice']} | {r['devices']} | {r['mesh']} | "
+      f"{r['remat']} | {r['peak_GiB']:.1f} | {r['hbm_GiB']} | {'yes' if r['fits'] else 'no'} | "
+      f"{r['flops_per_chip'] / 1e12:.0f} | {r['est_step_s']:.2f} | {100 * r['mfu_at_estimate']:.0f}% | "
+      f"{r['compile_s']:.0f} (+{r['cost_compile_s']:.0f}) |"
+    )
   return "\n".join(lines)
 
 

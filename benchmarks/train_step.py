@@ -38,35 +38,64 @@ from benchmarks import common as bc  # noqa: E402  (stdlib-only module)
 MODES = ("train", "lora", "sample")
 REMATS = ("none", "full", "dots", "save_attention", "dots_attention")
 XLA_PRESETS = {
-    "none": "",
-    # Overlap of async work with compute (on one GPU: mostly copies); the JAX-Toolbox default.
-    "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
-    # + cuBLAS for every GEMM (no Triton GEMM), async work on the highest-priority stream.
-    "tuned": ("--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
-              "--xla_gpu_enable_highest_priority_async_stream=true"),
+  "none": "",
+  # Overlap of async work with compute (on one GPU: mostly copies); the JAX-Toolbox default.
+  "lhs": "--xla_gpu_enable_latency_hiding_scheduler=true",
+  # + cuBLAS for every GEMM (no Triton GEMM), async work on the highest-priority stream.
+  "tuned": (
+    "--xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false "
+    "--xla_gpu_enable_highest_priority_async_stream=true"
+  ),
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--modes", default="train", help=f"comma-separated, in order: {','.join(MODES)}")
   p.add_argument("--shape", default="2b", choices=sorted(bc.SHAPES))
   p.add_argument("--tiny", action="store_true", help="same as --shape tiny (CPU validation)")
-  p.add_argument("--config", default="", help="train/sample config (default configs/default.py:size=<shape size>)")
-  p.add_argument("--lora-config", default="",
-                 help="LoRA config (default configs/stages.py:stage=stage3_content_lora,size=<shape size>)")
-  p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                 help="config override for every mode, as --config.KEY=VALUE in the CLI (repeatable)")
-  p.add_argument("--attention", choices=("xla", "cudnn"), default=None,
-                 help="jax.nn.dot_product_attention implementation (default: cudnn on GPU, xla elsewhere)")
+  p.add_argument(
+    "--config", default="", help="train/sample config (default configs/default.py:size=<shape size>)"
+  )
+  p.add_argument(
+    "--lora-config",
+    default="",
+    help="LoRA config (default configs/stages.py:stage=stage3_content_lora,size=<shape size>)",
+  )
+  p.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    metavar="KEY=VALUE",
+    help="config override for every mode, as --config.KEY=VALUE in the CLI (repeatable)",
+  )
+  p.add_argument(
+    "--attention",
+    choices=("xla", "cudnn"),
+    default=None,
+    help="jax.nn.dot_product_attention implementation (default: cudnn on GPU, xla elsewhere)",
+  )
   p.add_argument("--remat", choices=REMATS, default="dots_attention")
-  p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (params fp32)")
+  p.add_argument(
+    "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="compute dtype (params fp32)"
+  )
   p.add_argument("--fused-qkv", action=argparse.BooleanOptionalAction, default=True)
-  p.add_argument("--scan", action=argparse.BooleanOptionalAction, default=True, help="lax.scan over the blocks")
-  p.add_argument("--precision", default="bf16",
-                 help="model.precision: bf16 | fp8_attention | fp8_gemm | fp8 (layerflow_jax/model/fp8.py)")
-  p.add_argument("--pad-tokens-to", type=int, default=64,
-                 help="model.pad_tokens_to: pad the joint sequence to a multiple of this (padding keys masked)")
+  p.add_argument(
+    "--scan", action=argparse.BooleanOptionalAction, default=True, help="lax.scan over the blocks"
+  )
+  p.add_argument(
+    "--precision",
+    default="bf16",
+    help="model.precision: bf16 | fp8_attention | fp8_gemm | fp8 (layerflow_jax/model/fp8.py)",
+  )
+  p.add_argument(
+    "--pad-tokens-to",
+    type=int,
+    default=64,
+    help="model.pad_tokens_to: pad the joint sequence to a multiple of this (padding keys masked)",
+  )
   p.add_argument("--xla-preset", choices=sorted(XLA_PRESETS), default="lhs")
   p.add_argument("--xla-flags", default="", help="extra XLA flags (appended to the preset)")
   p.add_argument("--steps", type=int, default=5, help="timed steps (median reported; >= 5 for the issue)")
@@ -74,11 +103,15 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--sample-steps", type=int, default=50)
   p.add_argument("--guidance", type=float, default=6.0)
   p.add_argument("--sample-repeats", type=int, default=1, help="timed sampling runs (median)")
-  p.add_argument("--matmul-size", type=int, default=0, help="bf16 matmul M=N=2K for the MFU reference (0: auto)")
+  p.add_argument(
+    "--matmul-size", type=int, default=0, help="bf16 matmul M=N=2K for the MFU reference (0: auto)"
+  )
   p.add_argument("--profile", default="", help="write a jax.profiler trace of 2 more steps per mode here")
   p.add_argument("--dump-hlo", default="", help="XLA dump directory (--xla_dump_to, HLO as text)")
   p.add_argument("--mem-fraction", default="0.94", help="XLA_PYTHON_CLIENT_MEM_FRACTION unless already set")
-  p.add_argument("--compile-cache", default="", help="JAX persistent compilation cache dir (off: honest compile)")
+  p.add_argument(
+    "--compile-cache", default="", help="JAX persistent compilation cache dir (off: honest compile)"
+  )
   p.add_argument("--out-json", default="", help="write the results (a JSON list) here after every mode")
   args = p.parse_args(argv)
   if args.tiny:
@@ -163,8 +196,10 @@ def build_config(args: argparse.Namespace, shape: bc.Shape, mode: str):
   want = (shape.num_layers, shape.num_heads, shape.head_dim, shape.time_embed_dim)
   have = (m.num_layers, m.num_heads, m.head_dim, m.time_embed_dim)
   if want != have:
-    raise ValueError(f"config {spec}: model (layers, heads, head_dim, time_dim) = {have}, but shape "
-                     f"{shape.name!r} (and the torch peer) use {want}")
+    raise ValueError(
+      f"config {spec}: model (layers, heads, head_dim, time_dim) = {have}, but shape "
+      f"{shape.name!r} (and the torch peer) use {want}"
+    )
   return spec, config
 
 
@@ -173,9 +208,12 @@ def make_batch(exp: Experiment, seed: int = 0) -> dict:
   clips; the compute is the same), sharded as training shards them."""
   spec = exp.batch_spec
   keys = dict(zip(("latents", "text"), jax.random.split(jax.random.key(seed))))
-  make = {"latents": lambda s: jax.random.normal(keys["latents"], s.shape, s.dtype),
-          "text": lambda s: jax.random.normal(keys["text"], s.shape, s.dtype),
-          "clip_valid": lambda s: jnp.ones(s.shape, s.dtype), "motion_scale": lambda s: jnp.zeros(s.shape, s.dtype)}
+  make = {
+    "latents": lambda s: jax.random.normal(keys["latents"], s.shape, s.dtype),
+    "text": lambda s: jax.random.normal(keys["text"], s.shape, s.dtype),
+    "clip_valid": lambda s: jnp.ones(s.shape, s.dtype),
+    "motion_scale": lambda s: jnp.zeros(s.shape, s.dtype),
+  }
   return {k: jax.device_put(make[k](s), s.sharding) for k, s in spec.items()}
 
 
@@ -200,9 +238,13 @@ def memory(compiled) -> dict[str, Any]:
   stats = jax.devices()[0].memory_stats() or {}
   ma = compiled.memory_analysis()
   exe = getattr(ma, "peak_memory_in_bytes", 0) or (
-      ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes)
-  return {"peak_mem_gib": bc.gib(stats.get("peak_bytes_in_use")), "exe_mem_gib": bc.gib(exe),
-          "temp_mem_gib": bc.gib(ma.temp_size_in_bytes)}
+    ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes - ma.alias_size_in_bytes
+  )
+  return {
+    "peak_mem_gib": bc.gib(stats.get("peak_bytes_in_use")),
+    "exe_mem_gib": bc.gib(exe),
+    "temp_mem_gib": bc.gib(ma.temp_size_in_bytes),
+  }
 
 
 def attention_kernels(compiled) -> dict[str, int]:
@@ -220,20 +262,33 @@ def attention_kernels(compiled) -> dict[str, int]:
 def levers(args: argparse.Namespace, config=None) -> dict[str, Any]:
   """The settings measured: from the final config (after ``--override``) where there is one."""
   m = config.model if config is not None else None
-  pick = lambda key, flag: (m.get(key) if m is not None else flag)  # noqa: E731
-  return {"attention": pick("attention", args.attention), "remat": pick("remat", args.remat),
-          "dtype": pick("dtype", args.dtype), "fused_qkv": bool(pick("fused_qkv", args.fused_qkv)),
-          "scan_layers": bool(pick("scan_layers", args.scan)),
-          "pad_tokens_to": int(pick("pad_tokens_to", args.pad_tokens_to)),
-          "precision": pick("precision", args.precision), "xla_flags": xla_flags(args),
-          "overrides": list(args.override)}
+  pick = lambda key, flag: m.get(key) if m is not None else flag  # noqa: E731
+  return {
+    "attention": pick("attention", args.attention),
+    "remat": pick("remat", args.remat),
+    "dtype": pick("dtype", args.dtype),
+    "fused_qkv": bool(pick("fused_qkv", args.fused_qkv)),
+    "scan_layers": bool(pick("scan_layers", args.scan)),
+    "pad_tokens_to": int(pick("pad_tokens_to", args.pad_tokens_to)),
+    "precision": pick("precision", args.precision),
+    "xla_flags": xla_flags(args),
+    "overrides": list(args.override),
+  }
 
 
 def base_record(args, shape: bc.Shape, mode: str, spec: str, config=None) -> dict[str, Any]:
   dev = jax.devices()[0]
-  return {"mode": mode, "config": spec, "shape": shape.name, "shape_desc": shape.describe(), "tokens": shape.tokens,
-          "device": dev.device_kind, "platform": dev.platform, "jax_version": jax.__version__,
-          "levers": levers(args, config)}
+  return {
+    "mode": mode,
+    "config": spec,
+    "shape": shape.name,
+    "shape_desc": shape.describe(),
+    "tokens": shape.tokens,
+    "device": dev.device_kind,
+    "platform": dev.platform,
+    "jax_version": jax.__version__,
+    "levers": levers(args, config),
+  }
 
 
 def print_record(rec: dict[str, Any]) -> None:
@@ -306,21 +361,30 @@ def run_train(args, shape: bc.Shape, mode: str, matmul: float | None) -> dict[st
     first = min(min(s.blocks) for s in trained)
     flops = bc.lora_flops(cfg.num_layers, first, shape.tokens, cfg.hidden, shape.batch)
     rec["flops_formula"] = f"lora_flops (frozen base; blocks < {first} forward only)"
-    rec["adapters"] = {s.name: {"rank": s.rank, "blocks": list(s.blocks), "targets": list(s.targets)}
-                       for s in cfg.adapters}
+    rec["adapters"] = {
+      s.name: {"rank": s.rank, "blocks": list(s.blocks), "targets": list(s.targets)} for s in cfg.adapters
+    }
     rec["trained_adapters"] = [s.name for s in trained]
   else:
     flops = bc.train_flops(cfg.num_layers, shape.tokens, cfg.hidden, shape.batch)
     rec["flops_formula"] = "30 x (72 N d^2 + 12 N^2 d)" if shape.name == "2b" else "L x (72 N d^2 + 12 N^2 d)"
   loss = float(metrics["loss"])
-  rec.update({
-      "step_ms": round(step_s * 1e3, 2), "step_ms_all": [round(t * 1e3, 2) for t in times],
+  rec.update(
+    {
+      "step_ms": round(step_s * 1e3, 2),
+      "step_ms_all": [round(t * 1e3, 2) for t in times],
       "tokens_per_s": round(shape.tokens * shape.batch / step_s, 1),
-      "lower_s": round(t1 - t0, 2), "compile_s": round(t2 - t0, 2), "first_step_s": round(t3 - t0, 2),
+      "lower_s": round(t1 - t0, 2),
+      "compile_s": round(t2 - t0, 2),
+      "first_step_s": round(t3 - t0, 2),
       "warmup_s": round(t4 - t3, 2),
-      "model_flops": flops, "model_tflops": bc.sig(flops / step_s / 1e12), "loss": loss,
-      "loss_finite": bool(np.isfinite(loss)), "skipped_nonfinite": int(metrics["skipped_nonfinite"]),
-  })
+      "model_flops": flops,
+      "model_tflops": bc.sig(flops / step_s / 1e12),
+      "loss": loss,
+      "loss_finite": bool(np.isfinite(loss)),
+      "skipped_nonfinite": int(metrics["skipped_nonfinite"]),
+    }
+  )
   _add_mfu(rec, matmul)
   rec.update(memory(compiled))
   rec["attention_kernels"] = attention_kernels(compiled)
@@ -353,8 +417,9 @@ def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
       v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_text)
       return v[:b], v[b:]
 
-    return samplers.sample(velocity, x_T, sched=exp.schedule, num_steps=num_steps, sampler="ddim",
-                           guidance_scale=g)
+    return samplers.sample(
+      velocity, x_T, sched=exp.schedule, num_steps=num_steps, sampler="ddim", guidance_scale=g
+    )
 
   batch = make_batch(exp)
   x_T = jax.random.normal(jax.random.key(2), batch["latents"].shape, jnp.float32)
@@ -380,12 +445,19 @@ def run_sample(args, shape: bc.Shape, matmul: float | None) -> dict[str, Any]:
   total = bc.median(times)
   cfg = exp.model_cfg
   flops = num_steps * bc.forward_flops(cfg.num_layers, shape.tokens, cfg.hidden, 2 * shape.batch)
-  rec.update({
-      "num_steps": num_steps, "guidance_scale": g, "sample_s": round(total, 3),
-      "sample_s_all": [round(t, 3) for t in times], "step_ms": round(total / num_steps * 1e3, 2),
-      "compile_s": round(t1 - t0, 2), "model_flops": flops, "model_tflops": bc.sig(flops / total / 1e12),
+  rec.update(
+    {
+      "num_steps": num_steps,
+      "guidance_scale": g,
+      "sample_s": round(total, 3),
+      "sample_s_all": [round(t, 3) for t in times],
+      "step_ms": round(total / num_steps * 1e3, 2),
+      "compile_s": round(t1 - t0, 2),
+      "model_flops": flops,
+      "model_tflops": bc.sig(flops / total / 1e12),
       "finite": bool(np.all(np.isfinite(np.asarray(out)))),
-  })
+    }
+  )
   _add_mfu(rec, matmul)
   rec.update(memory(compiled))
   rec["attention_kernels"] = attention_kernels(compiled)
@@ -397,8 +469,9 @@ def profile_breakdown(trace_dir: str, steps: int) -> dict[str, Any]:
   from benchmarks import profile_summary
 
   try:
-    s = profile_summary.summarize(profile_summary.load_events(profile_summary.find_trace(pathlib.Path(trace_dir))),
-                                  steps)
+    s = profile_summary.summarize(
+      profile_summary.load_events(profile_summary.find_trace(pathlib.Path(trace_dir))), steps
+    )
   except (OSError, ValueError) as e:  # e.g. a CPU trace has no device streams
     return {"error": f"{type(e).__name__}: {e}"}
   print(profile_summary.format_table(s), flush=True)

@@ -43,8 +43,12 @@ def _parse(argv=None):
   p.add_argument("--height", type=int, default=480)
   p.add_argument("--width", type=int, default=720)
   p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
-  p.add_argument("--tiling", choices=("on", "off", "both"), default="on",
-                 help="spatial tiling as diffusers' enable_tiling() (240×360 tiles at the default config)")
+  p.add_argument(
+    "--tiling",
+    choices=("on", "off", "both"),
+    default="on",
+    help="spatial tiling as diffusers' enable_tiling() (240×360 tiles at the default config)",
+  )
   p.add_argument("--repeats", type=int, default=3)
   p.add_argument("--warmup", type=int, default=1)
   p.add_argument("--small", action="store_true", help="a small VAE on 9 frames of 96×80 (CPU validation)")
@@ -102,9 +106,13 @@ def run_torch(model, x_np, *, dtype: str, tiled: bool, warmup: int, repeats: int
         z = out["encode"]["value_t"]
         fn = lambda z=z: model.decode(z).sample
       first, times, value = _timed(fn, sync, warmup, repeats)
-      out[op] = dict(first_s=first, times=times, value_t=value,
-                     value=value.float().cpu().numpy().transpose(0, 2, 3, 4, 1),
-                     peak=torch.cuda.max_memory_allocated() if dev == "cuda" else None)
+      out[op] = dict(
+        first_s=first,
+        times=times,
+        value_t=value,
+        value=value.float().cpu().numpy().transpose(0, 2, 3, 4, 1),
+        peak=torch.cuda.max_memory_allocated() if dev == "cuda" else None,
+      )
   for op in out:
     del out[op]["value_t"]
   model.to("cpu")
@@ -135,8 +143,12 @@ def run_jax(cfg, state_dict, x_np, z_np, *, dtype: str, tiled: bool, warmup: int
   for op, fn in (("encode", lambda: encode(state, x)), ("decode", lambda: decode(state, z))):
     first, times, value = _timed(fn, sync, warmup, repeats)
     stats = device.memory_stats() or {}
-    out[op] = dict(first_s=first, times=times, value=jax.device_get(value.astype(jnp.float32)),
-                   peak=stats.get("peak_bytes_in_use"))
+    out[op] = dict(
+      first_s=first,
+      times=times,
+      value=jax.device_get(value.astype(jnp.float32)),
+      peak=stats.get("peak_bytes_in_use"),
+    )
   return out
 
 
@@ -160,8 +172,11 @@ def main(argv=None) -> int:
 
   jax_device = jax.devices()[0]
   device = f"{jax_device.device_kind} ({jax_device.platform})"
-  print(f"VAE {'small' if args.small else 'default (CogVideoX-2B)'} config, {args.frames}×{args.height}×"
-        f"{args.width}, {args.dtype}, device {device}, warm-up {args.warmup}, repeats {args.repeats}", flush=True)
+  print(
+    f"VAE {'small' if args.small else 'default (CogVideoX-2B)'} config, {args.frames}×{args.height}×"
+    f"{args.width}, {args.dtype}, device {device}, warm-up {args.warmup}, repeats {args.repeats}",
+    flush=True,
+  )
   rows = []
   for tiled in modes:
     theirs = None
@@ -169,49 +184,87 @@ def main(argv=None) -> int:
       theirs = run_torch(model, x, dtype=args.dtype, tiled=tiled, warmup=args.warmup, repeats=args.repeats)
       z = theirs["encode"]["value"]
     else:
-      z = np.random.default_rng(1).standard_normal(
-          (1, vae.latent_frames(cfg, args.frames), args.height // cfg.spatial_factor,
-           args.width // cfg.spatial_factor, cfg.latent_channels)).astype(np.float32)
-    ours = run_jax(cfg, state_dict, x, z, dtype=args.dtype, tiled=tiled, warmup=args.warmup, repeats=args.repeats)
+      z = (
+        np.random.default_rng(1)
+        .standard_normal(
+          (
+            1,
+            vae.latent_frames(cfg, args.frames),
+            args.height // cfg.spatial_factor,
+            args.width // cfg.spatial_factor,
+            cfg.latent_channels,
+          )
+        )
+        .astype(np.float32)
+      )
+    ours = run_jax(
+      cfg, state_dict, x, z, dtype=args.dtype, tiled=tiled, warmup=args.warmup, repeats=args.repeats
+    )
     for op in ("encode", "decode"):
       for impl, res in (("diffusers", theirs), ("ours", ours)):
         if res is None:
           continue
         r = res[op]
-        rows.append(dict(
-            op=op, impl=impl, tiling=tiled, median_s=common.sig(common.median(r["times"])),
-            min_s=common.sig(min(r["times"])), first_call_s=common.sig(r["first_s"]),
+        rows.append(
+          dict(
+            op=op,
+            impl=impl,
+            tiling=tiled,
+            median_s=common.sig(common.median(r["times"])),
+            min_s=common.sig(min(r["times"])),
+            first_call_s=common.sig(r["first_s"]),
             peak_gib=common.gib(r["peak"]),
-            rel_err_vs_diffusers=(common.sig(_rel_err(r["value"], theirs[op]["value"]), 3)
-                                  if impl == "ours" and theirs is not None else None),
-            out_shape=list(r["value"].shape)))
+            rel_err_vs_diffusers=(
+              common.sig(_rel_err(r["value"], theirs[op]["value"]), 3)
+              if impl == "ours" and theirs is not None
+              else None
+            ),
+            out_shape=list(r["value"].shape),
+          )
+        )
       print(f"  tiling={'on' if tiled else 'off'} {op}: done", flush=True)
 
-  header = (f"{'op':<7} {'tiling':<6} {'impl':<10} {'median s':>9} {'min s':>9} {'1st call s':>10} "
-            f"{'peak GiB':>9} {'speed-up':>8} {'rel err':>8}")
+  header = (
+    f"{'op':<7} {'tiling':<6} {'impl':<10} {'median s':>9} {'min s':>9} {'1st call s':>10} "
+    f"{'peak GiB':>9} {'speed-up':>8} {'rel err':>8}"
+  )
   print(header)
   print("-" * len(header))
   for r in rows:
-    peer = next((q for q in rows if (q["op"], q["tiling"], q["impl"]) == (r["op"], r["tiling"], "diffusers")),
-                None)
+    peer = next(
+      (q for q in rows if (q["op"], q["tiling"], q["impl"]) == (r["op"], r["tiling"], "diffusers")), None
+    )
     speedup = f"{peer['median_s'] / r['median_s']:.2f}x" if peer and r["impl"] == "ours" else ""
     fmt = lambda v, spec: format(v, spec) if v is not None else "-"
-    print(f"{r['op']:<7} {('on' if r['tiling'] else 'off'):<6} {r['impl']:<10} {fmt(r['median_s'], '>9.4g')} "
-          f"{fmt(r['min_s'], '>9.4g')} {fmt(r['first_call_s'], '>10.4g')} {fmt(r['peak_gib'], '>9')} "
-          f"{speedup:>8} {fmt(r['rel_err_vs_diffusers'], '>8.2g')}")
+    print(
+      f"{r['op']:<7} {('on' if r['tiling'] else 'off'):<6} {r['impl']:<10} {fmt(r['median_s'], '>9.4g')} "
+      f"{fmt(r['min_s'], '>9.4g')} {fmt(r['first_call_s'], '>10.4g')} {fmt(r['peak_gib'], '>9')} "
+      f"{speedup:>8} {fmt(r['rel_err_vs_diffusers'], '>8.2g')}"
+    )
 
   if args.results:
     import diffusers
     import flax
 
     record = dict(
-        date=common.utc_now(), device=device, kind="vae", benchmark="vae_encode_decode",
-        config="small" if args.small else "default", frames=args.frames, height=args.height, width=args.width,
-        dtype=args.dtype, warmup=args.warmup, repeats=args.repeats,
-        latent_shape=list(vae.CogVideoXCodec(cfg, None).latent_shape(args.frames, args.height, args.width)),
-        versions=dict(jax=jax.__version__, flax=flax.__version__, torch=torch.__version__,
-                      diffusers=diffusers.__version__),
-        torch_device=(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"), rows=rows)
+      date=common.utc_now(),
+      device=device,
+      kind="vae",
+      benchmark="vae_encode_decode",
+      config="small" if args.small else "default",
+      frames=args.frames,
+      height=args.height,
+      width=args.width,
+      dtype=args.dtype,
+      warmup=args.warmup,
+      repeats=args.repeats,
+      latent_shape=list(vae.CogVideoXCodec(cfg, None).latent_shape(args.frames, args.height, args.width)),
+      versions=dict(
+        jax=jax.__version__, flax=flax.__version__, torch=torch.__version__, diffusers=diffusers.__version__
+      ),
+      torch_device=(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"),
+      rows=rows,
+    )
     common.append_jsonl(args.results, record)
     print(f"appended to {args.results}")
   return 0

@@ -34,18 +34,21 @@ from layerflow_jax import sweep as hyper
 
 # sweep name → (stage its runs train, the runs)
 SWEEPS = {
-    "layer_embed": ("stage1_base", lambda: hyper.axis("model.layer_embed", ["none", "text", "text+video"])),
-    "data": ("stage1_base", lambda: hyper.axis("arg.data", ["video", "joint"])),
-    "motion_lora": ("stage3_content_lora", lambda: hyper.axis("arg.motion_lora", [True, False])),
-    "content_rank": ("stage3_content_lora", lambda: hyper.axis("model.adapters.content.rank", [64, 256])),
-    "mixture": ("stage3_content_lora", lambda: hyper.axis("arg.image_weight", [0.25, 0.5, 0.75])),
-    "multistage": ("", lambda: hyper.axis("arg.variant", list(VARIANTS))),
+  "layer_embed": ("stage1_base", lambda: hyper.axis("model.layer_embed", ["none", "text", "text+video"])),
+  "data": ("stage1_base", lambda: hyper.axis("arg.data", ["video", "joint"])),
+  "motion_lora": ("stage3_content_lora", lambda: hyper.axis("arg.motion_lora", [True, False])),
+  "content_rank": ("stage3_content_lora", lambda: hyper.axis("model.adapters.content.rank", [64, 256])),
+  "mixture": ("stage3_content_lora", lambda: hyper.axis("arg.image_weight", [0.25, 0.5, 0.75])),
+  "multistage": ("", lambda: hyper.axis("arg.variant", list(VARIANTS))),
 }
 DATA = ("video", "joint")
 # multistage row → (the stage its config is, the checkpoint it evaluates: "" = it trains)
-VARIANTS = {"stage1": ("stage1_base", "stage1_base"), "no_motion": ("stage3_content_lora", ""),
-            "remove": ("stage3_content_lora", "stage3_content_lora"),
-            "keep": ("stage3_content_lora", "stage3_content_lora")}
+VARIANTS = {
+  "stage1": ("stage1_base", "stage1_base"),
+  "no_motion": ("stage3_content_lora", ""),
+  "remove": ("stage3_content_lora", "stage3_content_lora"),
+  "keep": ("stage3_content_lora", "stage3_content_lora"),
+}
 
 
 # Every argument of configs/stages.py (and so of configs/default.py), forwarded to it, and the sweeps' own; stage=""
@@ -62,7 +65,9 @@ def _args(arg: str | None) -> mlc.ConfigDict:
   if a.data not in DATA:
     raise ValueError(f"data {a.data!r} unknown; expected one of {DATA}")
   if not 0.0 < a.image_weight < 1.0:
-    raise ValueError(f"image_weight {a.image_weight} must lie strictly between 0 and 1 (both sources are mixed)")
+    raise ValueError(
+      f"image_weight {a.image_weight} must lie strictly between 0 and 1 (both sources are mixed)"
+    )
   return a
 
 
@@ -75,8 +80,10 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
   name = c.data.name
   if stage == "stage1_base" and a.data == "joint":
     # The paper's "joint training" baseline: layered images (static clips) and videos in one stage, no LoRA.
-    c.data.mixture = [dict(name=name, weight=1.0 - a.image_weight, transform="video", motion_scale=0.0),
-                      dict(name=name, weight=a.image_weight, transform="static", motion_scale=0.0)]
+    c.data.mixture = [
+      dict(name=name, weight=1.0 - a.image_weight, transform="video", motion_scale=0.0),
+      dict(name=name, weight=a.image_weight, transform="static", motion_scale=0.0),
+    ]
   if stage == "stage3_content_lora" and not a.motion_lora:
     # No motion LoRA at all: the content LoRA trains on the same mixture straight from stage 1.
     del c.model.adapters["motion"]

@@ -8,11 +8,11 @@ import ml_collections as mlc
 
 # CogVideoX sizes (2b/5b exact) and small ones for tests, the demo and single-GPU experiments.
 MODEL_SIZES = {
-    #        layers heads head_dim time_dim  pos      text_dim
-    "tiny": dict(num_layers=2, num_heads=4, head_dim=32, time_embed_dim=128, pos_embed="sincos"),
-    "small": dict(num_layers=8, num_heads=8, head_dim=64, time_embed_dim=256, pos_embed="sincos"),
-    "2b": dict(num_layers=30, num_heads=30, head_dim=64, time_embed_dim=512, pos_embed="sincos"),
-    "5b": dict(num_layers=42, num_heads=48, head_dim=64, time_embed_dim=512, pos_embed="rope"),
+  #        layers heads head_dim time_dim  pos      text_dim
+  "tiny": dict(num_layers=2, num_heads=4, head_dim=32, time_embed_dim=128, pos_embed="sincos"),
+  "small": dict(num_layers=8, num_heads=8, head_dim=64, time_embed_dim=256, pos_embed="sincos"),
+  "2b": dict(num_layers=30, num_heads=30, head_dim=64, time_embed_dim=512, pos_embed="sincos"),
+  "5b": dict(num_layers=42, num_heads=48, head_dim=64, time_embed_dim=512, pos_embed="rope"),
 }
 
 

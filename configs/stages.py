@@ -38,13 +38,21 @@ def _adapter(rank: int, num_layers: int) -> dict:
 # 0.92 official, 0.71 tuned; the generate task alone with timesteps weighted to high noise
 # (diffusion.timestep_power=3) gave 0.78. Neither reaches the issue's 0.25.
 MOTION = {
-    "official": dict(adapter=dict(alpha=1.0, targets="q,k,v,out", blocks="every:6"), lr=1e-3),
-    "tuned": dict(adapter=dict(alpha=8.0, targets="q,k,v,out", blocks="all"), lr=1e-3),
+  "official": dict(adapter=dict(alpha=1.0, targets="q,k,v,out", blocks="every:6"), lr=1e-3),
+  "tuned": dict(adapter=dict(alpha=8.0, targets="q,k,v,out", blocks="all"), lr=1e-3),
 }
 SYNTH = "layerflow_synthetic"
 # Every argument of configs/default.py (size, layout, gpu, tpu, encoders, …, forwarded to it) and the stages' own.
-ARGS = dict(default.ARGS, stage="stage1_base", demo=False, motion_rank=8, content_rank=256, image_weight=0.5,
-            motion_placement="tuned", quality_gap=False)
+ARGS = dict(
+  default.ARGS,
+  stage="stage1_base",
+  demo=False,
+  motion_rank=8,
+  content_rank=256,
+  image_weight=0.5,
+  motion_placement="tuned",
+  quality_gap=False,
+)
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -81,8 +89,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     c.train.lr = motion["lr"]
     # Frozen videos: one frame of a copy-paste clip (a matted foreground pasted on another clip's background)
     # repeated over the clip.
-    c.data.mixture = [dict(name=c.data.name, weight=1.0, transform="static", background=c.data.name,
-                           motion_scale=1.0)]
+    c.data.mixture = [
+      dict(name=c.data.name, weight=1.0, transform="static", background=c.data.name, motion_scale=1.0)
+    ]
   if a.stage == "stage3_content_lora":
     c.train.init_from = "stage2_motion_lora"
     c.model.adapters.content = _adapter(a.content_rank, n)
@@ -92,9 +101,14 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # With real data: name="layerflow_images" for the first entry, "layerflow_folder" with
     # background="layerflow_videos" for the second (data_pipelines/pipeline.py).
     c.data.mixture = [
-        dict(name=c.data.name, weight=a.image_weight, transform="static", motion_scale=1.0),
-        dict(name=c.data.name, weight=1.0 - a.image_weight, transform="video", background=c.data.name,
-             motion_scale=0.0),
+      dict(name=c.data.name, weight=a.image_weight, transform="static", motion_scale=1.0),
+      dict(
+        name=c.data.name,
+        weight=1.0 - a.image_weight,
+        transform="video",
+        background=c.data.name,
+        motion_scale=0.0,
+      ),
     ]
     c.sampling.remove_adapters = ("motion",)  # inference drops the motion LoRA
 
@@ -107,8 +121,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
       c.data.mixture = [dict(name=f"{SYNTH}_copypaste", weight=1.0, transform="static", motion_scale=1.0)]
     if a.stage == "stage3_content_lora":
       c.data.mixture = [
-          dict(name=f"{SYNTH}_images", weight=a.image_weight, transform="static", motion_scale=1.0),
-          dict(name=f"{SYNTH}_copypaste", weight=1.0 - a.image_weight, transform="video", motion_scale=0.0)]
+        dict(name=f"{SYNTH}_images", weight=a.image_weight, transform="static", motion_scale=1.0),
+        dict(name=f"{SYNTH}_copypaste", weight=1.0 - a.image_weight, transform="video", motion_scale=0.0),
+      ]
 
   if a.demo:  # `make demo`: a 2-core CPU finishes all three stages in a few minutes
     c.data.num_train, c.data.num_validation, c.data.batch_size = 512, 16, 8

@@ -32,20 +32,33 @@ def _load(args, overrides):
 
 def add_import_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("name", help="layerflow_folder | layerflow_images | layerflow_videos")
-  p.add_argument("--manual_dir", "--manual-dir", dest="manual_dir", default=None,
-                 help="the folder to import (default: data.manual_dirs.NAME of the config)")
+  p.add_argument(
+    "--manual_dir",
+    "--manual-dir",
+    dest="manual_dir",
+    default=None,
+    help="the folder to import (default: data.manual_dirs.NAME of the config)",
+  )
   p.add_argument("--config", default="configs/default.py", help="configs/FILE.py[:ARG] (sizes from data.*)")
   p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None, help="TFDS data_dir to write")
-  p.add_argument("--max_bad_fraction", "--max-bad-fraction", dest="max_bad_fraction", type=float, default=None,
-                 help="skipped records allowed before the import stops (default data.max_bad_fraction)")
+  p.add_argument(
+    "--max_bad_fraction",
+    "--max-bad-fraction",
+    dest="max_bad_fraction",
+    type=float,
+    default=None,
+    help="skipped records allowed before the import stops (default data.max_bad_fraction)",
+  )
 
 
 def run_import(args, overrides) -> int:
   from data_pipelines import importing  # TFDS and Pillow: only for this command (module docstring)
 
   if args.name not in registry.MANUAL:
-    raise SystemExit(f"error: {args.name!r} does not import a folder; expected one of {registry.MANUAL} "
-                     f"(generated datasets: `layerflow data build NAME`)")
+    raise SystemExit(
+      f"error: {args.name!r} does not import a folder; expected one of {registry.MANUAL} "
+      f"(generated datasets: `layerflow data build NAME`)"
+    )
   config = _load(args, overrides)
   config.data.name = args.name
   if args.manual_dir:
@@ -58,8 +71,17 @@ def run_import(args, overrides) -> int:
     raise SystemExit(f"error: {e}") from None
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
   skipped = {k: len(v) for k, v in (builder.info.metadata or {}).get("skipped", {}).items()}
-  print(json.dumps({"dataset": f"{args.name}/{builder.builder_config.name}", "data_dir": str(builder.data_dir),
-                    "examples": splits, "skipped": skipped}, indent=2))
+  print(
+    json.dumps(
+      {
+        "dataset": f"{args.name}/{builder.builder_config.name}",
+        "data_dir": str(builder.data_dir),
+        "examples": splits,
+        "skipped": skipped,
+      },
+      indent=2,
+    )
+  )
   return 0
 
 
@@ -67,11 +89,18 @@ def run_import(args, overrides) -> int:
 
 
 def add_cache_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", default="configs/default.py", help="configs/FILE.py[:ARG]: dataset, codec, text encoder")
+  p.add_argument(
+    "--config", default="configs/default.py", help="configs/FILE.py[:ARG]: dataset, codec, text encoder"
+  )
   p.add_argument("--name", default=None, help="dataset to cache (default data.name)")
   p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=None, help="where the dataset is built")
-  p.add_argument("--cache_dir", "--cache-dir", dest="cache_dir", default=None,
-                 help="TFDS data_dir of the cache (default data.cache_dir)")
+  p.add_argument(
+    "--cache_dir",
+    "--cache-dir",
+    dest="cache_dir",
+    default=None,
+    help="TFDS data_dir of the cache (default data.cache_dir)",
+  )
 
 
 def run_cache(args, overrides) -> int:
@@ -85,17 +114,30 @@ def run_cache(args, overrides) -> int:
     config.data.cache_dir = args.cache_dir
   builder = layerflow_latents.build(config)
   splits = {k: v.num_examples for k, v in builder.info.splits.items()}
-  print(json.dumps({"cache": f"{layerflow_latents.NAME}/{builder.builder_config.name}",
-                    "data_dir": str(builder.data_dir), "examples": splits,
-                    "train with": "--config.data.cached=True"
-                                  + (f" --config.data.cache_dir={args.cache_dir}" if args.cache_dir else "")},
-                   indent=2))
+  print(
+    json.dumps(
+      {
+        "cache": f"{layerflow_latents.NAME}/{builder.builder_config.name}",
+        "data_dir": str(builder.data_dir),
+        "examples": splits,
+        "train with": "--config.data.cached=True"
+        + (f" --config.data.cache_dir={args.cache_dir}" if args.cache_dir else ""),
+      },
+      indent=2,
+    )
+  )
   return 0
 
 
 DATA_COMMANDS = {
-    "import": ("import a folder (official layered-video layout, layered images, plain videos) as TFDS",
-               add_import_arguments, run_import),
-    "cache": ("encode a dataset once (autoencoder + text encoder) into a TFDS latent cache",
-              add_cache_arguments, run_cache),
+  "import": (
+    "import a folder (official layered-video layout, layered images, plain videos) as TFDS",
+    add_import_arguments,
+    run_import,
+  ),
+  "cache": (
+    "encode a dataset once (autoencoder + text encoder) into a TFDS latent cache",
+    add_cache_arguments,
+    run_cache,
+  ),
 }

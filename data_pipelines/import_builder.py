@@ -16,7 +16,9 @@ def manual_dir(data_cfg, name: str) -> str:
   dirs = data_cfg.get("manual_dirs", {}) or {}
   path = dirs.get(name, "") if hasattr(dirs, "get") else ""
   if not path:
-    raise importing.LayoutError(f"{name}: no source folder given (set --manual_dir or data.manual_dirs.{name})")
+    raise importing.LayoutError(
+      f"{name}: no source folder given (set --manual_dir or data.manual_dirs.{name})"
+    )
   return str(path)
 
 
@@ -46,14 +48,16 @@ class ManualImportBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tru
     if not self.is_prepared():
       root = manual_dir(data_cfg, self.NAME)
       self.read_layout(pathlib.Path(root))
-      self.download_and_prepare(file_format="array_record",
-                                download_config=tfds.download.DownloadConfig(manual_dir=root))
+      self.download_and_prepare(
+        file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=root)
+      )
     return self
 
   def source(self, split: str):
     """The random-access source of ``split``, with clear errors for an unbuilt dataset or an unknown split."""
-    return importing.prepared_source(self, self.NAME, split,
-                                     f"run `layerflow data import {self.NAME} --manual_dir ROOT` first")
+    return importing.prepared_source(
+      self, self.NAME, split, f"run `layerflow data import {self.NAME} --manual_dir ROOT` first"
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     root = pathlib.Path(dl_manager.manual_dir)

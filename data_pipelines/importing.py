@@ -59,7 +59,7 @@ def text(value: str, where: str) -> str:
   try:
     value.encode("utf-8")
   except UnicodeEncodeError as e:
-    bad = value[e.start:e.end].encode("utf-8", errors="surrogateescape")
+    bad = value[e.start : e.end].encode("utf-8", errors="surrogateescape")
     raise BadRecord(f"{where}: is not UTF-8 text (bytes {bad!r} at character {e.start})") from None
   return value
 
@@ -70,16 +70,18 @@ def local_code_path(cls):
   return epath.Path(inspect.getfile(cls))
 
 
-def hold_out_validation(splits: dict[str, list], num_validation: int, root, noun: str,
-                        hint: str = "lower data.num_validation") -> dict[str, list]:
+def hold_out_validation(
+  splits: dict[str, list], num_validation: int, root, noun: str, hint: str = "lower data.num_validation"
+) -> dict[str, list]:
   """Without a validation split, the last ``num_validation`` train items become one (``LayoutError`` when train
   is not larger than that)."""
   if "validation" in splits or num_validation <= 0 or "train" not in splits:
     return splits
   train = splits["train"]
   if len(train) <= num_validation:
-    raise LayoutError(f"{root}: train has {len(train)} {noun}, too few to hold out {num_validation} for validation "
-                      f"({hint})")
+    raise LayoutError(
+      f"{root}: train has {len(train)} {noun}, too few to hold out {num_validation} for validation ({hint})"
+    )
   return {**splits, "train": train[:-num_validation], "validation": train[-num_validation:]}
 
 
@@ -128,7 +130,9 @@ def evenly_spaced(num_available: int, frames: int, window: int = 0, start: int =
   if frames < 1:
     raise ValueError(f"frames must be >= 1, got {frames}")
   if start < 0 or window < frames or start + window > num_available:
-    raise BadRecord(f"has {num_available} frames; needs {frames} over a window of {window} from frame {start}")
+    raise BadRecord(
+      f"has {num_available} frames; needs {frames} over a window of {window} from frame {start}"
+    )
   return np.round(np.linspace(start, start + window - 1, frames)).astype(np.int64)
 
 
@@ -143,8 +147,14 @@ def crop_box(height: int, width: int, target_h: int, target_w: int) -> tuple[int
   return left, 0, left + w, height
 
 
-def resize(frames: np.ndarray, height: int, width: int, *, mode: str = "crop",
-           box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+def resize(
+  frames: np.ndarray,
+  height: int,
+  width: int,
+  *,
+  mode: str = "crop",
+  box: tuple[int, int, int, int] | None = None,
+) -> np.ndarray:
   """uint8 [T, H, W, C] → [T, height, width, C] (centre crop to the aspect ratio first when ``mode="crop"``;
   ``box`` crops a given (left, top, right, bottom) window instead). Bicubic for colour, bilinear for mattes."""
   if mode not in RESIZE_MODES:
@@ -191,8 +201,9 @@ class SkipLog:
     shown = "; ".join(f"{k}: {v}" for k, v in list(self.skipped.items())[:5])
     more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
     raise TooManyBadRecords(
-        f"{self.what}: {len(self.skipped)} of {total} records are bad, more than max_bad_fraction="
-        f"{self.max_bad_fraction:g} (data.max_bad_fraction); first: {shown}{more}")
+      f"{self.what}: {len(self.skipped)} of {total} records are bad, more than max_bad_fraction="
+      f"{self.max_bad_fraction:g} (data.max_bad_fraction); first: {shown}{more}"
+    )
 
   def finish(self) -> dict[str, str]:
     if self.seen and len(self.skipped) > self.max_bad_fraction * self.seen:
@@ -226,12 +237,15 @@ def layered_features(frames: int | None, height: int, width: int):
   i.e. bl × mask, the official loader's rule); ``has_bg`` False means the background is missing and its clip is
   left out of the loss.
   """
+
   def tensor(t, channels):
     # Raw bytes: PNG would shrink files but cost a decode per frame at training time.
-    return tfds.features.Tensor(shape=(t, height, width, channels), dtype=np.uint8,
-                                encoding=tfds.features.Encoding.BYTES)
+    return tfds.features.Tensor(
+      shape=(t, height, width, channels), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+    )
 
-  return tfds.features.FeaturesDict({
+  return tfds.features.FeaturesDict(
+    {
       "id": tfds.features.Text(),
       "fg": tensor(None, 3),
       "alpha": tensor(frames, 1),
@@ -242,7 +256,8 @@ def layered_features(frames: int | None, height: int, width: int):
       "fg_prompt": tfds.features.Text(),
       "bg_prompt": tfds.features.Text(),
       "blend_prompt": tfds.features.Text(),
-  })
+    }
+  )
 
 
 def empty_frames(height: int, width: int, channels: int = 3) -> np.ndarray:
@@ -253,7 +268,8 @@ def prepared_source(builder, name: str, split: str, hint: str):
   """``builder.as_data_source(split)`` with clear errors for an unbuilt dataset or an unknown split."""
   if not builder.is_prepared():
     raise FileNotFoundError(
-        f"dataset {name}/{builder.builder_config.name} is not built in {builder.data_dir_root}: {hint}")
+      f"dataset {name}/{builder.builder_config.name} is not built in {builder.data_dir_root}: {hint}"
+    )
   base = split.split("[", 1)[0]
   if base not in builder.info.splits:
     raise ValueError(f"dataset {name}: no split {base!r}; it has {sorted(builder.info.splits)}")

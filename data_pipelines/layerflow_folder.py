@@ -50,17 +50,35 @@ class LayerflowFolderConfig(tfds.core.BuilderConfig):
   threads: int = 4
 
 
-def make_config(height: int = 480, width: int = 720, frames: int = 16, frame_window: int = 0,
-                resize: str = "crop", fg_premultiplied: bool = False, num_validation: int = 0,
-                max_bad_fraction: float = 0.05, threads: int = 4) -> LayerflowFolderConfig:
+def make_config(
+  height: int = 480,
+  width: int = 720,
+  frames: int = 16,
+  frame_window: int = 0,
+  resize: str = "crop",
+  fg_premultiplied: bool = False,
+  num_validation: int = 0,
+  max_bad_fraction: float = 0.05,
+  threads: int = 4,
+) -> LayerflowFolderConfig:
   if resize not in importing.RESIZE_MODES:
     raise ValueError(f"resize {resize!r} unknown; expected one of {importing.RESIZE_MODES}")
-  name = (f"h{height}_w{width}_f{frames}_win{frame_window}_{resize}_v{num_validation}"
-          + ("_pm" if fg_premultiplied else ""))
+  name = f"h{height}_w{width}_f{frames}_win{frame_window}_{resize}_v{num_validation}" + (
+    "_pm" if fg_premultiplied else ""
+  )
   return LayerflowFolderConfig(
-      name=name, description="official LayerFlow layout", height=int(height), width=int(width),
-      frames=int(frames), frame_window=int(frame_window), resize=resize, fg_premultiplied=bool(fg_premultiplied),
-      num_validation=int(num_validation), max_bad_fraction=float(max_bad_fraction), threads=int(threads))
+    name=name,
+    description="official LayerFlow layout",
+    height=int(height),
+    width=int(width),
+    frames=int(frames),
+    frame_window=int(frame_window),
+    resize=resize,
+    fg_premultiplied=bool(fg_premultiplied),
+    num_validation=int(num_validation),
+    max_bad_fraction=float(max_bad_fraction),
+    threads=int(threads),
+  )
 
 
 def _prompt(entry: dict, key: str, where: str) -> str:
@@ -87,14 +105,18 @@ def _unpremultiply(fg: np.ndarray, alpha: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(straight), 0, 255).astype(np.uint8)
 
 
-def load_video(root: pathlib.Path, meta_file: pathlib.Path, name: str, entry: Any,
-               c: LayerflowFolderConfig) -> dict[str, Any]:
+def load_video(
+  root: pathlib.Path, meta_file: pathlib.Path, name: str, entry: Any, c: LayerflowFolderConfig
+) -> dict[str, Any]:
   """One video of the layout → a layered record; :class:`BadRecord` naming the file when it cannot be read."""
   where = f"{meta_file} videos[{name!r}]"
   if not isinstance(entry, dict):
     raise BadRecord(f"{where}: expected an object, got {type(entry).__name__}")
-  prompts = {"fg_prompt": _prompt(entry, "fg_prompt", where), "bg_prompt": _prompt(entry, "bg_prompt", where),
-             "blend_prompt": _prompt(entry, "bl_prompt", where)}
+  prompts = {
+    "fg_prompt": _prompt(entry, "fg_prompt", where),
+    "bg_prompt": _prompt(entry, "bg_prompt", where),
+    "blend_prompt": _prompt(entry, "bl_prompt", where),
+  }
   vdir = root / name
   if not vdir.is_dir():
     raise BadRecord(f"{vdir}: no such folder (listed in {meta_file})")
@@ -104,7 +126,9 @@ def load_video(root: pathlib.Path, meta_file: pathlib.Path, name: str, entry: An
       raise BadRecord(f"{vdir / required}: missing (every video needs bl/ and mask/)")
   counts = {k: len(importing.list_frames(d)) for k, d in dirs.items()}
   if len(set(counts.values())) > 1:
-    raise BadRecord(f"{vdir}: frame counts differ between layers ({', '.join(f'{k} {n}' for k, n in counts.items())})")
+    raise BadRecord(
+      f"{vdir}: frame counts differ between layers ({', '.join(f'{k} {n}' for k, n in counts.items())})"
+    )
   names = _frame_names(entry, dirs["bl"], where)
   try:
     picked = [names[i] for i in importing.evenly_spaced(len(names), c.frames, c.frame_window)]
@@ -123,8 +147,10 @@ def load_video(root: pathlib.Path, meta_file: pathlib.Path, name: str, entry: An
       if size is None:
         size = img.shape[:2]
       elif img.shape[:2] != size:
-        raise BadRecord(f"{path}: wrong size {img.shape[1]}x{img.shape[0]} (WxH); the video's other frames are "
-                        f"{size[1]}x{size[0]}")
+        raise BadRecord(
+          f"{path}: wrong size {img.shape[1]}x{img.shape[0]} (WxH); the video's other frames are "
+          f"{size[1]}x{size[0]}"
+        )
       frames.append(img)
     layers[key] = importing.resize(np.stack(frames), c.height, c.width, mode=c.resize)
   alpha = layers["mask"]
@@ -132,30 +158,42 @@ def load_video(root: pathlib.Path, meta_file: pathlib.Path, name: str, entry: An
   if fg is not None and c.fg_premultiplied:
     fg = _unpremultiply(fg, alpha)
   empty = importing.empty_frames(c.height, c.width)
-  return {"id": name, "blend": layers["bl"], "alpha": alpha,
-          "fg": empty if fg is None else fg, "has_fg": fg is not None,
-          "bg": layers.get("bg", empty), "has_bg": "bg" in layers, **prompts}
+  return {
+    "id": name,
+    "blend": layers["bl"],
+    "alpha": alpha,
+    "fg": empty if fg is None else fg,
+    "has_fg": fg is not None,
+    "bg": layers.get("bg", empty),
+    "has_bg": "bg" in layers,
+    **prompts,
+  }
 
 
-def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[tuple[pathlib.Path, str, Any]]]:
+def read_layout(
+  root: pathlib.Path, num_validation: int = 0
+) -> dict[str, list[tuple[pathlib.Path, str, Any]]]:
   """split → [(meta file, video name, meta entry)], with clear errors for a malformed layout."""
   if not root.is_dir():
     raise LayoutError(f"{root}: no such folder (the official layout's root: data.manual_dirs.{NAME})")
   metas = sorted(root.glob("*.json"))
   if not metas:
-    raise LayoutError(f"{root}: no meta JSON file (expected ROOT/<split>.json with {{\"videos\": {{…}}}})")
+    raise LayoutError(f'{root}: no meta JSON file (expected ROOT/<split>.json with {{"videos": {{…}}}})')
   splits: dict[str, list] = {}
   for meta in metas:
     data = importing.read_json(meta)
     if not isinstance(data, dict) or not isinstance(data.get("videos"), dict):
-      raise LayoutError(f"{meta}: expected an object with a \"videos\" object (NAME → entry), got "
-                        f"{type(data).__name__} with keys {sorted(data)[:5] if isinstance(data, dict) else '-'}")
+      raise LayoutError(
+        f'{meta}: expected an object with a "videos" object (NAME → entry), got '
+        f"{type(data).__name__} with keys {sorted(data)[:5] if isinstance(data, dict) else '-'}"
+      )
     split = importing.split_name(meta)
     if split in splits:
       raise LayoutError(f"{meta}: a second meta file for split {split!r}")
     splits[split] = [(meta, str(k), v) for k, v in sorted(data["videos"].items())]
-  return importing.hold_out_validation(splits, num_validation, root, "videos",
-                                       "add a validation meta file or lower data.num_validation")
+  return importing.hold_out_validation(
+    splits, num_validation, root, "videos", "add a validation meta file or lower data.num_validation"
+  )
 
 
 class LayerflowFolder(import_builder.ManualImportBuilder):
@@ -169,9 +207,12 @@ class LayerflowFolder(import_builder.ManualImportBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
-    return tfds.core.DatasetInfo(builder=self, description=__doc__,
-                                 features=importing.layered_features(c.frames, c.height, c.width),
-                                 metadata=tfds.core.MetadataDict())
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      features=importing.layered_features(c.frames, c.height, c.width),
+      metadata=tfds.core.MetadataDict(),
+    )
 
   def read_layout(self, root: pathlib.Path) -> dict[str, list]:
     return read_layout(root, self.builder_config.num_validation)
@@ -182,9 +223,16 @@ class LayerflowFolder(import_builder.ManualImportBuilder):
 
 
 def config_from_data(data_cfg) -> LayerflowFolderConfig:
-  return make_config(data_cfg.height, data_cfg.width, data_cfg.frames, data_cfg.get("frame_window", 0),
-                     data_cfg.get("resize", "crop"), data_cfg.get("fg_premultiplied", False),
-                     data_cfg.get("num_validation", 0), data_cfg.get("max_bad_fraction", 0.05))
+  return make_config(
+    data_cfg.height,
+    data_cfg.width,
+    data_cfg.frames,
+    data_cfg.get("frame_window", 0),
+    data_cfg.get("resize", "crop"),
+    data_cfg.get("fg_premultiplied", False),
+    data_cfg.get("num_validation", 0),
+    data_cfg.get("max_bad_fraction", 0.05),
+  )
 
 
 def make_builder(data_cfg) -> LayerflowFolder:

@@ -38,14 +38,26 @@ class LayerflowImagesConfig(tfds.core.BuilderConfig):
   threads: int = 4
 
 
-def make_config(height: int = 480, width: int = 720, resize: str = "crop", num_validation: int = 0,
-                max_bad_fraction: float = 0.05, threads: int = 4) -> LayerflowImagesConfig:
+def make_config(
+  height: int = 480,
+  width: int = 720,
+  resize: str = "crop",
+  num_validation: int = 0,
+  max_bad_fraction: float = 0.05,
+  threads: int = 4,
+) -> LayerflowImagesConfig:
   if resize not in importing.RESIZE_MODES:
     raise ValueError(f"resize {resize!r} unknown; expected one of {importing.RESIZE_MODES}")
   return LayerflowImagesConfig(
-      name=f"h{height}_w{width}_{resize}_v{num_validation}", description="layered images", height=int(height),
-      width=int(width), resize=resize, num_validation=int(num_validation),
-      max_bad_fraction=float(max_bad_fraction), threads=int(threads))
+    name=f"h{height}_w{width}_{resize}_v{num_validation}",
+    description="layered images",
+    height=int(height),
+    width=int(width),
+    resize=resize,
+    num_validation=int(num_validation),
+    max_bad_fraction=float(max_bad_fraction),
+    threads=int(threads),
+  )
 
 
 def _path(base: pathlib.Path, value: Any, key: str, where: str) -> pathlib.Path | None:
@@ -88,8 +100,10 @@ def load_image(meta_file: pathlib.Path, key: str, entry: Any, c: LayerflowImages
     if paths[k] is not None:
       img = _read(paths[k], "RGB")
       if img.shape[:2] != size:
-        raise BadRecord(f"{paths[k]}: wrong size {img.shape[1]}x{img.shape[0]} (WxH); the foreground "
-                        f"{paths['images_fg']} is {size[1]}x{size[0]}")
+        raise BadRecord(
+          f"{paths[k]}: wrong size {img.shape[1]}x{img.shape[0]} (WxH); the foreground "
+          f"{paths['images_fg']} is {size[1]}x{size[0]}"
+        )
       others[k] = img
   if "images" not in others and "images_bg" not in others:
     raise BadRecord(f"{where}: neither 'images' (composite) nor 'images_bg' is given")
@@ -101,11 +115,21 @@ def load_image(meta_file: pathlib.Path, key: str, entry: Any, c: LayerflowImages
   else:  # composite from the resized layers: blend = α·fg + (1 − α)·bg
     a = alpha.astype(np.float32) / 255.0
     blend = np.clip(np.rint(a * fg + (1.0 - a) * bg), 0, 255).astype(np.uint8)
-  return {"id": key, "fg": fg, "alpha": alpha, "bg": bg, "blend": blend, "has_fg": True,
-          "has_bg": "images_bg" in others, **prompts}
+  return {
+    "id": key,
+    "fg": fg,
+    "alpha": alpha,
+    "bg": bg,
+    "blend": blend,
+    "has_fg": True,
+    "has_bg": "images_bg" in others,
+    **prompts,
+  }
 
 
-def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[tuple[pathlib.Path, str, Any]]]:
+def read_layout(
+  root: pathlib.Path, num_validation: int = 0
+) -> dict[str, list[tuple[pathlib.Path, str, Any]]]:
   if not root.is_dir():
     raise LayoutError(f"{root}: no such folder (the layered-image root: data.manual_dirs.{NAME})")
   metas = sorted(root.glob("*.json"))
@@ -115,14 +139,17 @@ def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[t
   for meta in metas:
     data = importing.read_json(meta)
     if not isinstance(data, dict) or not data:
-      raise LayoutError(f"{meta}: expected a non-empty object ID → {{prompt_fg, prompt_bg, prompt, images, "
-                        f"images_bg, images_fg}}, got {type(data).__name__}")
+      raise LayoutError(
+        f"{meta}: expected a non-empty object ID → {{prompt_fg, prompt_bg, prompt, images, "
+        f"images_bg, images_fg}}, got {type(data).__name__}"
+      )
     split = importing.split_name(meta)
     if split in splits:
       raise LayoutError(f"{meta}: a second meta file for split {split!r}")
     splits[split] = [(meta, str(k), v) for k, v in sorted(data.items())]
-  return importing.hold_out_validation(splits, num_validation, root, "images",
-                                       "add a validation meta file or lower data.num_validation")
+  return importing.hold_out_validation(
+    splits, num_validation, root, "images", "add a validation meta file or lower data.num_validation"
+  )
 
 
 class LayerflowImages(import_builder.ManualImportBuilder):
@@ -136,9 +163,12 @@ class LayerflowImages(import_builder.ManualImportBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
-    return tfds.core.DatasetInfo(builder=self, description=__doc__,
-                                 features=importing.layered_features(1, c.height, c.width),
-                                 metadata=tfds.core.MetadataDict())
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      features=importing.layered_features(1, c.height, c.width),
+      metadata=tfds.core.MetadataDict(),
+    )
 
   def read_layout(self, root: pathlib.Path) -> dict[str, list]:
     return read_layout(root, self.builder_config.num_validation)
@@ -149,8 +179,13 @@ class LayerflowImages(import_builder.ManualImportBuilder):
 
 
 def make_builder(data_cfg) -> LayerflowImages:
-  config = make_config(data_cfg.height, data_cfg.width, data_cfg.get("resize", "crop"),
-                       data_cfg.get("num_validation", 0), data_cfg.get("max_bad_fraction", 0.05))
+  config = make_config(
+    data_cfg.height,
+    data_cfg.width,
+    data_cfg.get("resize", "crop"),
+    data_cfg.get("num_validation", 0),
+    data_cfg.get("max_bad_fraction", 0.05),
+  )
   return importing.make_array_record_builder(LayerflowImages, config, data_cfg.data_dir)
 
 

@@ -47,8 +47,12 @@ class LayerflowLatentsConfig(tfds.core.BuilderConfig):
 
 
 def fingerprint(config: mlc.ConfigDict) -> str:
-  keys = {"layout": config.layout, "autoencoder": config.autoencoder.to_dict(),
-          "text_encoder": config.text_encoder.to_dict(), "dtype": config.data.get("cache_dtype", "float32")}
+  keys = {
+    "layout": config.layout,
+    "autoencoder": config.autoencoder.to_dict(),
+    "text_encoder": config.text_encoder.to_dict(),
+    "dtype": config.data.get("cache_dtype", "float32"),
+  }
   return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -64,10 +68,16 @@ def make_config(config: mlc.ConfigDict) -> LayerflowLatentsConfig:
   t, h, w, c = codec_lib.make_codec(config.autoencoder).latent_shape(d.frames, d.height, d.width)
   text = text_lib.make_text_encoder(config.text_encoder)
   return LayerflowLatentsConfig(
-      name=f"{d.name}__{source}__{fingerprint(config)}", description=f"latent cache of {d.name}/{source}",
-      config_json=raw.to_json_best_effort(sort_keys=True), latent_shape=(layout.num_clips * t, h, w, c),
-      text_shape=(3 * text.max_length, text.dim), num_clips=layout.num_clips, max_length=text.max_length,
-      dtype=dtype, batch_size=int(d.batch_size))
+    name=f"{d.name}__{source}__{fingerprint(config)}",
+    description=f"latent cache of {d.name}/{source}",
+    config_json=raw.to_json_best_effort(sort_keys=True),
+    latent_shape=(layout.num_clips * t, h, w, c),
+    text_shape=(3 * text.max_length, text.dim),
+    num_clips=layout.num_clips,
+    max_length=text.max_length,
+    dtype=dtype,
+    batch_size=int(d.batch_size),
+  )
 
 
 class LayerflowLatents(tfds.core.GeneratorBasedBuilder):
@@ -81,15 +91,22 @@ class LayerflowLatents(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
     dtype = DTYPES[c.dtype]
-    raw = lambda shape, dt: tfds.features.Tensor(shape=tuple(shape), dtype=dt,
-                                                 encoding=tfds.features.Encoding.BYTES)
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, features=tfds.features.FeaturesDict({
-        "id": tfds.features.Text(),
-        "latents": raw(c.latent_shape, dtype),
-        "text": raw(c.text_shape, dtype),
-        "tokens": raw((3, c.max_length), np.int32),
-        "clip_valid": raw((c.num_clips,), np.bool_),
-    }))
+    raw = lambda shape, dt: tfds.features.Tensor(
+      shape=tuple(shape), dtype=dt, encoding=tfds.features.Encoding.BYTES
+    )
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "latents": raw(c.latent_shape, dtype),
+          "text": raw(c.text_shape, dtype),
+          "tokens": raw((3, c.max_length), np.int32),
+          "clip_valid": raw((c.num_clips,), np.bool_),
+        }
+      ),
+    )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager
@@ -101,8 +118,9 @@ class LayerflowLatents(tfds.core.GeneratorBasedBuilder):
     yield from encode_split(config, split, DTYPES[self.builder_config.dtype], self.builder_config.batch_size)
 
 
-def encode_split(config: mlc.ConfigDict, split: str, dtype=np.float32,
-                 batch_size: int = 8) -> Iterator[tuple[str, dict[str, Any]]]:
+def encode_split(
+  config: mlc.ConfigDict, split: str, dtype=np.float32, batch_size: int = 8
+) -> Iterator[tuple[str, dict[str, Any]]]:
   """(id, cache record) of every record of ``split``, encoded ``batch_size`` at a time by the Experiment's own
   ``encode_video``/``encode_text`` functions (so a cached batch equals what the train step would compute)."""
   layout = layers.get_layout(config.layout)
@@ -118,22 +136,32 @@ def encode_split(config: mlc.ConfigDict, split: str, dtype=np.float32,
     for i in range(start, min(start + batch_size, n)):
       record = source[i]
       ids.append(transforms._text(record["id"]))
-      layers_ = transforms.decode(transforms.fit_record(record, frames=int(d.frames), height=int(d.height),
-                                                        width=int(d.width)))
+      layers_ = transforms.decode(
+        transforms.fit_record(record, frames=int(d.frames), height=int(d.height), width=int(d.width))
+      )
       inputs.append(transforms.to_model_inputs(layers_, layout=layout, tokenize=text_encoder.tokenize))
     video = np.stack([x["video"] for x in inputs])
     tokens = np.stack([x["tokens"] for x in inputs])
     latents = np.asarray(encode_video(video), np.float32)
     text = np.asarray(encode_text(tokens), np.float32)
     for j, key in enumerate(ids):
-      yield key, {"id": key, "latents": latents[j].astype(dtype), "text": text[j].astype(dtype),
-                  "tokens": tokens[j], "clip_valid": inputs[j]["clip_valid"]}
+      yield (
+        key,
+        {
+          "id": key,
+          "latents": latents[j].astype(dtype),
+          "text": text[j].astype(dtype),
+          "tokens": tokens[j],
+          "clip_valid": inputs[j]["clip_valid"],
+        },
+      )
     log.info("%s %s: encoded %d of %d", NAME, split, min(start + batch_size, n), n)
 
 
 def make_builder(config: mlc.ConfigDict) -> LayerflowLatents:
-  return LayerflowLatents(config=make_config(config), data_dir=str(config.data.cache_dir),
-                          file_format="array_record")
+  return LayerflowLatents(
+    config=make_config(config), data_dir=str(config.data.cache_dir), file_format="array_record"
+  )
 
 
 def build(config: mlc.ConfigDict) -> LayerflowLatents:
@@ -146,5 +174,9 @@ def build(config: mlc.ConfigDict) -> LayerflowLatents:
 def load_source(config: mlc.ConfigDict, split: str):
   builder = make_builder(config)
   return importing.prepared_source(
-      builder, NAME, split, f"run `layerflow data cache --config … ` for dataset {config.data.name!r} first "
-                            f"(or set data.cached=False)")
+    builder,
+    NAME,
+    split,
+    f"run `layerflow data cache --config … ` for dataset {config.data.name!r} first "
+    f"(or set data.cached=False)",
+  )

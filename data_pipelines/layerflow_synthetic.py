@@ -21,11 +21,24 @@ import tensorflow_datasets as tfds
 from data_pipelines import importing, synthetic
 
 NAME = "layerflow_synthetic"
-NAMES = {NAME: "clean", f"{NAME}_lowq": "lowq_video", f"{NAME}_images": "hq_image",
-         f"{NAME}_copypaste": "copy_paste"}
+NAMES = {
+  NAME: "clean",
+  f"{NAME}_lowq": "lowq_video",
+  f"{NAME}_images": "hq_image",
+  f"{NAME}_copypaste": "copy_paste",
+}
 _SPLIT_CODES = {"train": 0, "validation": 1}  # folded into every example's seed: the splits never share one
-_TEXT_KEYS = ("fg_prompt", "bg_prompt", "blend_prompt", "fg_color", "fg_shape", "motion", "bg_color",
-              "bg_texture", "bg_motion")
+_TEXT_KEYS = (
+  "fg_prompt",
+  "bg_prompt",
+  "blend_prompt",
+  "fg_color",
+  "fg_shape",
+  "motion",
+  "bg_color",
+  "bg_texture",
+  "bg_motion",
+)
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,22 +54,35 @@ class LayerflowSyntheticConfig(tfds.core.BuilderConfig):
   kind: str = "clean"  # one of synthetic.KINDS
 
 
-def config_name(height: int, width: int, frames: int, num_train: int, num_validation: int, seed: int,
-                kind: str = "clean") -> str:
+def config_name(
+  height: int, width: int, frames: int, num_train: int, num_validation: int, seed: int, kind: str = "clean"
+) -> str:
   base = f"h{height}_w{width}_f{frames}_n{num_train}_v{num_validation}_s{seed}"
   return base if kind == "clean" else f"{base}_{kind}"
 
 
-def make_config(height: int = 32, width: int = 32, frames: int = 8, num_train: int = 512,
-                num_validation: int = 32, seed: int = 0, kind: str = "clean") -> LayerflowSyntheticConfig:
+def make_config(
+  height: int = 32,
+  width: int = 32,
+  frames: int = 8,
+  num_train: int = 512,
+  num_validation: int = 32,
+  seed: int = 0,
+  kind: str = "clean",
+) -> LayerflowSyntheticConfig:
   """A builder config whose name is derived from its values."""
   if kind not in synthetic.KINDS:
     raise ValueError(f"synthetic kind {kind!r} unknown; expected one of {synthetic.KINDS}")
-  values = dict(height=height, width=width, frames=frames, num_train=num_train,
-                num_validation=num_validation, seed=seed)
+  values = dict(
+    height=height, width=width, frames=frames, num_train=num_train, num_validation=num_validation, seed=seed
+  )
   values = {k: int(v) for k, v in values.items()}
-  return LayerflowSyntheticConfig(name=config_name(**values, kind=kind),
-                                  description=f"synthetic layered scenes ({kind})", kind=kind, **values)
+  return LayerflowSyntheticConfig(
+    name=config_name(**values, kind=kind),
+    description=f"synthetic layered scenes ({kind})",
+    kind=kind,
+    **values,
+  )
 
 
 class LayerflowSynthetic(tfds.core.GeneratorBasedBuilder):
@@ -75,30 +101,31 @@ class LayerflowSynthetic(tfds.core.GeneratorBasedBuilder):
     def frames(channels: int) -> tfds.features.Tensor:
       # Raw bytes: the default int64-list encoding of uint8 tensors is ~6x slower to write.
       return tfds.features.Tensor(
-          shape=video + (channels,), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES)
+        shape=video + (channels,), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+      )
 
     features = {
-        "id": tfds.features.Text(),
-        "fg": frames(3),
-        "alpha": frames(1),
-        "bg": frames(3),
-        "blend": frames(3),
-        "has_bg": tfds.features.Scalar(dtype=np.bool_),
-        **{k: tfds.features.Text() for k in _TEXT_KEYS},
+      "id": tfds.features.Text(),
+      "fg": frames(3),
+      "alpha": frames(1),
+      "bg": frames(3),
+      "blend": frames(3),
+      "has_bg": tfds.features.Scalar(dtype=np.bool_),
+      **{k: tfds.features.Text() for k in _TEXT_KEYS},
     }
     # Not `dataset_info_from_configs`: it looks for metadata files next to this module.
     return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict(features),
+      builder=self,
+      description=__doc__,
+      features=tfds.features.FeaturesDict(features),
     )
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     del dl_manager  # nothing to download
     c = self.builder_config
     return {
-        "train": self._generate_examples("train", c.num_train),
-        "validation": self._generate_examples("validation", c.num_validation),
+      "train": self._generate_examples("train", c.num_train),
+      "validation": self._generate_examples("validation", c.num_validation),
     }
 
   def _generate_examples(self, split: str, count: int) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -116,8 +143,15 @@ def make_builder(data_cfg) -> LayerflowSynthetic:
   name = data_cfg.get("name", NAME)
   if name not in NAMES:
     raise ValueError(f"data.name is {name!r}; this module builds {sorted(NAMES)}")
-  config = make_config(data_cfg.height, data_cfg.width, data_cfg.frames, data_cfg.num_train,
-                       data_cfg.num_validation, data_cfg.get("builder_seed", 0), kind=NAMES[name])
+  config = make_config(
+    data_cfg.height,
+    data_cfg.width,
+    data_cfg.frames,
+    data_cfg.num_train,
+    data_cfg.num_validation,
+    data_cfg.get("builder_seed", 0),
+    kind=NAMES[name],
+  )
   return importing.make_array_record_builder(LayerflowSynthetic, config, data_cfg.data_dir)
 
 
@@ -134,6 +168,7 @@ def load_source(data_cfg, split: str):
   if not builder.is_prepared():
     name = data_cfg.get("name", NAME)
     raise FileNotFoundError(
-        f"dataset {NAME}/{builder.builder_config.name} is not built in {data_cfg.data_dir!s}: "
-        f"run `layerflow data build {name}` (or data_pipelines.layerflow_synthetic.build) first")
+      f"dataset {NAME}/{builder.builder_config.name} is not built in {data_cfg.data_dir!s}: "
+      f"run `layerflow data build {name}` (or data_pipelines.layerflow_synthetic.build) first"
+    )
   return builder.as_data_source(split)

@@ -38,16 +38,30 @@ class LayerflowVideosConfig(tfds.core.BuilderConfig):
   threads: int = 2
 
 
-def make_config(height: int = 480, width: int = 720, frames: int = 16, frame_window: int = 0,
-                resize: str = "crop", num_validation: int = 0, max_bad_fraction: float = 0.05,
-                threads: int = 2) -> LayerflowVideosConfig:
+def make_config(
+  height: int = 480,
+  width: int = 720,
+  frames: int = 16,
+  frame_window: int = 0,
+  resize: str = "crop",
+  num_validation: int = 0,
+  max_bad_fraction: float = 0.05,
+  threads: int = 2,
+) -> LayerflowVideosConfig:
   if resize not in importing.RESIZE_MODES:
     raise ValueError(f"resize {resize!r} unknown; expected one of {importing.RESIZE_MODES}")
   return LayerflowVideosConfig(
-      name=f"h{height}_w{width}_f{frames}_win{frame_window}_{resize}_v{num_validation}",
-      description="plain videos", height=int(height), width=int(width), frames=int(frames),
-      frame_window=int(frame_window), resize=resize, num_validation=int(num_validation),
-      max_bad_fraction=float(max_bad_fraction), threads=int(threads))
+    name=f"h{height}_w{width}_f{frames}_win{frame_window}_{resize}_v{num_validation}",
+    description="plain videos",
+    height=int(height),
+    width=int(width),
+    frames=int(frames),
+    frame_window=int(frame_window),
+    resize=resize,
+    num_validation=int(num_validation),
+    max_bad_fraction=float(max_bad_fraction),
+    threads=int(threads),
+  )
 
 
 def read_frames(path: pathlib.Path) -> np.ndarray:
@@ -55,7 +69,9 @@ def read_frames(path: pathlib.Path) -> np.ndarray:
   try:
     frames = [np.asarray(f) for f in iio.imiter(path)]
   except Exception as e:  # noqa: BLE001 — decoders raise many types
-    raise BadRecord(f"{path}: unreadable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    raise BadRecord(
+      f"{path}: unreadable video ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+    ) from None
   if not frames:
     raise BadRecord(f"{path}: no frames")
   out = []
@@ -68,7 +84,9 @@ def read_frames(path: pathlib.Path) -> np.ndarray:
   return np.stack(out).astype(np.uint8)
 
 
-def read_layout(root: pathlib.Path, num_validation: int = 0) -> dict[str, list[tuple[pathlib.Path, str, str | None]]]:
+def read_layout(
+  root: pathlib.Path, num_validation: int = 0
+) -> dict[str, list[tuple[pathlib.Path, str, str | None]]]:
   if not root.is_dir():
     raise LayoutError(f"{root}: no such folder (the plain-video root: data.manual_dirs.{NAME})")
   files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in importing.VIDEO_EXTS)
@@ -99,8 +117,11 @@ def load_video(path: pathlib.Path, key: str, prompt: str | None, c: LayerflowVid
     idx = importing.evenly_spaced(len(video), c.frames, c.frame_window)
   except BadRecord as e:
     raise BadRecord(f"{path}: {e}") from None
-  return {"id": key, "video": importing.resize(video[idx], c.height, c.width, mode=c.resize),
-          "prompt": prompt.strip()}
+  return {
+    "id": key,
+    "video": importing.resize(video[idx], c.height, c.width, mode=c.resize),
+    "prompt": prompt.strip(),
+  }
 
 
 class LayerflowVideos(import_builder.ManualImportBuilder):
@@ -114,14 +135,20 @@ class LayerflowVideos(import_builder.ManualImportBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     c = self.builder_config
-    return tfds.core.DatasetInfo(builder=self, description=__doc__, metadata=tfds.core.MetadataDict(),
-                                 features=tfds.features.FeaturesDict({
-                                     "id": tfds.features.Text(),
-                                     "video": tfds.features.Tensor(shape=(c.frames, c.height, c.width, 3),
-                                                                   dtype=np.uint8,
-                                                                   encoding=tfds.features.Encoding.BYTES),
-                                     "prompt": tfds.features.Text(),
-                                 }))
+    return tfds.core.DatasetInfo(
+      builder=self,
+      description=__doc__,
+      metadata=tfds.core.MetadataDict(),
+      features=tfds.features.FeaturesDict(
+        {
+          "id": tfds.features.Text(),
+          "video": tfds.features.Tensor(
+            shape=(c.frames, c.height, c.width, 3), dtype=np.uint8, encoding=tfds.features.Encoding.BYTES
+          ),
+          "prompt": tfds.features.Text(),
+        }
+      ),
+    )
 
   def read_layout(self, root: pathlib.Path) -> dict[str, list]:
     return read_layout(root, self.builder_config.num_validation)
@@ -132,9 +159,15 @@ class LayerflowVideos(import_builder.ManualImportBuilder):
 
 
 def make_builder(data_cfg) -> LayerflowVideos:
-  config = make_config(data_cfg.height, data_cfg.width, data_cfg.background_frames or data_cfg.frames,
-                       data_cfg.get("frame_window", 0), data_cfg.get("resize", "crop"),
-                       data_cfg.get("num_validation", 0), data_cfg.get("max_bad_fraction", 0.05))
+  config = make_config(
+    data_cfg.height,
+    data_cfg.width,
+    data_cfg.background_frames or data_cfg.frames,
+    data_cfg.get("frame_window", 0),
+    data_cfg.get("resize", "crop"),
+    data_cfg.get("num_validation", 0),
+    data_cfg.get("max_bad_fraction", 0.05),
+  )
   return importing.make_array_record_builder(LayerflowVideos, config, data_cfg.data_dir)
 
 

@@ -73,8 +73,14 @@ def load_source(data_cfg: mlc.ConfigDict, split: str, config: mlc.ConfigDict | N
   return registry.load_source(data_cfg, split)
 
 
-def record_dataset(config: mlc.ConfigDict, split: str, *, seed: int | None = None,
-                   shuffle: bool | None = None, num_epochs: int | None = 1) -> grain.MapDataset:
+def record_dataset(
+  config: mlc.ConfigDict,
+  split: str,
+  *,
+  seed: int | None = None,
+  shuffle: bool | None = None,
+  num_epochs: int | None = 1,
+) -> grain.MapDataset:
   """Stored records of ``split``, shuffled (default: train splits only; each epoch reshuffled) and repeated
   ``num_epochs`` times (None = forever)."""
   ds = grain.MapDataset.source(load_source(config.data, split, config))
@@ -87,23 +93,31 @@ def layer_dataset(config: mlc.ConfigDict, split: str, **kwargs) -> grain.MapData
   """Decoded float layers of :func:`record_dataset` (see :func:`transforms.decode`), fitted deterministically
   to the config's clip size (evaluation reads them; :func:`to_model_inputs` makes the model inputs)."""
   d = config.data
-  fit = functools.partial(transforms.fit_record, frames=int(d.frames), height=int(d.height), width=int(d.width))
+  fit = functools.partial(
+    transforms.fit_record, frames=int(d.frames), height=int(d.height), width=int(d.width)
+  )
   return record_dataset(config, split, **kwargs).map(fit).map(transforms.decode)
 
 
 def to_model_inputs(ds: grain.MapDataset, config: mlc.ConfigDict) -> grain.MapDataset:
   """Layers → per-example ``video``, ``tokens``, ``clip_valid``, ``motion_scale`` in ``config.layout``."""
-  fn = functools.partial(transforms.to_model_inputs, layout=layers.get_layout(config.layout),
-                         tokenize=make_text_encoder(config.text_encoder).tokenize)
+  fn = functools.partial(
+    transforms.to_model_inputs,
+    layout=layers.get_layout(config.layout),
+    tokenize=make_text_encoder(config.text_encoder).tokenize,
+  )
   return ds.map(fn)
 
 
 def cached_inputs(record: dict) -> dict:
   """A latent-cache record → the cached batch contract: ``latents`` [n·t, h, w, c] and ``text`` [P·L, D]
   (float32) in place of ``video`` and ``tokens``, plus ``clip_valid`` and ``motion_scale``."""
-  return {"latents": np.asarray(record["latents"], np.float32), "text": np.asarray(record["text"], np.float32),
-          "clip_valid": np.asarray(record["clip_valid"], bool),
-          "motion_scale": np.float32(record.get("motion_scale", 0.0))}
+  return {
+    "latents": np.asarray(record["latents"], np.float32),
+    "text": np.asarray(record["text"], np.float32),
+    "clip_valid": np.asarray(record["clip_valid"], bool),
+    "motion_scale": np.float32(record.get("motion_scale", 0.0)),
+  }
 
 
 def mixture_entries(config: mlc.ConfigDict) -> list:
@@ -113,7 +127,10 @@ def mixture_entries(config: mlc.ConfigDict) -> list:
 
 
 def _set_scale(example: dict, *, scale: float) -> dict:
-  return {**example, "motion_scale": np.float32(scale)}  # float32 as the batch spec says (a float batches to f64)
+  return {
+    **example,
+    "motion_scale": np.float32(scale),
+  }  # float32 as the batch spec says (a float batches to f64)
 
 
 def _centre_fit(example: dict, *, height: int, width: int) -> dict:
@@ -138,13 +155,16 @@ def entry_dataset(config: mlc.ConfigDict, entry, index: int, *, train: bool = Tr
   seed = int(d.shuffle_seed) + 1000 * index
   set_scale = functools.partial(_set_scale, scale=float(entry.get("motion_scale", 0.0)))
   num_epochs = d.get("num_epochs") if train else 1
-  records = lambda name, seed: record_dataset(source_config(config, name), split, seed=seed, shuffle=train,
-                                              num_epochs=num_epochs)
+  records = lambda name, seed: record_dataset(
+    source_config(config, name), split, seed=seed, shuffle=train, num_epochs=num_epochs
+  )
   ds = records(name, seed)
   if d.get("cached", False):
     if transform != "video" or background:
-      raise ValueError(f"data.mixture[{index}] ({name}, transform={transform!r}, background={background!r}) needs "
-                       "pixels; a latent cache (data.cached=True) serves only transform='video' without background")
+      raise ValueError(
+        f"data.mixture[{index}] ({name}, transform={transform!r}, background={background!r}) needs "
+        "pixels; a latent cache (data.cached=True) serves only transform='video' without background"
+      )
     return ds.map(cached_inputs).map(set_scale)
 
   def random_map(ds, fn, offset):  # evaluation: the same function without randomness (rng=None)
@@ -152,18 +172,24 @@ def entry_dataset(config: mlc.ConfigDict, entry, index: int, *, train: bool = Tr
 
   frames, height, width = int(d.frames), int(d.height), int(d.width)
   temporal = functools.partial(transforms.temporal_sample, frames=frames, max_stride=int(d.max_frame_stride))
-  crop = functools.partial(transforms.random_crop_resize, height=height, width=width,
-                           min_area=float(d.get("random_crop", 1.0)))
+  crop = functools.partial(
+    transforms.random_crop_resize, height=height, width=width, min_area=float(d.get("random_crop", 1.0))
+  )
   ds = random_map(ds, temporal, 2)  # missing fg/bg stay missing (no resize for them below)
   if background:
     # Fit both sides to the clip size before pasting, then crop the composite like any clip.
     fit = functools.partial(_centre_fit, height=height, width=width)
-    bg = records(background, seed + 3).map(transforms.as_background).random_map(temporal, seed=seed + 4).map(fit)
+    bg = (
+      records(background, seed + 3).map(transforms.as_background).random_map(temporal, seed=seed + 4).map(fit)
+    )
     ds = ds.map(fit)
     cp = d.get("copy_paste", {}) or {}
     paste = functools.partial(
-        transforms.copy_paste, scale=(float(cp.get("scale_min", 0.5)), float(cp.get("scale_max", 1.0))),
-        flip=float(cp.get("flip", 0.5)), template=str(cp.get("prompt", "{fg} over {bg}")))
+      transforms.copy_paste,
+      scale=(float(cp.get("scale_min", 0.5)), float(cp.get("scale_max", 1.0))),
+      flip=float(cp.get("flip", 0.5)),
+      template=str(cp.get("prompt", "{fg} over {bg}")),
+    )
     ds = grain.experimental.ZipMapDataset([ds, bg]).random_map(paste, seed=seed + 5)
   ds = random_map(ds, crop, 6)
   if transform == "static":
@@ -172,8 +198,11 @@ def entry_dataset(config: mlc.ConfigDict, entry, index: int, *, train: bool = Tr
   if p > 0 and train:
     ds = ds.random_map(functools.partial(transforms.drop_prompts, p=p), seed=seed + 7)
   # uint8 record → normalised, premultiplied, packed and tokenised in one pass (transforms.record_to_model_inputs).
-  to_inputs = functools.partial(transforms.record_to_model_inputs, layout=layers.get_layout(config.layout),
-                                tokenize=make_text_encoder(config.text_encoder).tokenize)
+  to_inputs = functools.partial(
+    transforms.record_to_model_inputs,
+    layout=layers.get_layout(config.layout),
+    tokenize=make_text_encoder(config.text_encoder).tokenize,
+  )
   return ds.map(set_scale).map(to_inputs)
 
 
@@ -200,8 +229,14 @@ def per_process_batch_size(config: mlc.ConfigDict, shard_count: int) -> int:
   return global_batch // shard_count
 
 
-def process_batches(ds: grain.MapDataset, config: mlc.ConfigDict, *, shard_index: int = 0, shard_count: int = 1,
-                    drop_remainder: bool = True) -> grain.MapDataset:
+def process_batches(
+  ds: grain.MapDataset,
+  config: mlc.ConfigDict,
+  *,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  drop_remainder: bool = True,
+) -> grain.MapDataset:
   """Process ``shard_index``'s rows of every global batch of ``ds``: batches of ``b = data.batch_size //
   shard_count`` (batch ``q`` holds rows ``[q·b, (q+1)·b)``), of which global batch ``j`` is ``j·n … j·n + n-1``,
   so this process takes every ``n``-th from ``shard_index``. Several processes see whole global batches only (the
@@ -213,22 +248,32 @@ def process_batches(ds: grain.MapDataset, config: mlc.ConfigDict, *, shard_index
     return ds.batch(b, drop_remainder=drop_remainder)
   whole = len(ds) // int(config.data.batch_size) * shard_count
   if whole == 0:
-    raise ValueError(f"data.batch_size {config.data.batch_size}: {len(ds)} examples, fewer than one global batch")
+    raise ValueError(
+      f"data.batch_size {config.data.batch_size}: {len(ds)} examples, fewer than one global batch"
+    )
   return ds.batch(b, drop_remainder=True)[:whole][shard_index::shard_count]
 
 
-def make_dataset(config: mlc.ConfigDict, split: str = "train", *, shard_index: int = 0,
-                 shard_count: int = 1) -> grain.MapDataset:
+def make_dataset(
+  config: mlc.ConfigDict, split: str = "train", *, shard_index: int = 0, shard_count: int = 1
+) -> grain.MapDataset:
   """This process's batches of ``split``: train batches of the mixture (as long as ``data.num_epochs`` lasts),
   evaluation batches of ``data.name`` in stored order (one process: with the incomplete last one)."""
-  return process_batches(examples(config, split), config, shard_index=shard_index, shard_count=shard_count,
-                         drop_remainder=_is_train(split))
+  return process_batches(
+    examples(config, split),
+    config,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    drop_remainder=_is_train(split),
+  )
 
 
 def to_iterator(ds: grain.MapDataset, config: mlc.ConfigDict) -> grain.DatasetIterator:
   """A checkpointable iterator (``get_state`` / ``set_state``), multiprocess if ``data.worker_count > 0``."""
-  read = grain.ReadOptions(num_threads=int(config.data.get("read_threads", 2)),
-                           prefetch_buffer_size=int(config.data.get("prefetch_batches", 4)))
+  read = grain.ReadOptions(
+    num_threads=int(config.data.get("read_threads", 2)),
+    prefetch_buffer_size=int(config.data.get("prefetch_batches", 4)),
+  )
   it_ds = ds.to_iter_dataset(read)
   workers = int(config.data.worker_count)
   if workers > 0:

@@ -8,14 +8,14 @@ from __future__ import annotations
 import importlib
 
 BUILDERS = {
-    "layerflow_synthetic": "data_pipelines.layerflow_synthetic",  # generated layered videos
-    # the same builder's quality-gap kinds (data_pipelines/synthetic.py: KINDS)
-    "layerflow_synthetic_lowq": "data_pipelines.layerflow_synthetic",  # stage 1: annotation artifacts
-    "layerflow_synthetic_images": "data_pipelines.layerflow_synthetic",  # stage 3: high-quality layered images
-    "layerflow_synthetic_copypaste": "data_pipelines.layerflow_synthetic",  # stage 2/3: copy-paste videos
-    "layerflow_folder": "data_pipelines.layerflow_folder",  # layered videos, official layout
-    "layerflow_images": "data_pipelines.layerflow_images",  # layered images, official image schema
-    "layerflow_videos": "data_pipelines.layerflow_videos",  # plain captioned videos (copy-paste backgrounds)
+  "layerflow_synthetic": "data_pipelines.layerflow_synthetic",  # generated layered videos
+  # the same builder's quality-gap kinds (data_pipelines/synthetic.py: KINDS)
+  "layerflow_synthetic_lowq": "data_pipelines.layerflow_synthetic",  # stage 1: annotation artifacts
+  "layerflow_synthetic_images": "data_pipelines.layerflow_synthetic",  # stage 3: high-quality layered images
+  "layerflow_synthetic_copypaste": "data_pipelines.layerflow_synthetic",  # stage 2/3: copy-paste videos
+  "layerflow_folder": "data_pipelines.layerflow_folder",  # layered videos, official layout
+  "layerflow_images": "data_pipelines.layerflow_images",  # layered images, official image schema
+  "layerflow_videos": "data_pipelines.layerflow_videos",  # plain captioned videos (copy-paste backgrounds)
 }
 # Builders that import a folder the user brings (``data.manual_dirs.NAME``).
 MANUAL = ("layerflow_folder", "layerflow_images", "layerflow_videos")

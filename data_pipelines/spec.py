@@ -33,8 +33,9 @@ NUM_PROMPTS = 3  # fg, bg, blend (data_pipelines.transforms.PROMPT_KEYS)
 BATCH_KEYS = ("video", "tokens", "latents", "text", "clip_valid", "motion_scale")
 
 
-def batch_spec(config: mlc.ConfigDict, mesh: Mesh | None = None, *,
-               latent_shape: tuple[int, int, int, int] | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(
+  config: mlc.ConfigDict, mesh: Mesh | None = None, *, latent_shape: tuple[int, int, int, int] | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch of ``config`` (``data.batch_size`` rows); with ``mesh`` each array carries the data
   sharding (:func:`layerflow_jax.sharding.data_sharding`). ``latent_shape`` (t, h, w, c per clip; data.cached
   only) saves building the autoencoder again where the caller has it."""
@@ -42,15 +43,23 @@ def batch_spec(config: mlc.ConfigDict, mesh: Mesh | None = None, *,
   b, n = int(d.batch_size), layers.get_layout(config.layout).num_clips
   length = int(config.text_encoder.max_length)
   if d.get("cached", False):
-    t, h, w, c = latent_shape or codec_lib.make_codec(config.autoencoder).latent_shape(d.frames, d.height, d.width)
-    shapes = {"latents": ((b, n * t, h, w, c), np.float32),
-              "text": ((b, NUM_PROMPTS * length, int(config.text_encoder.dim)), np.float32)}
+    t, h, w, c = latent_shape or codec_lib.make_codec(config.autoencoder).latent_shape(
+      d.frames, d.height, d.width
+    )
+    shapes = {
+      "latents": ((b, n * t, h, w, c), np.float32),
+      "text": ((b, NUM_PROMPTS * length, int(config.text_encoder.dim)), np.float32),
+    }
   else:
-    shapes = {"video": ((b, n * int(d.frames), int(d.height), int(d.width), 3), np.float32),
-              "tokens": ((b, NUM_PROMPTS, length), np.int32)}
+    shapes = {
+      "video": ((b, n * int(d.frames), int(d.height), int(d.width), 3), np.float32),
+      "tokens": ((b, NUM_PROMPTS, length), np.int32),
+    }
   shapes |= {"clip_valid": ((b, n), np.bool_), "motion_scale": ((b,), np.float32)}
   sharding = (lambda ndim: shd.data_sharding(mesh, ndim)) if mesh is not None else (lambda ndim: None)
-  return {k: jax.ShapeDtypeStruct(s, np.dtype(dt), sharding=sharding(len(s))) for k, (s, dt) in shapes.items()}
+  return {
+    k: jax.ShapeDtypeStruct(s, np.dtype(dt), sharding=sharding(len(s))) for k, (s, dt) in shapes.items()
+  }
 
 
 def check_example(example: dict, *, spec: dict[str, jax.ShapeDtypeStruct]) -> dict:
@@ -61,6 +70,8 @@ def check_example(example: dict, *, spec: dict[str, jax.ShapeDtypeStruct]) -> di
   for k, s in spec.items():
     x = np.asarray(example[k])
     if x.shape != s.shape[1:] or x.dtype != s.dtype:
-      raise ValueError(f"batch key {k!r}: an example is {x.dtype}{list(x.shape)}, the config's batch spec "
-                       f"{s.dtype}{list(s.shape[1:])} (data.frames/height/width, layout, text_encoder)")
+      raise ValueError(
+        f"batch key {k!r}: an example is {x.dtype}{list(x.shape)}, the config's batch spec "
+        f"{s.dtype}{list(s.shape[1:])} (data.frames/height/width, layout, text_encoder)"
+      )
   return example

@@ -24,14 +24,14 @@ import numpy as np
 
 # Named colours, far apart in RGB so that a small model (and a person) can tell them apart.
 COLORS: dict[str, tuple[int, int, int]] = {
-    "red": (225, 30, 30),
-    "green": (30, 200, 60),
-    "blue": (40, 70, 235),
-    "yellow": (245, 220, 40),
-    "white": (245, 245, 245),
-    "purple": (150, 50, 210),
-    "orange": (250, 140, 20),
-    "cyan": (40, 215, 225),
+  "red": (225, 30, 30),
+  "green": (30, 200, 60),
+  "blue": (40, 70, 235),
+  "yellow": (245, 220, 40),
+  "white": (245, 245, 245),
+  "purple": (150, 50, 210),
+  "orange": (250, 140, 20),
+  "cyan": (40, 215, 225),
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 TEXTURES = ("stripes", "checker", "gradient", "dots")
@@ -127,6 +127,7 @@ def _sprite(rng, frames, height, width, shape, motion, aa_width: float = _AA_WID
   travel = float(rng.uniform(0.3, 0.5) * side) if motion != "still" else 0.0
   sy, sx = _STEP[motion]
   margin = 0.25 * radius
+
   # Choose a start so that the whole path of the centre stays within [margin, size - 1 - margin].
   def start(size: int, step: float) -> float:
     lo, hi = margin, size - 1 - margin
@@ -148,12 +149,12 @@ def _sprite_phrase(color: str, shape: str, motion: str) -> str:
 
 
 def make_scene(
-    rng_or_seed: int | np.random.Generator | np.random.SeedSequence,
-    frames: int,
-    height: int,
-    width: int,
-    *,
-    num_sprites: int = 1,
+  rng_or_seed: int | np.random.Generator | np.random.SeedSequence,
+  frames: int,
+  height: int,
+  width: int,
+  *,
+  num_sprites: int = 1,
 ) -> dict[str, Any]:
   """One layered scene; the same seed always gives the same scene.
 
@@ -192,19 +193,19 @@ def make_scene(
   fg_prompt = " and ".join(_sprite_phrase(*s) for s in sprites)
   bg_prompt = f"{bg_color} {_TEXTURE_WORDS[bg_texture]} scrolling {bg_motion}"
   return {
-      "fg": fg8,
-      "alpha": alpha8,
-      "bg": bg8,
-      "blend": blend8,
-      "fg_prompt": fg_prompt,
-      "bg_prompt": bg_prompt,
-      "blend_prompt": f"{fg_prompt} over {bg_prompt}",
-      "fg_color": sprites[0][0],
-      "fg_shape": sprites[0][1],
-      "motion": sprites[0][2],
-      "bg_color": bg_color,
-      "bg_texture": bg_texture,
-      "bg_motion": bg_motion,
+    "fg": fg8,
+    "alpha": alpha8,
+    "bg": bg8,
+    "blend": blend8,
+    "fg_prompt": fg_prompt,
+    "bg_prompt": bg_prompt,
+    "blend_prompt": f"{fg_prompt} over {bg_prompt}",
+    "fg_color": sprites[0][0],
+    "fg_shape": sprites[0][1],
+    "motion": sprites[0][2],
+    "bg_color": bg_color,
+    "bg_texture": bg_texture,
+    "bg_motion": bg_motion,
   }
 
 
@@ -224,8 +225,9 @@ def _shift(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
   """mask [H, W] moved by (dy, dx) pixels, zeros shifted in."""
   out = np.zeros_like(mask)
   h, w = mask.shape
-  out[max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = mask[max(-dy, 0):h - max(dy, 0),
-                                                                    max(-dx, 0):w - max(dx, 0)]
+  out[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+    max(-dy, 0) : h - max(dy, 0), max(-dx, 0) : w - max(dx, 0)
+  ]
   return out
 
 
@@ -248,7 +250,9 @@ def _inpaint_smear(bg: np.ndarray, hole: np.ndarray) -> np.ndarray:
   out = bg.astype(np.float32).copy()
   keep = (~hole)[..., None].astype(np.float32)
   row_n = keep.sum(axis=2, keepdims=True)
-  frame_mean = (out * keep).sum(axis=(1, 2), keepdims=True) / np.maximum(keep.sum(axis=(1, 2), keepdims=True), 1.0)
+  frame_mean = (out * keep).sum(axis=(1, 2), keepdims=True) / np.maximum(
+    keep.sum(axis=(1, 2), keepdims=True), 1.0
+  )
   row_mean = np.where(row_n > 0, (out * keep).sum(axis=2, keepdims=True) / np.maximum(row_n, 1.0), frame_mean)
   return np.where(hole[..., None], np.broadcast_to(row_mean, out.shape), out)
 
@@ -294,10 +298,21 @@ def make_hq_image(rng_or_seed, frames: int, height: int, width: int) -> dict[str
   fg_prompt = f"{article} {'translucent ' if translucent else ''}{color} {shape} standing still"
   bg_prompt = f"{bg_color} {_TEXTURE_WORDS[bg_texture]}"
   rep = lambda x: np.repeat(x, frames, axis=0)
-  return {"fg": rep(fg8), "alpha": rep(alpha8), "bg": rep(bg8), "blend": rep(blend8), "fg_prompt": fg_prompt,
-          "bg_prompt": bg_prompt, "blend_prompt": f"{fg_prompt} over {bg_prompt}", "fg_color": color,
-          "fg_shape": shape, "motion": "still", "bg_color": bg_color, "bg_texture": bg_texture,
-          "bg_motion": "still"}
+  return {
+    "fg": rep(fg8),
+    "alpha": rep(alpha8),
+    "bg": rep(bg8),
+    "blend": rep(blend8),
+    "fg_prompt": fg_prompt,
+    "bg_prompt": bg_prompt,
+    "blend_prompt": f"{fg_prompt} over {bg_prompt}",
+    "fg_color": color,
+    "fg_shape": shape,
+    "motion": "still",
+    "bg_color": bg_color,
+    "bg_texture": bg_texture,
+    "bg_motion": "still",
+  }
 
 
 def make_copy_paste(rng_or_seed, frames: int, height: int, width: int) -> dict[str, Any]:
@@ -309,9 +324,15 @@ def make_copy_paste(rng_or_seed, frames: int, height: int, width: int) -> dict[s
   while under["bg_color"] == top["fg_color"]:  # keep the sprite visible
     under = make_scene(rng, frames, height, width)
   out = dict(top)
-  out.update(bg=under["bg"], blend=_composite(top["fg"], top["alpha"], under["bg"]), bg_prompt=under["bg_prompt"],
-             blend_prompt=f"{top['fg_prompt']} over {under['bg_prompt']}", bg_color=under["bg_color"],
-             bg_texture=under["bg_texture"], bg_motion=under["bg_motion"])
+  out.update(
+    bg=under["bg"],
+    blend=_composite(top["fg"], top["alpha"], under["bg"]),
+    bg_prompt=under["bg_prompt"],
+    blend_prompt=f"{top['fg_prompt']} over {under['bg_prompt']}",
+    bg_color=under["bg_color"],
+    bg_texture=under["bg_texture"],
+    bg_motion=under["bg_motion"],
+  )
   return out
 
 

@@ -54,11 +54,11 @@ def decode(record: Example) -> Example:
   """
   record = complete_record(record)
   out = {
-      "fg": normalize_rgb(record["fg"]),
-      "alpha": normalize_alpha(record["alpha"]),
-      "bg": normalize_rgb(record["bg"]),
-      "blend": normalize_rgb(record["blend"]),
-      "has_bg": bool(record.get("has_bg", True)),
+    "fg": normalize_rgb(record["fg"]),
+    "alpha": normalize_alpha(record["alpha"]),
+    "bg": normalize_rgb(record["bg"]),
+    "blend": normalize_rgb(record["blend"]),
+    "has_bg": bool(record.get("has_bg", True)),
   }
   for key in PROMPT_KEYS:
     out[key] = _text(record[key])
@@ -92,7 +92,11 @@ def as_background(record: Example) -> Example:
   """Any source as a copy-paste background: ``bg`` (uint8 clip) and ``bg_prompt``. Plain videos give their
   ``video``/``prompt``; layered records their background (or, where it is missing, their blend)."""
   if "video" in record:
-    return {"id": record.get("id", b""), "bg": np.asarray(record["video"]), "bg_prompt": _text(record["prompt"])}
+    return {
+      "id": record.get("id", b""),
+      "bg": np.asarray(record["video"]),
+      "bg_prompt": _text(record["prompt"]),
+    }
   has_bg = bool(record.get("has_bg", True)) and np.shape(record["bg"])[0] > 0
   key, prompt = ("bg", "bg_prompt") if has_bg else ("blend", "blend_prompt")
   return {"id": record.get("id", b""), "bg": np.asarray(record[key]), "bg_prompt": _text(record[prompt])}
@@ -104,8 +108,9 @@ def _frame_keys(example: Example) -> list[str]:
   return [ref] + [k for k in LAYER_KEYS + ("video",) if k in example and k != ref]
 
 
-def temporal_sample(example: Example, rng: np.random.Generator | None, *, frames: int,
-                    max_stride: int = 1) -> Example:
+def temporal_sample(
+  example: Example, rng: np.random.Generator | None, *, frames: int, max_stride: int = 1
+) -> Example:
   """Every clip of the example → ``frames`` frames: a one-frame record (an image) is repeated; a longer one is
   cut to ``frames`` evenly spaced frames, stride ``1..max_stride`` and start drawn from ``rng`` (None: the
   whole clip, evenly spaced — deterministic, for evaluation). A clip of 2..frames-1 frames is an error."""
@@ -120,7 +125,9 @@ def temporal_sample(example: Example, rng: np.random.Generator | None, *, frames
       out[k] = np.repeat(x, frames, axis=0) if x.shape[0] else x
     return out
   if t < frames:
-    raise ValueError(f"record {_text(example.get('id', '?'))} has {t} frames, fewer than data.frames={frames}")
+    raise ValueError(
+      f"record {_text(example.get('id', '?'))} has {t} frames, fewer than data.frames={frames}"
+    )
   if rng is None:
     idx = importing.evenly_spaced(t, frames)
   else:
@@ -134,8 +141,9 @@ def temporal_sample(example: Example, rng: np.random.Generator | None, *, frames
   return out
 
 
-def random_crop_resize(example: Example, rng: np.random.Generator | None, *, height: int, width: int,
-                       min_area: float = 1.0) -> Example:
+def random_crop_resize(
+  example: Example, rng: np.random.Generator | None, *, height: int, width: int, min_area: float = 1.0
+) -> Example:
   """The same window of every frame of every clip → ``height × width``. The window has the target aspect
   ratio and a random area fraction in [``min_area``, 1] of the largest such window, at a random place
   (``rng`` None or ``min_area`` 1: the centred largest window, i.e. a plain centre crop + resize)."""
@@ -166,8 +174,14 @@ def fit_record(record: Example, *, frames: int, height: int, width: int) -> Exam
   return random_crop_resize(record, None, height=height, width=width)
 
 
-def copy_paste(pair: tuple[Example, Example], rng: np.random.Generator, *, scale: Sequence[float] = (0.5, 1.0),
-               flip: float = 0.5, template: str = "{fg} over {bg}") -> Example:
+def copy_paste(
+  pair: tuple[Example, Example],
+  rng: np.random.Generator,
+  *,
+  scale: Sequence[float] = (0.5, 1.0),
+  flip: float = 0.5,
+  template: str = "{fg} over {bg}",
+) -> Example:
   """A matted foreground (a layered record's fg + alpha: a clip, or an image repeated) pasted onto a background
   clip (:func:`as_background`) at a random scale, position and horizontal flip; the blend is recomputed as
   round(α·fg + (1 − α)·bg) in uint8 and the blend prompt composed from ``template``.
@@ -178,8 +192,10 @@ def copy_paste(pair: tuple[Example, Example], rng: np.random.Generator, *, scale
   fg_rec, bg_rec = complete_record(pair[0]), pair[1]
   fg, alpha, bg = np.asarray(fg_rec["fg"]), np.asarray(fg_rec["alpha"]), np.asarray(bg_rec["bg"])
   if fg.shape != bg.shape:
-    raise ValueError(f"copy_paste: foreground {_text(fg_rec.get('id', '?'))} is {fg.shape}, background "
-                     f"{_text(bg_rec.get('id', '?'))} is {bg.shape}; fit both to data.frames/height/width first")
+    raise ValueError(
+      f"copy_paste: foreground {_text(fg_rec.get('id', '?'))} is {fg.shape}, background "
+      f"{_text(bg_rec.get('id', '?'))} is {bg.shape}; fit both to data.frames/height/width first"
+    )
   t, h, w, _ = fg.shape
   s = float(rng.uniform(*scale))
   ph, pw = max(1, round(h * s)), max(1, round(w * s))
@@ -200,9 +216,18 @@ def copy_paste(pair: tuple[Example, Example], rng: np.random.Generator, *, scale
   a = new_alpha.astype(np.float32) / 255.0
   blend = np.clip(np.rint(a * new_fg + (1.0 - a) * bg), 0, 255).astype(np.uint8)
   fg_prompt, bg_prompt = _text(fg_rec["fg_prompt"]), _text(bg_rec["bg_prompt"])
-  return {"id": f"{_text(fg_rec.get('id', '?'))}+{_text(bg_rec.get('id', '?'))}", "fg": new_fg,
-          "alpha": new_alpha, "bg": bg, "blend": blend, "has_fg": True, "has_bg": True, "fg_prompt": fg_prompt,
-          "bg_prompt": bg_prompt, "blend_prompt": template.format(fg=fg_prompt, bg=bg_prompt)}
+  return {
+    "id": f"{_text(fg_rec.get('id', '?'))}+{_text(bg_rec.get('id', '?'))}",
+    "fg": new_fg,
+    "alpha": new_alpha,
+    "bg": bg,
+    "blend": blend,
+    "has_fg": True,
+    "has_bg": True,
+    "fg_prompt": fg_prompt,
+    "bg_prompt": bg_prompt,
+    "blend_prompt": template.format(fg=fg_prompt, bg=bg_prompt),
+  }
 
 
 def drop_prompts(example: Example, rng: np.random.Generator, *, p: float) -> Example:
@@ -239,9 +264,9 @@ def to_clips(example: Example, layout: layers.Layout) -> Example:
   if not example.get("has_bg", True):
     valid[layout.index(layers.BG)] = False
   return {
-      "video": video,
-      "clip_valid": valid,
-      "motion_scale": np.float32(example.get("motion_scale", 0.0)),
+    "video": video,
+    "clip_valid": valid,
+    "motion_scale": np.float32(example.get("motion_scale", 0.0)),
   }
 
 
@@ -256,8 +281,9 @@ def tokenize_prompts(example: Example, tokenize: Callable[[Sequence[str]], np.nd
   return np.asarray(tokenize(prompts), dtype=np.int32)
 
 
-def to_model_inputs(example: Example, *, layout: layers.Layout,
-                    tokenize: Callable[[Sequence[str]], np.ndarray]) -> Example:
+def to_model_inputs(
+  example: Example, *, layout: layers.Layout, tokenize: Callable[[Sequence[str]], np.ndarray]
+) -> Example:
   """Decoded layers → one example of the batch contract (``video``, ``tokens``, ``clip_valid``,
   ``motion_scale``)."""
   out = to_clips(example, layout)
@@ -265,8 +291,9 @@ def to_model_inputs(example: Example, *, layout: layers.Layout,
   return out
 
 
-def record_to_model_inputs(record: Example, *, layout: layers.Layout,
-                           tokenize: Callable[[Sequence[str]], np.ndarray]) -> Example:
+def record_to_model_inputs(
+  record: Example, *, layout: layers.Layout, tokenize: Callable[[Sequence[str]], np.ndarray]
+) -> Example:
   """A uint8 layered record (missing fg/bg allowed) → one example of the batch contract, equal to
   ``to_model_inputs(decode(record))`` but written straight into the packed float32 video: at 480×720 × 16 frames
   the float layers, their stack and the cast each cost a pass over ~265 MB, which this skips."""
@@ -283,7 +310,7 @@ def record_to_model_inputs(record: Example, *, layout: layers.Layout,
   video = np.empty((layout.num_clips * t,) + blend.shape[1:3] + (3,), np.float32)
   half = np.float32(127.5)
   for i, name in enumerate(layout.clips):
-    dst = video[i * t:(i + 1) * t]
+    dst = video[i * t : (i + 1) * t]
     if name == layers.ALPHA:
       dst[...] = a * np.float32(2.0) - np.float32(1.0)
       continue
@@ -298,5 +325,9 @@ def record_to_model_inputs(record: Example, *, layout: layers.Layout,
   valid = np.ones(layout.num_clips, dtype=bool)
   if not has_bg:
     valid[layout.index(layers.BG)] = False
-  return {"video": video, "clip_valid": valid, "motion_scale": np.float32(record.get("motion_scale", 0.0)),
-          "tokens": tokenize_prompts(record, tokenize)}
+  return {
+    "video": video,
+    "clip_valid": valid,
+    "motion_scale": np.float32(record.get("motion_scale", 0.0)),
+    "tokens": tokenize_prompts(record, tokenize),
+  }

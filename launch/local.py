@@ -33,14 +33,30 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def process_env(base: dict, *, index: int, count: int, port: int, gpus: bool, devices_per_process: int,
-                init_timeout: int, heartbeat_timeout: int) -> dict:
+def process_env(
+  base: dict,
+  *,
+  index: int,
+  count: int,
+  port: int,
+  gpus: bool,
+  devices_per_process: int,
+  init_timeout: int,
+  heartbeat_timeout: int,
+) -> dict:
   """The environment of process ``index`` of ``count``."""
   env = dict(base)
-  env.update(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES=str(count), JAX_PROCESS_ID=str(index),
-             LAYERFLOW_INIT_TIMEOUT_S=str(init_timeout), LAYERFLOW_HEARTBEAT_TIMEOUT_S=str(heartbeat_timeout),
-             PYTHONUNBUFFERED="1")
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env.update(
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    JAX_NUM_PROCESSES=str(count),
+    JAX_PROCESS_ID=str(index),
+    LAYERFLOW_INIT_TIMEOUT_S=str(init_timeout),
+    LAYERFLOW_HEARTBEAT_TIMEOUT_S=str(heartbeat_timeout),
+    PYTHONUNBUFFERED="1",
+  )
+  flags = [
+    f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  ]
   if gpus:
     env["CUDA_VISIBLE_DEVICES"] = str(index)  # one GPU each; NCCL carries the collectives
     # NVLink multicast (NVLS) off unless the caller says otherwise: the lent multi-GPU hosts need it off, and
@@ -69,9 +85,17 @@ def _pump(stream, prefix: str, out) -> None:
     out.flush()
 
 
-def launch(command: Sequence[str], *, num_processes: int, gpus: bool = False, devices_per_process: int = 1,
-           port: int | None = None, init_timeout: int = 300, heartbeat_timeout: int = 100,
-           cwd: str | None = None) -> int:
+def launch(
+  command: Sequence[str],
+  *,
+  num_processes: int,
+  gpus: bool = False,
+  devices_per_process: int = 1,
+  port: int | None = None,
+  init_timeout: int = 300,
+  heartbeat_timeout: int = 100,
+  cwd: str | None = None,
+) -> int:
   """Runs ``command`` as ``num_processes`` processes of one job; returns the job's exit status."""
   if num_processes < 1:
     raise SystemExit(f"error: --num-processes {num_processes}: expected at least 1")
@@ -83,9 +107,16 @@ def launch(command: Sequence[str], *, num_processes: int, gpus: bool = False, de
   argv = command_line(command)
   procs, pumps = [], []
   for i in range(num_processes):
-    env = process_env(os.environ, index=i, count=num_processes, port=port, gpus=gpus,
-                      devices_per_process=devices_per_process, init_timeout=init_timeout,
-                      heartbeat_timeout=heartbeat_timeout)
+    env = process_env(
+      os.environ,
+      index=i,
+      count=num_processes,
+      port=port,
+      gpus=gpus,
+      devices_per_process=devices_per_process,
+      init_timeout=init_timeout,
+      heartbeat_timeout=heartbeat_timeout,
+    )
     p = subprocess.Popen(argv, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     print(f"[launch] process {i} of {num_processes}: pid {p.pid} (coordinator 127.0.0.1:{port})", flush=True)
     procs.append(p)
@@ -115,20 +146,30 @@ def main(argv: Sequence[str] | None = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if "--" in argv:
     cut = argv.index("--")
-    argv, command = argv[:cut], argv[cut + 1:]
+    argv, command = argv[:cut], argv[cut + 1 :]
   else:
     command = []
   p = argparse.ArgumentParser(prog="launch/local.py", description=__doc__.splitlines()[0])
   p.add_argument("--num-processes", "-n", type=int, default=2)
-  p.add_argument("--gpus", action="store_true", help="one GPU per process (CUDA_VISIBLE_DEVICES=i) instead of CPU")
+  p.add_argument(
+    "--gpus", action="store_true", help="one GPU per process (CUDA_VISIBLE_DEVICES=i) instead of CPU"
+  )
   p.add_argument("--devices-per-process", type=int, default=1, help="CPU only: fake host devices per process")
   p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
   p.add_argument("--init-timeout", type=int, default=300, help="seconds for all processes to join")
-  p.add_argument("--heartbeat-timeout", type=int, default=100, help="seconds before a silent peer ends the job")
+  p.add_argument(
+    "--heartbeat-timeout", type=int, default=100, help="seconds before a silent peer ends the job"
+  )
   args = p.parse_args(argv)
-  return launch(command, num_processes=args.num_processes, gpus=args.gpus,
-                devices_per_process=args.devices_per_process, port=args.port, init_timeout=args.init_timeout,
-                heartbeat_timeout=args.heartbeat_timeout)
+  return launch(
+    command,
+    num_processes=args.num_processes,
+    gpus=args.gpus,
+    devices_per_process=args.devices_per_process,
+    port=args.port,
+    init_timeout=args.init_timeout,
+    heartbeat_timeout=args.heartbeat_timeout,
+  )
 
 
 if __name__ == "__main__":

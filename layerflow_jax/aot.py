@@ -43,10 +43,10 @@ GiB = 1024**3
 # Per chip, from Google Cloud's TPU datasheets: HBM (GiB), dense bf16 peak (FLOP/s), HBM bandwidth (bytes/s).
 # Keyed by jax's ``device_kind``.
 TPU_CHIPS = {
-    "TPU v4": dict(name="v4", hbm_GiB=32, bf16_flops=275e12, hbm_bytes_per_s=1228e9),
-    "TPU v5 lite": dict(name="v5e", hbm_GiB=16, bf16_flops=197e12, hbm_bytes_per_s=819e9),
-    "TPU v5": dict(name="v5p", hbm_GiB=95, bf16_flops=459e12, hbm_bytes_per_s=2765e9),
-    "TPU v6 lite": dict(name="v6e", hbm_GiB=32, bf16_flops=918e12, hbm_bytes_per_s=1640e9),
+  "TPU v4": dict(name="v4", hbm_GiB=32, bf16_flops=275e12, hbm_bytes_per_s=1228e9),
+  "TPU v5 lite": dict(name="v5e", hbm_GiB=16, bf16_flops=197e12, hbm_bytes_per_s=819e9),
+  "TPU v5": dict(name="v5p", hbm_GiB=95, bf16_flops=459e12, hbm_bytes_per_s=2765e9),
+  "TPU v6 lite": dict(name="v6e", hbm_GiB=32, bf16_flops=918e12, hbm_bytes_per_s=1640e9),
 }
 
 
@@ -62,8 +62,10 @@ def parse_topology(text: str) -> tuple[str, str, int]:
   try:
     count = math.prod(int(d) for d in dims.split("x"))
   except ValueError:
-    raise ValueError(f"--topology {text!r}: cannot read a device count from {dims!r} "
-                     "(expected e.g. cpu:8, gpu:2x8, tpu:v5p:2x2x2)") from None
+    raise ValueError(
+      f"--topology {text!r}: cannot read a device count from {dims!r} "
+      "(expected e.g. cpu:8, gpu:2x8, tpu:v5p:2x2x2)"
+    ) from None
   if count < 1:
     raise ValueError(f"--topology {text!r}: the device count must be positive")
   return platform, name, count
@@ -83,9 +85,14 @@ def tpu_devices(name: str, num_slices: int = 1) -> list:
     return list(topologies.get_topology_desc(name, "tpu", num_slices=num_slices).devices)
   except Exception as e:
     first = str(e).splitlines()[0][:200] if str(e) else ""
-    hint = ' — install the tpu extra: pip install -e ".[tpu]"' if importlib.util.find_spec("libtpu") is None else ""
-    raise SystemExit(f"error: --topology tpu:{name}: no compile-only TPU devices ({type(e).__name__}: "
-                     f"{first}){hint}") from None
+    hint = (
+      ' — install the tpu extra: pip install -e ".[tpu]"'
+      if importlib.util.find_spec("libtpu") is None
+      else ""
+    )
+    raise SystemExit(
+      f"error: --topology tpu:{name}: no compile-only TPU devices ({type(e).__name__}: {first}){hint}"
+    ) from None
 
 
 def _compile_only_devices(platform: str, name: str):
@@ -96,8 +103,10 @@ def _compile_only_devices(platform: str, name: str):
     if platform == "gpu":
       return list(topologies.get_topology_desc(name, "cuda").devices)
   except Exception as e:  # no libtpu / CUDA plugin / unsupported name
-    print(f"# {platform} topology {name!r} unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
-          flush=True)
+    print(
+      f"# {platform} topology {name!r} unavailable here ({type(e).__name__}: {str(e).splitlines()[0][:160]})",
+      flush=True,
+    )
   return None
 
 
@@ -107,7 +116,9 @@ def _bytes_per_device(tree, shardings) -> int:
   import numpy as np
 
   total = 0
-  for a, s in zip(jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "shard_shape"))):
+  for a, s in zip(
+    jax.tree.leaves(tree), jax.tree.leaves(shardings, is_leaf=lambda x: hasattr(x, "shard_shape"))
+  ):
     if jnp.issubdtype(a.dtype, jax.dtypes.extended):  # RNG keys: negligible
       continue
     total += int(np.prod(s.shard_shape(a.shape))) * np.dtype(a.dtype).itemsize
@@ -150,7 +161,9 @@ def _compile(config, devices):
   exp = Experiment(config, mesh)
   abstract = exp.abstract_state()
   shardings = exp.state_shardings(abstract)
-  state_in = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  state_in = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   batch_in = exp.batch_spec  # the abstract global batch, with the data sharding of this mesh
   fn = step_lib.compile_train_step(exp, shardings, None)
   t0 = time.time()
@@ -187,8 +200,14 @@ def roofline(row: dict, chip: dict) -> dict:
   """Compute-bound and HBM-bound times per chip and their maximum, the roofline step-time estimate."""
   compute_s = row["flops_per_chip"] / chip["bf16_flops"]
   memory_s = row["bytes_per_chip"] / chip["hbm_bytes_per_s"]
-  return {"chip": chip["name"], "hbm_GiB": chip["hbm_GiB"], "compute_s": compute_s, "memory_s": memory_s,
-          "est_step_s": max(compute_s, memory_s), "fits": row["peak_GiB"] <= chip["hbm_GiB"]}
+  return {
+    "chip": chip["name"],
+    "hbm_GiB": chip["hbm_GiB"],
+    "compute_s": compute_s,
+    "memory_s": memory_s,
+    "est_step_s": max(compute_s, memory_s),
+    "fits": row["peak_GiB"] <= chip["hbm_GiB"],
+  }
 
 
 def compile_train_step(config, devices, *, label: str) -> dict:
@@ -206,8 +225,12 @@ def compile_train_step(config, devices, *, label: str) -> dict:
   mesh = exp.mesh
   m = compiled.memory_analysis()
   get = lambda name: int(getattr(m, name, 0) or 0)
-  args, out, alias, temp = (get("argument_size_in_bytes"), get("output_size_in_bytes"),
-                            get("alias_size_in_bytes"), get("temp_size_in_bytes"))
+  args, out, alias, temp = (
+    get("argument_size_in_bytes"),
+    get("output_size_in_bytes"),
+    get("alias_size_in_bytes"),
+    get("temp_size_in_bytes"),
+  )
   params = sum(int(np.prod(v.shape)) for v in exp.abstract_params.values())
   trainable = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract.trainable))
   shape = dict(mesh.shape)
@@ -218,22 +241,38 @@ def compile_train_step(config, devices, *, label: str) -> dict:
     flops, nbytes, layer_s = per_step_cost(config, devices)
   num_text = spec_lib.NUM_PROMPTS * int(config.text_encoder.max_length)
   tokens = num_text + exp.latent_shape[0] * exp.layout.num_clips * (
-      exp.latent_shape[1] // exp.model_cfg.patch_size) * (exp.latent_shape[2] // exp.model_cfg.patch_size)
+    exp.latent_shape[1] // exp.model_cfg.patch_size
+  ) * (exp.latent_shape[2] // exp.model_cfg.patch_size)
   kernel = splash_kernel_flops(exp.model_cfg, tokens, int(config.data.batch_size) / len(devices))
   row = {
-      "config": label, "devices": len(devices), "platform": devices[0].platform,
-      "mesh": "×".join(f"{a}={n}" for a, n in shape.items() if n > 1) or "1 device",
-      "batch": int(config.data.batch_size), "params_B": params / 1e9, "trainable_B": trainable / 1e9,
-      "tokens": exp.latent_shape[0] * exp.layout.num_clips * (exp.latent_shape[1] // exp.model_cfg.patch_size)
-      * (exp.latent_shape[2] // exp.model_cfg.patch_size),
-      "dtype": config.model.dtype, "remat": config.model.remat,
-      "state_GiB": _bytes_per_device(abstract, shardings) / GiB,
-      "args_GiB": args / GiB, "out_GiB": out / GiB, "alias_GiB": alias / GiB, "temp_GiB": temp / GiB,
-      "peak_GiB": (args + out - alias + temp) / GiB, "compile_s": seconds,
-      "joint_tokens": tokens, "compiler_flops_per_chip": flops, "splash_flops_per_chip": kernel,
-      "flops_per_chip": flops + kernel, "bytes_per_chip": nbytes, "cost_compile_s": layer_s,
-      "device_kind": devices[0].device_kind,
-      "slices": len({getattr(d, "slice_index", 0) for d in devices}),
+    "config": label,
+    "devices": len(devices),
+    "platform": devices[0].platform,
+    "mesh": "×".join(f"{a}={n}" for a, n in shape.items() if n > 1) or "1 device",
+    "batch": int(config.data.batch_size),
+    "params_B": params / 1e9,
+    "trainable_B": trainable / 1e9,
+    "tokens": exp.latent_shape[0]
+    * exp.layout.num_clips
+    * (exp.latent_shape[1] // exp.model_cfg.patch_size)
+    * (exp.latent_shape[2] // exp.model_cfg.patch_size),
+    "dtype": config.model.dtype,
+    "remat": config.model.remat,
+    "state_GiB": _bytes_per_device(abstract, shardings) / GiB,
+    "args_GiB": args / GiB,
+    "out_GiB": out / GiB,
+    "alias_GiB": alias / GiB,
+    "temp_GiB": temp / GiB,
+    "peak_GiB": (args + out - alias + temp) / GiB,
+    "compile_s": seconds,
+    "joint_tokens": tokens,
+    "compiler_flops_per_chip": flops,
+    "splash_flops_per_chip": kernel,
+    "flops_per_chip": flops + kernel,
+    "bytes_per_chip": nbytes,
+    "cost_compile_s": layer_s,
+    "device_kind": devices[0].device_kind,
+    "slices": len({getattr(d, "slice_index", 0) for d in devices}),
   }
   chip = TPU_CHIPS.get(devices[0].device_kind) if devices[0].platform == "tpu" else None
   if chip:
@@ -242,30 +281,38 @@ def compile_train_step(config, devices, *, label: str) -> dict:
 
 
 def format_table(rows: list[dict], device_gb: float) -> str:
-  head = ("| config | devices | mesh | batch | params (B) | trainable (B) | video tokens | state/dev GiB | "
-          "args GiB | out GiB | aliased GiB | temp GiB | peak/dev GiB | fits " + f"{device_gb:g} GB |")
+  head = (
+    "| config | devices | mesh | batch | params (B) | trainable (B) | video tokens | state/dev GiB | "
+    "args GiB | out GiB | aliased GiB | temp GiB | peak/dev GiB | fits " + f"{device_gb:g} GB |"
+  )
   lines = [head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     fits = "yes" if r["peak_GiB"] * GiB <= device_gb * 1e9 else "no"
-    lines.append(f"| {r['config']} | {r['devices']} {r['platform']} | {r['mesh']} | {r['batch']} | "
-                 f"{r['params_B']:.2f} | {r['trainable_B']:.2f} | {r['tokens']} | {r['state_GiB']:.1f} | "
-                 f"{r['args_GiB']:.1f} | {r['out_GiB']:.1f} | {r['alias_GiB']:.1f} | {r['temp_GiB']:.1f} | "
-                 f"{r['peak_GiB']:.1f} | {fits} |")
+    lines.append(
+      f"| {r['config']} | {r['devices']} {r['platform']} | {r['mesh']} | {r['batch']} | "
+      f"{r['params_B']:.2f} | {r['trainable_B']:.2f} | {r['tokens']} | {r['state_GiB']:.1f} | "
+      f"{r['args_GiB']:.1f} | {r['out_GiB']:.1f} | {r['alias_GiB']:.1f} | {r['temp_GiB']:.1f} | "
+      f"{r['peak_GiB']:.1f} | {fits} |"
+    )
   return "\n".join(lines)
 
 
 def format_roofline(rows: list[dict]) -> str:
   """The TPU rows: per-chip peak against HBM, the compiler's FLOPs per step, the roofline estimate."""
-  head = ("| config | chips | slices | mesh | peak/chip GiB | HBM GiB | fits | compiler TFLOP/chip | + splash TFLOP/chip "
-          "| HBM GB/chip | est. step s (compute, HBM) | compile s |")
+  head = (
+    "| config | chips | slices | mesh | peak/chip GiB | HBM GiB | fits | compiler TFLOP/chip | + splash TFLOP/chip "
+    "| HBM GB/chip | est. step s (compute, HBM) | compile s |"
+  )
   lines = ["Compiler estimates, not measurements:", head, "|" + "---|" * (head.count("|") - 1)]
   for r in rows:
     if "est_step_s" not in r:
       continue
-    lines.append(f"| {r['config']} | {r['devices']} {r['chip']} | {r['slices']} | {r['mesh']} | {r['peak_GiB']:.1f} | "
-                 f"{r['hbm_GiB']} | {'yes' if r['fits'] else 'no'} | {r['compiler_flops_per_chip'] / 1e12:.3g} | "
-                 f"{r['splash_flops_per_chip'] / 1e12:.3g} | {r['bytes_per_chip'] / 1e9:.3g} | "
-                 f"{r['est_step_s']:.3g} ({r['compute_s']:.3g}, {r['memory_s']:.3g}) | {r['compile_s']:.1f} |")
+    lines.append(
+      f"| {r['config']} | {r['devices']} {r['chip']} | {r['slices']} | {r['mesh']} | {r['peak_GiB']:.1f} | "
+      f"{r['hbm_GiB']} | {'yes' if r['fits'] else 'no'} | {r['compiler_flops_per_chip'] / 1e12:.3g} | "
+      f"{r['splash_flops_per_chip'] / 1e12:.3g} | {r['bytes_per_chip'] / 1e9:.3g} | "
+      f"{r['est_step_s']:.3g} ({r['compute_s']:.3g}, {r['memory_s']:.3g}) | {r['compile_s']:.1f} |"
+    )
   return "\n".join(lines)
 
 
@@ -273,21 +320,38 @@ def format_roofline(rows: list[dict]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--config", required=True, action="append",
-                 help="configs/FILE.py[:ARG]; repeat to compile several configs into one table")
+  p.add_argument(
+    "--config",
+    required=True,
+    action="append",
+    help="configs/FILE.py[:ARG]; repeat to compile several configs into one table",
+  )
   p.add_argument("--topology", required=True, help="cpu:N | tpu:NAME (e.g. v5p:2x2x2) | gpu:N or gpu:HOSTSxN")
-  p.add_argument("--device-memory-gb", type=float, default=None,
-                 help="per-device memory for the 'fits' column (default: the TPU chip's HBM, else 80)")
-  p.add_argument("--num-slices", type=int, default=1,
-                 help="tpu: this many slices of the topology over DCN (data across slices, the mesh inside one)")
+  p.add_argument(
+    "--device-memory-gb",
+    type=float,
+    default=None,
+    help="per-device memory for the 'fits' column (default: the TPU chip's HBM, else 80)",
+  )
+  p.add_argument(
+    "--num-slices",
+    type=int,
+    default=1,
+    help="tpu: this many slices of the topology over DCN (data across slices, the mesh inside one)",
+  )
   p.add_argument("--json", default=None, help="also write the rows to this JSON file")
 
 
 def _child_env(count: int) -> dict:
   env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
-  env.update(XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={count}"]), JAX_PLATFORMS="cpu",
-             **{_CHILD: "1"})
+  flags = [
+    f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  ]
+  env.update(
+    XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={count}"]),
+    JAX_PLATFORMS="cpu",
+    **{_CHILD: "1"},
+  )
   return env
 
 
@@ -297,13 +361,18 @@ def run(args, overrides) -> int:
   platform, name, count = parse_topology(args.topology)
   if args.num_slices < 1 or (args.num_slices > 1 and platform != "tpu"):
     raise SystemExit(f"error: --num-slices {args.num_slices}: expected 1, or more with a tpu:NAME topology")
-  configs = [(spec, load_config(spec, overrides)) for spec in args.config]  # bad configs fail before any compile
+  configs = [
+    (spec, load_config(spec, overrides)) for spec in args.config
+  ]  # bad configs fail before any compile
   devices = None
   if platform == "tpu":
     devices = tpu_devices(name, args.num_slices)
     chip = TPU_CHIPS.get(devices[0].device_kind)
     memory_gb = args.device_memory_gb or (float(chip["hbm_GiB"]) * GiB / 1e9 if chip else 80.0)
-    print(f"# {len(devices)} compile-only {devices[0].device_kind} devices ({args.num_slices} × {name})", flush=True)
+    print(
+      f"# {len(devices)} compile-only {devices[0].device_kind} devices ({args.num_slices} × {name})",
+      flush=True,
+    )
   else:
     memory_gb = args.device_memory_gb or 80.0
   if platform == "gpu" and not os.environ.get(_CHILD):
@@ -316,8 +385,16 @@ def run(args, overrides) -> int:
       if os.environ.get(_CHILD):
         raise SystemExit(f"error: expected {count} fake CPU devices, have {len(have)}")
       print(f"# compiling for {count} fake CPU devices standing in for {args.topology}", flush=True)
-      cmd = [sys.executable, "-m", "layerflow_jax.cli", "compile", "--topology", f"cpu:{count}",
-             "--device-memory-gb", str(memory_gb)]
+      cmd = [
+        sys.executable,
+        "-m",
+        "layerflow_jax.cli",
+        "compile",
+        "--topology",
+        f"cpu:{count}",
+        "--device-memory-gb",
+        str(memory_gb),
+      ]
       for spec in args.config:
         cmd += ["--config", spec]
       if args.json:
@@ -342,8 +419,13 @@ def run(args, overrides) -> int:
   return 0
 
 
-COMMANDS = {"compile": ("ahead-of-time compile the train step for a topology; print per-device memory",
-                        add_arguments, run)}
+COMMANDS = {
+  "compile": (
+    "ahead-of-time compile the train step for a topology; print per-device memory",
+    add_arguments,
+    run,
+  )
+}
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   while i < len(argv):
     a = argv[i]
     if a.startswith("--config."):
-      body = a[len("--config."):]
+      body = a[len("--config.") :]
       if "=" in body:
         overrides.append(body)
       else:
@@ -63,8 +63,9 @@ def cmd_train(args, overrides) -> int:
 def cmd_train_stages(args, overrides) -> int:
   from layerflow_jax import stages
 
-  results = stages.train_stages(args.config, args.workdir, overrides, progress=not args.no_progress,
-                                only=args.only)
+  results = stages.train_stages(
+    args.config, args.workdir, overrides, progress=not args.no_progress, only=args.only
+  )
   _print(results)
   return 0
 
@@ -113,7 +114,7 @@ def cmd_sample(args, overrides) -> int:
 
   def put(clip: str, video: np.typing.ArrayLike):
     i = layout.index(clip)
-    given[0, i * t:(i + 1) * t] = video
+    given[0, i * t : (i + 1) * t] = video
 
   if args.from_validation is not None:
     from data_pipelines import pipeline
@@ -128,8 +129,12 @@ def cmd_sample(args, overrides) -> int:
     _prompts_required(args, sampler.exp.model_cfg.num_prompts)  # the official decomposition models take 2
     tokens = sampler.tokenize(args.fg_prompt, args.bg_prompt, args.blend_prompt)
     read = lambda p: media.read_video(p, frames=t, height=d.height, width=d.width)
-    needs = {"decompose": ["video"], "fg2bg": ["fg_video"] + (["alpha_video"] if layout.has_alpha else []),
-             "bg2fg": ["bg_video"], "generate": []}[args.task]
+    needs = {
+      "decompose": ["video"],
+      "fg2bg": ["fg_video"] + (["alpha_video"] if layout.has_alpha else []),
+      "bg2fg": ["bg_video"],
+      "generate": [],
+    }[args.task]
     missing = [f"--{k.replace('_', '-')}" for k in needs if not getattr(args, k)]
     if missing:
       raise SystemExit(f"error: task {args.task!r} needs {', '.join(missing)}")
@@ -147,11 +152,15 @@ def cmd_sample(args, overrides) -> int:
         put(layers.FG, fg)
     except (ValueError, FileNotFoundError) as e:
       raise SystemExit(f"error: {e}") from None
-  video = sampler.sample(tokens, args.task, given_video=given, seed=args.seed, num_steps=args.steps,
-                         guidance_scale=args.guidance)
+  video = sampler.sample(
+    tokens, args.task, given_video=given, seed=args.seed, num_steps=args.steps, guidance_scale=args.guidance
+  )
   with outputs.staged(args.out, overwrite=args.overwrite) as tmp:
-    written = outputs.relocate(media.write_layers(tmp, sampler.split_layers(video)[0], fps=args.fps), tmp,
-                               pathlib.Path(args.out).absolute())
+    written = outputs.relocate(
+      media.write_layers(tmp, sampler.split_layers(video)[0], fps=args.fps),
+      tmp,
+      pathlib.Path(args.out).absolute(),
+    )
   print(f"task {args.task}: wrote {len(written)} outputs to {args.out} (step {used['step']})")
   for k, v in written.items():
     print(f"  {k}: {v}")
@@ -178,21 +187,33 @@ def cmd_evaluate(args, overrides) -> int:
   sampler = LayeredSampler(config, params)
   try:  # an unknown --split or an empty one is bad input (exit 2), like an unknown task
     batches = eval_lib.eval_batches(config, args.split, num_batches=args.num_batches)
-    result, previews = eval_lib.evaluate(sampler, batches, num_steps=args.steps, guidance_scale=args.guidance,
-                                         **({"tasks": tasks} if tasks else {}))
+    result, previews = eval_lib.evaluate(
+      sampler,
+      batches,
+      num_steps=args.steps,
+      guidance_scale=args.guidance,
+      **({"tasks": tasks} if tasks else {}),
+    )
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   if config.eval.multistage:
     from data_pipelines import registry
 
     registry.build_eval(config)
-    result.update(eval_lib.multistage_metrics(config, params, num_batches=args.num_batches, num_steps=args.steps,
-                                              guidance_scale=args.guidance))
+    result.update(
+      eval_lib.multistage_metrics(
+        config, params, num_batches=args.num_batches, num_steps=args.steps, guidance_scale=args.guidance
+      )
+    )
   result["checkpoint_step"] = used["step"]
   with outputs.staged(args.out, overwrite=args.overwrite) as tmp:
-    paths = outputs.relocate(eval_lib.write_report(tmp, result, previews, title=f"{args.checkpoint} (step "
-                                                   f"{used['step']}) on {args.split}"),
-                             tmp, pathlib.Path(args.out).absolute())
+    paths = outputs.relocate(
+      eval_lib.write_report(
+        tmp, result, previews, title=f"{args.checkpoint} (step {used['step']}) on {args.split}"
+      ),
+      tmp,
+      pathlib.Path(args.out).absolute(),
+    )
   print(eval_lib.markdown_table({"value": result}))
   for k, v in paths.items():
     print(f"{k}: {v}")
@@ -211,10 +232,10 @@ def cmd_demo(args, overrides) -> int:
 # ``add_arguments(parser)`` declares the flags and ``run(args, overrides) -> int`` does the work; it may also define
 # ``DATA_COMMANDS`` (the same shape) for ``layerflow data NAME``. Such modules import nothing heavy at module level.
 COMMAND_MODULES = (
-    "layerflow_jax.export.commands",   # import-diffusers, export
-    "layerflow_jax.sweep",             # sweep, sweep-report
-    "layerflow_jax.aot",               # compile
-    "data_pipelines.commands",         # data cache, data build-folder …
+  "layerflow_jax.export.commands",  # import-diffusers, export
+  "layerflow_jax.sweep",  # sweep, sweep-report
+  "layerflow_jax.aot",  # compile
+  "data_pipelines.commands",  # data cache, data build-folder …
 )
 
 
@@ -270,13 +291,18 @@ def build_parser() -> argparse.ArgumentParser:
   sm.add_argument("--fg-prompt")
   sm.add_argument("--bg-prompt")
   sm.add_argument("--blend-prompt")
-  sm.add_argument("--video", type=cliargs.existing,
-                  help="decompose: the blended video (mp4/gif/webp or a folder of frames)")
+  sm.add_argument(
+    "--video", type=cliargs.existing, help="decompose: the blended video (mp4/gif/webp or a folder of frames)"
+  )
   sm.add_argument("--fg-video", type=cliargs.existing, help="fg2bg: the straight-colour foreground video")
   sm.add_argument("--alpha-video", type=cliargs.existing, help="fg2bg: the matte video (grayscale)")
   sm.add_argument("--bg-video", type=cliargs.existing, help="bg2fg: the background video")
-  sm.add_argument("--from-validation", type=cliargs.index, default=None,
-                  help="take prompts and given clips from validation example N instead")
+  sm.add_argument(
+    "--from-validation",
+    type=cliargs.index,
+    default=None,
+    help="take prompts and given clips from validation example N instead",
+  )
   sm.add_argument("--out", required=True)
   cliargs.add_overwrite(sm)
   sm.add_argument("--steps", type=cliargs.steps, default=None, help="sampling steps (default: the config's)")
@@ -292,8 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
   e.add_argument("--split", default="validation")
   e.add_argument("--out", required=True)
   cliargs.add_overwrite(e)
-  e.add_argument("--tasks", type=cliargs.tasks, default=None,
-                 help="comma-separated subset of generate,decompose,fg2bg,bg2fg")
+  e.add_argument(
+    "--tasks",
+    type=cliargs.tasks,
+    default=None,
+    help="comma-separated subset of generate,decompose,fg2bg,bg2fg",
+  )
   e.add_argument("--num-batches", type=cliargs.count, default=None, help="default: the whole split")
   e.add_argument("--steps", type=cliargs.steps, default=None, help="sampling steps (default: the config's)")
   e.add_argument("--guidance", type=cliargs.guidance, default=None, help="CFG scale (default: the config's)")
@@ -331,8 +361,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from layerflow_jax import platform
 
     platform.skip_absent_tpu()  # libtpu installed on a host without TPU chips: no TPU init error at start-up
-    logging.basicConfig(level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+      level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,
+      format="%(levelname)s %(name)s: %(message)s",
+    )
     return int(args.fn(args, overrides) or 0)
   except SystemExit as e:  # argparse's refusal (already printed) or a command's ``SystemExit("error: …")``
     if e.code == errors.BAD_INPUT:

@@ -25,7 +25,9 @@ def in_range(kind: type, low, high):
     try:
       value = kind(text)
     except ValueError:
-      raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; expected {noun} in [{low}, {high}]") from None
+      raise argparse.ArgumentTypeError(
+        f"{text!r} is not {noun}; expected {noun} in [{low}, {high}]"
+      ) from None
     if not math.isfinite(value) or not low <= value <= high:
       raise argparse.ArgumentTypeError(f"{value} is out of range; expected {noun} in [{low}, {high}]")
     return value
@@ -70,19 +72,22 @@ def checkpoint(text: str) -> str:
 
   path = pathlib.Path(text)
   if not path.exists():
-    raise argparse.ArgumentTypeError(f"{text}: no such folder; expected a training work dir with "
-                                     f"checkpoints/")
+    raise argparse.ArgumentTypeError(
+      f"{text}: no such folder; expected a training work dir with checkpoints/"
+    )
   if not path.is_dir():
     raise argparse.ArgumentTypeError(f"{text}: not a folder; expected a training work dir with checkpoints/")
   work = path.parent if path.name == "checkpoints" else path
   if not ckpt_lib.has_checkpoints(work):
     where = work / "checkpoints"
     problem = "holds no finished checkpoint" if where.is_dir() else "does not exist"
-    raise argparse.ArgumentTypeError(f"{where}: {problem}; expected checkpoints/<step>/ written by layerflow "
-                                     f"train")
+    raise argparse.ArgumentTypeError(
+      f"{where}: {problem}; expected checkpoints/<step>/ written by layerflow train"
+    )
   return text
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace a non-empty --out folder (default: refuse)")
+  p.add_argument(
+    "--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)"
+  )

@@ -74,14 +74,23 @@ class PixelCodec:
   def encode(self, video):
     self.latent_shape(*video.shape[1:4])
     z = einops.rearrange(
-        video, "n (t dt) (h dh) (w dw) c -> n t h w (dt dh dw c)",
-        dt=self.temporal_factor, dh=self.spatial_factor, dw=self.spatial_factor)
+      video,
+      "n (t dt) (h dh) (w dw) c -> n t h w (dt dh dw c)",
+      dt=self.temporal_factor,
+      dh=self.spatial_factor,
+      dw=self.spatial_factor,
+    )
     return z * self.scaling_factor
 
   def decode(self, latents):
     x = einops.rearrange(
-        latents / self.scaling_factor, "n t h w (dt dh dw c) -> n (t dt) (h dh) (w dw) c",
-        dt=self.temporal_factor, dh=self.spatial_factor, dw=self.spatial_factor, c=3)
+      latents / self.scaling_factor,
+      "n t h w (dt dh dw c) -> n (t dt) (h dh) (w dw) c",
+      dt=self.temporal_factor,
+      dh=self.spatial_factor,
+      dw=self.spatial_factor,
+      c=3,
+    )
     return x
 
 
@@ -97,14 +106,18 @@ class LatentCodec:
   def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int]:
     s, t = self.spatial_factor, self.temporal_factor
     if frames % t not in (0, 1) or frames < 1 or height % s or width % s:
-      raise ValueError(f"clip {frames}x{height}x{width}: a latent codec ({t}x temporal, {s}x spatial) takes "
-                       f"1 + {t}k or {t}k frames and sizes divisible by {s}")
+      raise ValueError(
+        f"clip {frames}x{height}x{width}: a latent codec ({t}x temporal, {s}x spatial) takes "
+        f"1 + {t}k or {t}k frames and sizes divisible by {s}"
+      )
     return frames // t + frames % t, height // s, width // s, self.latent_channels
 
   def _refuse(self, *_):
-    raise ValueError("autoencoder.kind 'latent' has no pixel encoder/decoder (the checkpoint was imported without "
-                     "a VAE): set --config.autoencoder.kind=cogvideox --config.autoencoder.path=<CogVideoX-2b>/vae "
-                     "for pixel work")
+    raise ValueError(
+      "autoencoder.kind 'latent' has no pixel encoder/decoder (the checkpoint was imported without "
+      "a VAE): set --config.autoencoder.kind=cogvideox --config.autoencoder.path=<CogVideoX-2b>/vae "
+      "for pixel work"
+    )
 
   encode = decode = _refuse
 
@@ -140,12 +153,16 @@ def make_codec(cfg) -> Autoencoder:
     from layerflow_jax.encoders import vae, weights
 
     if not cfg.path:
-      raise ValueError("autoencoder.path: required for kind 'cogvideox' (an AutoencoderKLCogVideoX directory)")
+      raise ValueError(
+        "autoencoder.path: required for kind 'cogvideox' (an AutoencoderKLCogVideoX directory)"
+      )
     codec = vae.CogVideoXCodec.from_pretrained(
-        cfg.path, dtype=cfg.dtype, tiling=cfg.tiling, tile_height=cfg.tile_height,
-        tile_width=cfg.tile_width)
+      cfg.path, dtype=cfg.dtype, tiling=cfg.tiling, tile_height=cfg.tile_height, tile_width=cfg.tile_width
+    )
     weights.hoist_closed_over_weights()
     return codec
   if cfg.kind == "latent":
     return LatentCodec(spatial=cfg.spatial, temporal=cfg.temporal, latent_channels=cfg.latent_channels)
-  raise ValueError(f"autoencoder.kind: unknown autoencoder {cfg.kind!r}; expected 'pixel', 'cogvideox' or 'latent'")
+  raise ValueError(
+    f"autoencoder.kind: unknown autoencoder {cfg.kind!r}; expected 'pixel', 'cogvideox' or 'latent'"
+  )

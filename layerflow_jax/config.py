@@ -44,8 +44,9 @@ def load_module(path: str):
     raise ConfigError(f"config file {path}:{e.lineno}: syntax error: {e.msg}") from None
   except Exception as e:  # the file itself fails to run (a NameError, a bad import …)
     text = str(e).strip().splitlines()
-    raise ConfigError(f"config file {path} fails to load: {type(e).__name__}: "
-                      f"{text[0] if text else ''}") from None
+    raise ConfigError(
+      f"config file {path} fails to load: {type(e).__name__}: {text[0] if text else ''}"
+    ) from None
   return module
 
 
@@ -96,8 +97,10 @@ def set_key(config: mlc.ConfigDict, key: str, value: Any) -> None:
   for i, part in enumerate(parents):
     if not isinstance(node, mlc.ConfigDict) or part not in node:
       here = sorted(node.keys()) if isinstance(node, mlc.ConfigDict) else []
-      raise ConfigError(f"config key {'.'.join(parents[:i + 1])!r} does not exist (while setting {key}={value!r}); "
-                        f"expected one of: {', '.join(here) or '(none)'}")
+      raise ConfigError(
+        f"config key {'.'.join(parents[: i + 1])!r} does not exist (while setting {key}={value!r}); "
+        f"expected one of: {', '.join(here) or '(none)'}"
+      )
     node = node[part]
   if not isinstance(node, mlc.ConfigDict):
     raise ConfigError(f"config key {'.'.join(parents)!r} is not a group (while setting {key}={value!r})")
@@ -105,8 +108,10 @@ def set_key(config: mlc.ConfigDict, key: str, value: Any) -> None:
     known = sorted(node.keys())
     close = difflib.get_close_matches(leaf, known, n=1)
     hint = f"did you mean {'.'.join(parents + close[:1])!r}? " if close else ""
-    raise ConfigError(f"config key {key!r} does not exist (value {value!r}); {hint}expected one of the keys "
-                      f"here: {', '.join(known) or '(none)'}")
+    raise ConfigError(
+      f"config key {key!r} does not exist (value {value!r}); {hint}expected one of the keys "
+      f"here: {', '.join(known) or '(none)'}"
+    )
   old = node[leaf]
   if isinstance(old, mlc.ConfigDict) and isinstance(value, dict):
     for k, v in value.items():
@@ -123,8 +128,10 @@ def set_key(config: mlc.ConfigDict, key: str, value: Any) -> None:
   try:
     node[leaf] = value
   except (TypeError, ValueError):
-    raise ConfigError(f"config key {key!r}: cannot set {value!r} (a {type(value).__name__}); expected a "
-                      f"{type(old).__name__} like the current value {old!r}") from None
+    raise ConfigError(
+      f"config key {key!r}: cannot set {value!r} (a {type(value).__name__}); expected a "
+      f"{type(old).__name__} like the current value {old!r}"
+    ) from None
 
 
 def complete(config: mlc.ConfigDict) -> mlc.ConfigDict:

@@ -12,8 +12,11 @@ DEMO_SPEC = "configs/stages.py:demo"
 
 def _table(rows: list[tuple[str, ...]]) -> str:
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  line = lambda r: "| " + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in
-                                     enumerate(zip(r, widths))) + " |"
+  line = lambda r: (
+    "| "
+    + " | ".join(f"{c:<{w}}" if i == 0 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(r, widths)))
+    + " |"
+  )
   rule = "|" + "|".join("-" * (w + 2) if i == 0 else "-" * (w + 1) + ":" for i, w in enumerate(widths)) + "|"
   return "\n".join([line(rows[0]), rule] + [line(r) for r in rows[1:]])
 
@@ -52,8 +55,10 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
   results = stages.train_stages(config_spec, root / "stages", overrides)
   for name, r in results.items():
     times[name] = r.get("wall_seconds", 0.0)
-    print(f"      {name}: {r.get('end_step', '-')} steps, {times[name]:.0f} s, "
-          f"trainable {r.get('trainable_params', '-')} of {r.get('total_params', '-')} parameters")
+    print(
+      f"      {name}: {r.get('end_step', '-')} steps, {times[name]:.0f} s, "
+      f"trainable {r.get('trainable_params', '-')} of {r.get('total_params', '-')} parameters"
+    )
 
   print("[3/4] sampling every task (stage-3 weights, motion LoRA removed) …", flush=True)
   t = time.time()
@@ -72,19 +77,29 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
   for task, gen in previews.items():
     out = media.write_layers(root / "samples" / task, gen[0])
     written[task] = out["preview"]
-  evaluate.write_report(root / "evaluation", m_trained, previews, title="demo: stage-3 model on validation clips")
+  evaluate.write_report(
+    root / "evaluation", m_trained, previews, title="demo: stage-3 model on validation clips"
+  )
   times["sampling+eval"] = time.time() - t
 
   print("[4/4] results", flush=True)
-  s1 = json.loads((root / "stages" / base.stages[0] / "summary.json").read_text()) if (
-      root / "stages" / base.stages[0] / "summary.json").exists() else {}
-  s3 = json.loads((root / "stages" / last / "summary.json").read_text()) if (
-      root / "stages" / last / "summary.json").exists() else {}
+  s1 = (
+    json.loads((root / "stages" / base.stages[0] / "summary.json").read_text())
+    if (root / "stages" / base.stages[0] / "summary.json").exists()
+    else {}
+  )
+  s3 = (
+    json.loads((root / "stages" / last / "summary.json").read_text())
+    if (root / "stages" / last / "summary.json").exists()
+    else {}
+  )
   v0 = s1.get("initial", {}).get("val_loss", float("nan"))
   v1 = s3.get("final", {}).get("val_loss", float("nan"))
   mark = lambda better: "yes" if better else "NO"
-  rows = [("metric (validation clips)", "untrained", "trained", "trained better"),
-          ("validation loss (step 0 vs end)", f"{v0:.4f}", f"{v1:.4f}", mark(v1 < v0))]
+  rows = [
+    ("metric (validation clips)", "untrained", "trained", "trained better"),
+    ("validation loss (step 0 vs end)", f"{v0:.4f}", f"{v1:.4f}", mark(v1 < v0)),
+  ]
   wins = [v1 < v0]
   for key, label, higher in evaluate.TABLE_METRICS:
     if key in m_trained and key in m_untrained:
@@ -93,17 +108,30 @@ def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_sp
   table = _table(rows) + f"\n\ntrained beats untrained on {sum(wins)} of {len(wins)} rows"
   total = time.time() - t_start
   timing = ", ".join(f"{k} {v:.0f}s" for k, v in times.items())
-  text = (f"{table}\n\nmotion LoRA (stage-2 model, generated clips): mean frame-to-frame change "
-          f"{motion['off']:.4f} with it removed, {motion['on']:.4f} with it on; over spatial contrast "
-          f"{motion['off_relative']:.4f} removed, {motion['on_relative']:.4f} on\n\n"
-          f"device: {jax.devices()[0].platform} ×{jax.device_count()} on {distributed.host_description()}\n"
-          f"times: {timing}; total {total:.0f} s\n")
+  text = (
+    f"{table}\n\nmotion LoRA (stage-2 model, generated clips): mean frame-to-frame change "
+    f"{motion['off']:.4f} with it removed, {motion['on']:.4f} with it on; over spatial contrast "
+    f"{motion['off_relative']:.4f} removed, {motion['on_relative']:.4f} on\n\n"
+    f"device: {jax.devices()[0].platform} ×{jax.device_count()} on {distributed.host_description()}\n"
+    f"times: {timing}; total {total:.0f} s\n"
+  )
   (root / "demo_table.md").write_text(text)
-  (root / "demo_metrics.json").write_text(json.dumps(
-      {"untrained": m_untrained, "trained": m_trained, "val_loss_start": v0, "val_loss_end": v1,
-       "motion_lora_frame_change": motion, "trained_better_rows": f"{sum(wins)}/{len(wins)}",
-       "times": times, "total_seconds": total,
-       "host": distributed.host_description()}, indent=2))
+  (root / "demo_metrics.json").write_text(
+    json.dumps(
+      {
+        "untrained": m_untrained,
+        "trained": m_trained,
+        "val_loss_start": v0,
+        "val_loss_end": v1,
+        "motion_lora_frame_change": motion,
+        "trained_better_rows": f"{sum(wins)}/{len(wins)}",
+        "times": times,
+        "total_seconds": total,
+        "host": distributed.host_description(),
+      },
+      indent=2,
+    )
+  )
   print(text)
   print(f"outputs: {root.resolve()}")
   for task, path in written.items():

@@ -44,8 +44,17 @@ ENV_HEARTBEAT_TIMEOUT = "LAYERFLOW_HEARTBEAT_TIMEOUT_S"
 ENV_SWITCH = "LAYERFLOW_DISTRIBUTED"
 
 # Messages of errors raised when another process disappeared (gloo, gRPC coordination service, NCCL).
-_PEER_ERROR_MARKERS = ("Connection closed by peer", "Connection reset by peer", "Gloo", "heartbeat",
-                       "coordination service", "DEADLINE_EXCEEDED", "UNAVAILABLE", "NCCL", "Socket closed")
+_PEER_ERROR_MARKERS = (
+  "Connection closed by peer",
+  "Connection reset by peer",
+  "Gloo",
+  "heartbeat",
+  "coordination service",
+  "DEADLINE_EXCEEDED",
+  "UNAVAILABLE",
+  "NCCL",
+  "Socket closed",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,11 +95,20 @@ def detect(env=None) -> Launch:
   n = _int_env(env, "JAX_NUM_PROCESSES")
   if n is not None or env.get("JAX_COORDINATOR_ADDRESS") or env.get("JAX_PROCESS_ID"):
     coordinator, rank = env.get("JAX_COORDINATOR_ADDRESS"), _int_env(env, "JAX_PROCESS_ID")
-    missing = [k for k, v in (("JAX_COORDINATOR_ADDRESS", coordinator), ("JAX_NUM_PROCESSES", n),
-                              ("JAX_PROCESS_ID", rank)) if v is None]
+    missing = [
+      k
+      for k, v in (
+        ("JAX_COORDINATOR_ADDRESS", coordinator),
+        ("JAX_NUM_PROCESSES", n),
+        ("JAX_PROCESS_ID", rank),
+      )
+      if v is None
+    ]
     if missing:
-      raise ValueError(f"multi-process environment incomplete: {', '.join(missing)} unset (the explicit launch "
-                       "needs JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID)")
+      raise ValueError(
+        f"multi-process environment incomplete: {', '.join(missing)} unset (the explicit launch "
+        "needs JAX_COORDINATOR_ADDRESS=host:port, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+      )
     assert coordinator is not None and n is not None and rank is not None  # else `missing` raised above
     if ":" not in coordinator:
       raise ValueError(f"JAX_COORDINATOR_ADDRESS={coordinator!r}: expected host:port")
@@ -102,8 +120,9 @@ def detect(env=None) -> Launch:
   # srun sets SLURM_STEP_NUM_TASKS for its tasks; the batch script itself (no srun) is one process even though
   # SLURM_NTASKS counts the whole allocation.
   if (_int_env(env, "SLURM_STEP_NUM_TASKS") or 1) > 1 and env.get("SLURM_PROCID") is not None:
-    return Launch("slurm", num_processes=_int_env(env, "SLURM_STEP_NUM_TASKS"),
-                  process_id=_int_env(env, "SLURM_PROCID"))
+    return Launch(
+      "slurm", num_processes=_int_env(env, "SLURM_STEP_NUM_TASKS"), process_id=_int_env(env, "SLURM_PROCID")
+    )
   hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
   if len(hosts) > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
     return Launch("tpu", num_processes=len(hosts) or None, process_id=_int_env(env, "TPU_WORKER_ID"))
@@ -143,24 +162,34 @@ def initialize(env=None) -> Launch:
   init_timeout = _timeout(env, ENV_INIT_TIMEOUT, 300)
   heartbeat = _timeout(env, ENV_HEARTBEAT_TIMEOUT, 100)
   _use_gloo_on_cpu()
-  who = (f"process {launch.process_id} of {launch.num_processes}" if launch.process_id is not None
-         else "this process")
+  who = (
+    f"process {launch.process_id} of {launch.num_processes}"
+    if launch.process_id is not None
+    else "this process"
+  )
   where = launch.coordinator or f"the {launch.method} coordinator"
   done = threading.Event()
 
   def watchdog():
     if not done.wait(init_timeout):
-      _fail(f"{who} could not join the job within {init_timeout} s ({ENV_INIT_TIMEOUT}): the coordinator "
-            f"{where} is unreachable or a peer process never started; exiting so no process hangs")
+      _fail(
+        f"{who} could not join the job within {init_timeout} s ({ENV_INIT_TIMEOUT}): the coordinator "
+        f"{where} is unreachable or a peer process never started; exiting so no process hangs"
+      )
 
   threading.Thread(target=watchdog, name="layerflow-init-watchdog", daemon=True).start()
   start = time.time()
   kwargs: dict[str, Any] = dict(
-      initialization_timeout=init_timeout + 30,  # the watchdog, with the clearer message, fires first
-      heartbeat_timeout_seconds=heartbeat)
+    initialization_timeout=init_timeout + 30,  # the watchdog, with the clearer message, fires first
+    heartbeat_timeout_seconds=heartbeat,
+  )
   if launch.method == "explicit":
-    kwargs.update(coordinator_address=launch.coordinator, num_processes=launch.num_processes,
-                  process_id=launch.process_id, local_device_ids=launch.local_device_ids)
+    kwargs.update(
+      coordinator_address=launch.coordinator,
+      num_processes=launch.num_processes,
+      process_id=launch.process_id,
+      local_device_ids=launch.local_device_ids,
+    )
   elif launch.method == "slurm":  # jax derives the coordinator (first node) and local GPU from SLURM itself
     kwargs.update(num_processes=launch.num_processes, process_id=launch.process_id)
   try:
@@ -169,8 +198,15 @@ def initialize(env=None) -> Launch:
     _fail(f"{who} could not join the job at {where}: {type(e).__name__}: {str(e).splitlines()[0][:300]}")
   finally:
     done.set()
-  log.info("%s joined the job at %s in %.1f s (%d devices, %d local); a peer silent for %d s stops the job",
-           who, where, time.time() - start, jax.device_count(), jax.local_device_count(), heartbeat)
+  log.info(
+    "%s joined the job at %s in %.1f s (%d devices, %d local); a peer silent for %d s stops the job",
+    who,
+    where,
+    time.time() - start,
+    jax.device_count(),
+    jax.local_device_count(),
+    heartbeat,
+  )
   _install_excepthook()
   return launch
 
@@ -193,8 +229,10 @@ def peer_lost_message(error: BaseException) -> str:
   import jax
 
   first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-  return (f"process {jax.process_index()} of {jax.process_count()}: another process of the job stopped "
-          f"({first}); exiting instead of waiting for it")
+  return (
+    f"process {jax.process_index()} of {jax.process_count()}: another process of the job stopped "
+    f"({first}); exiting instead of waiting for it"
+  )
 
 
 def is_primary() -> bool:
@@ -212,7 +250,6 @@ def is_peer_failure(error: BaseException) -> bool:
     return False
   text = f"{type(error).__name__}: {error}"
   return any(m.lower() in text.lower() for m in _PEER_ERROR_MARKERS)
-
 
 
 def host_description() -> str:

@@ -40,27 +40,28 @@ from layerflow_jax.sampling import LayeredSampler
 
 # (metric key, label, higher is better) for tables; keys are "task/metric".
 TABLE_METRICS = (
-    ("decompose/alpha_iou", "decompose: alpha IoU", True),
-    ("decompose/alpha_mae", "decompose: alpha MAE", False),
-    ("decompose/fg_psnr", "decompose: fg PSNR dB", True),
-    ("decompose/bg_psnr", "decompose: bg PSNR dB", True),
-    ("generate/composite_error", "generate: composite-consistency error", False),
-    ("generate/temporal_ratio", "generate: frame change / ground truth's", None),
-    ("generate/color_accuracy", "generate: fg colour named in prompt", True),
-    ("generate/shape_accuracy", "generate: fg shape named in prompt", True),
-    ("fg2bg/blend_psnr", "fg→bg: blend PSNR dB", True),
-    ("bg2fg/blend_psnr", "bg→fg: blend PSNR dB", True),
-    ("bg2fg/color_accuracy", "bg→fg: fg colour named in prompt", True),
-    ("images/edge_alpha_mae", "images: decompose alpha MAE in the edge band", False),
-    ("images/semi_rate", "images: semi-transparency reproduced", True),
-    ("images/attr_rate", "images: images-only colour generated", True),
-    ("video/motion_ratio", "video: generated frame change / ground truth's", None),
-    ("video/motion_on_off", "video: frame change, motion LoRA on / removed", False),
+  ("decompose/alpha_iou", "decompose: alpha IoU", True),
+  ("decompose/alpha_mae", "decompose: alpha MAE", False),
+  ("decompose/fg_psnr", "decompose: fg PSNR dB", True),
+  ("decompose/bg_psnr", "decompose: bg PSNR dB", True),
+  ("generate/composite_error", "generate: composite-consistency error", False),
+  ("generate/temporal_ratio", "generate: frame change / ground truth's", None),
+  ("generate/color_accuracy", "generate: fg colour named in prompt", True),
+  ("generate/shape_accuracy", "generate: fg shape named in prompt", True),
+  ("fg2bg/blend_psnr", "fg→bg: blend PSNR dB", True),
+  ("bg2fg/blend_psnr", "bg→fg: blend PSNR dB", True),
+  ("bg2fg/color_accuracy", "bg→fg: fg colour named in prompt", True),
+  ("images/edge_alpha_mae", "images: decompose alpha MAE in the edge band", False),
+  ("images/semi_rate", "images: semi-transparency reproduced", True),
+  ("images/attr_rate", "images: images-only colour generated", True),
+  ("video/motion_ratio", "video: generated frame change / ground truth's", None),
+  ("video/motion_on_off", "video: frame change, motion LoRA on / removed", False),
 )
 
 
-def eval_batches(config, split: str = "validation", *, num_batches: int | None = None,
-                 batch_size: int | None = None) -> list[dict]:
+def eval_batches(
+  config, split: str = "validation", *, num_batches: int | None = None, batch_size: int | None = None
+) -> list[dict]:
   """Fixed, unshuffled batches of ``split`` in the model-input contract plus the foreground prompts
   (``fg_prompt``: list of str) for the attribute check."""
   from data_pipelines import pipeline
@@ -94,9 +95,15 @@ def _moving_layers(sample: dict, task: str) -> dict:
   return {k: v for k, v in sample.items() if k not in given}
 
 
-def evaluate(sampler: LayeredSampler, batches: Iterable[dict], *, tasks: Sequence[str] = layers.TASK_NAMES,
-             seed: int = 0, num_steps: int | None = None, guidance_scale: float | None = None
-             ) -> tuple[dict, dict]:
+def evaluate(
+  sampler: LayeredSampler,
+  batches: Iterable[dict],
+  *,
+  tasks: Sequence[str] = layers.TASK_NAMES,
+  seed: int = 0,
+  num_steps: int | None = None,
+  guidance_scale: float | None = None,
+) -> tuple[dict, dict]:
   """(metrics averaged over clips, {task: the first batch's samples as split layers} for previews)."""
   for task in tasks:
     layers.check_task(task)
@@ -113,8 +120,14 @@ def evaluate(sampler: LayeredSampler, batches: Iterable[dict], *, tasks: Sequenc
     valid = np.asarray(batch.get("clip_valid", np.ones((len(truth), sampler.layout.num_clips))), bool)
     prompts = batch.get("fg_prompt") or [""] * len(truth)
     for task in tasks:
-      out = sampler.sample(batch["tokens"], task, given_video=batch["video"], seed=seed + bi,
-                           num_steps=num_steps, guidance_scale=guidance_scale)
+      out = sampler.sample(
+        batch["tokens"],
+        task,
+        given_video=batch["video"],
+        seed=seed + bi,
+        num_steps=num_steps,
+        guidance_scale=guidance_scale,
+      )
       gen = sampler.split_layers(out)
       previews.setdefault(task, gen)
       for i, (g, t) in enumerate(zip(gen, truth)):
@@ -182,11 +195,20 @@ def write_report(out_dir, result: dict, previews: dict, *, title: str = "evaluat
   """metrics.json, metrics.md and contact_sheet.png under ``out_dir``; returns their paths."""
   out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  paths = {"json": out / "metrics.json", "markdown": out / "metrics.md", "contact_sheet": out / "contact_sheet.png"}
+  paths = {
+    "json": out / "metrics.json",
+    "markdown": out / "metrics.md",
+    "contact_sheet": out / "contact_sheet.png",
+  }
   paths["json"].write_text(json.dumps(result, indent=2))
   rows = [f"| {k} | {v:.4f} |" for k, v in result.items() if isinstance(v, float)]
-  paths["markdown"].write_text(f"# {title}\n\n" + markdown_table({"value": result}) +
-                               "\n\n## all metrics\n\n| metric | value |\n|---|---:|\n" + "\n".join(rows) + "\n")
+  paths["markdown"].write_text(
+    f"# {title}\n\n"
+    + markdown_table({"value": result})
+    + "\n\n## all metrics\n\n| metric | value |\n|---|---:|\n"
+    + "\n".join(rows)
+    + "\n"
+  )
   contact_sheet(paths["contact_sheet"], previews)
   return {k: str(v) for k, v in paths.items()}
 
@@ -199,13 +221,26 @@ def relative_change(clip) -> float:
   return float(metrics.temporal_change(x) / max(spatial, 1e-6))
 
 
-def frame_changes(sampler: LayeredSampler, batches: Iterable[dict], *, task: str = "generate", seed: int = 0,
-                  num_steps: int | None = None, guidance_scale: float | None = None) -> dict:
+def frame_changes(
+  sampler: LayeredSampler,
+  batches: Iterable[dict],
+  *,
+  task: str = "generate",
+  seed: int = 0,
+  num_steps: int | None = None,
+  guidance_scale: float | None = None,
+) -> dict:
   """{"absolute": mean frame change, "relative": mean of :func:`relative_change`} of one set of samples."""
   absolute, relative = [], []
   for bi, batch in enumerate(batches):
-    out = sampler.sample(batch["tokens"], task, given_video=batch["video"], seed=seed + bi, num_steps=num_steps,
-                         guidance_scale=guidance_scale)
+    out = sampler.sample(
+      batch["tokens"],
+      task,
+      given_video=batch["video"],
+      seed=seed + bi,
+      num_steps=num_steps,
+      guidance_scale=guidance_scale,
+    )
     for g in sampler.split_layers(out):
       for k, v in _moving_layers(g, task).items():
         if k != "alpha":
@@ -227,7 +262,12 @@ def motion_adapter_effect(config, params: dict, batches: Sequence[dict], **kwarg
   config_off.sampling.remove_adapters = tuple(config.sampling.remove_adapters) + ("motion",)
   off = LayeredSampler(config_off, params)
   a, b = frame_changes(on, batches, **kwargs), frame_changes(off, batches, **kwargs)
-  return {"on": a["absolute"], "off": b["absolute"], "on_relative": a["relative"], "off_relative": b["relative"]}
+  return {
+    "on": a["absolute"],
+    "off": b["absolute"],
+    "on_relative": a["relative"],
+    "off_relative": b["relative"],
+  }
 
 
 # ----------------------------------------------------------------------------- the multi-stage mechanism
@@ -239,7 +279,9 @@ def edge_band(true_alpha: np.ndarray, radius: int = 1) -> np.ndarray:
   from data_pipelines import synthetic
 
   m = true_alpha >= 0.5
-  return (synthetic.morph(m, radius) & ~synthetic.morph(m, -radius)) | ((true_alpha > 0.02) & (true_alpha < 0.98))
+  return (synthetic.morph(m, radius) & ~synthetic.morph(m, -radius)) | (
+    (true_alpha > 0.02) & (true_alpha < 0.98)
+  )
 
 
 def matte_scores(gen_alpha: np.ndarray, true_alpha: np.ndarray) -> dict:
@@ -267,8 +309,15 @@ def _source_batches(config, name: str, num_batches: int | None) -> tuple:
   return c, eval_batches(c, "validation", num_batches=num_batches)
 
 
-def multistage_metrics(config, params: dict, *, num_batches: int | None = None, seed: int = 0,
-                       num_steps: int | None = None, guidance_scale: float | None = None) -> dict:
+def multistage_metrics(
+  config,
+  params: dict,
+  *,
+  num_batches: int | None = None,
+  seed: int = 0,
+  num_steps: int | None = None,
+  guidance_scale: float | None = None,
+) -> dict:
   """The metrics of the multi-stage mechanism (module docstring) on held-out clips of ``config.eval.image_data``
   and ``config.eval.video_data``, sampled as ``config`` samples (its ``sampling.remove_adapters``)."""
   from data_pipelines import synthetic
@@ -286,15 +335,17 @@ def multistage_metrics(config, params: dict, *, num_batches: int | None = None, 
   for bi, batch in enumerate(images):
     truth = sampler.split_layers(batch["video"])
     if sampler.layout.has_alpha:
-      dec = sampler.split_layers(sampler.sample(batch["tokens"], "decompose", given_video=batch["video"],
-                                                seed=seed + bi, **kw))
+      dec = sampler.split_layers(
+        sampler.sample(batch["tokens"], "decompose", given_video=batch["video"], seed=seed + bi, **kw)
+      )
       for g, t in zip(dec, truth):
         m = matte_scores(g["alpha"], t["alpha"])
         add("images/edge_alpha_mae", m["edge_alpha_mae"])
         add("images/semi_rate", m.get("semi_reproduced"))
         add("images/semi_alpha_mae", m.get("semi_alpha_mae"))
-      gen = sampler.split_layers(sampler.sample(batch["tokens"], "generate", given_video=batch["video"],
-                                                seed=seed + bi, **kw))
+      gen = sampler.split_layers(
+        sampler.sample(batch["tokens"], "generate", given_video=batch["video"], seed=seed + bi, **kw)
+      )
       for g, t, prompt in zip(gen, truth, batch["fg_prompt"]):
         named = [c for c in synthetic.IMAGE_ONLY_COLORS if c in prompt.lower().split()]
         if named:
@@ -303,16 +354,25 @@ def multistage_metrics(config, params: dict, *, num_batches: int | None = None, 
   vconfig, videos = _source_batches(config, config.eval.video_data, num_batches)
   for bi, batch in enumerate(videos):
     truth = sampler.split_layers(batch["video"])
-    gen = sampler.split_layers(sampler.sample(batch["tokens"], "generate", given_video=batch["video"],
-                                              seed=seed + bi, **kw))
+    gen = sampler.split_layers(
+      sampler.sample(batch["tokens"], "generate", given_video=batch["video"], seed=seed + bi, **kw)
+    )
     for g, t in zip(gen, truth):
       keys = [k for k in g if k != "alpha"]
-      add("video/motion_ratio", (sum(metrics.temporal_change(g[k]) for k in keys) + 1e-3) /
-          (sum(metrics.temporal_change(t[k]) for k in keys) + 1e-3))
+      add(
+        "video/motion_ratio",
+        (sum(metrics.temporal_change(g[k]) for k in keys) + 1e-3)
+        / (sum(metrics.temporal_change(t[k]) for k in keys) + 1e-3),
+      )
   result = {k: float(np.mean(v)) for k, v in sorted(sums.items())}
   if "motion" in config.model.adapters:
     effect = motion_adapter_effect(vconfig, params, videos, seed=seed, **kw)
-    result.update({"video/motion_on": effect["on"], "video/motion_off": effect["off"],
-                   "video/motion_on_off": effect["on"] / max(effect["off"], 1e-9),
-                   "video/motion_on_off_relative": effect["on_relative"] / max(effect["off_relative"], 1e-9)})
+    result.update(
+      {
+        "video/motion_on": effect["on"],
+        "video/motion_off": effect["off"],
+        "video/motion_on_off": effect["on"] / max(effect["off"], 1e-9),
+        "video/motion_on_off_relative": effect["on_relative"] / max(effect["off_relative"], 1e-9),
+      }
+    )
   return result

@@ -45,16 +45,16 @@ class Layout:
 
 
 LAYOUTS: dict[str, Layout] = {
-    "rgba": Layout("rgba", (FG, ALPHA, BG, BLEND)),
-    "rgb": Layout("rgb", (FG, BG, BLEND)),
+  "rgba": Layout("rgba", (FG, ALPHA, BG, BLEND)),
+  "rgb": Layout("rgb", (FG, BG, BLEND)),
 }
 
 # Tasks: which clips are given. Everything else is generated.
 TASKS: dict[str, tuple[str, ...]] = {
-    "generate": (),
-    "decompose": (BLEND,),
-    "fg2bg": (FG, ALPHA),
-    "bg2fg": (BG,),
+  "generate": (),
+  "decompose": (BLEND,),
+  "fg2bg": (FG, ALPHA),
+  "bg2fg": (BG,),
 }
 TASK_NAMES: tuple[str, ...] = tuple(TASKS)
 
@@ -84,8 +84,9 @@ def given_table(layout: Layout, tasks: Sequence[str] = TASK_NAMES) -> np.ndarray
   return np.stack([given_clips(t, layout) for t in tasks])
 
 
-def given_frame_mask(task: str, layout: Layout, frames_per_clip: int, lead_frames: int = 0,
-                     frames: Sequence[int] | None = None) -> np.ndarray:
+def given_frame_mask(
+  task: str, layout: Layout, frames_per_clip: int, lead_frames: int = 0, frames: Sequence[int] | None = None
+) -> np.ndarray:
   """Boolean [lead_frames + num_clips · frames_per_clip]: the packed latent frames the task gives.
 
   By default the frames of the task's given clips; lead frames (a copy of the first clip's first frame, the
@@ -106,14 +107,20 @@ def given_frame_mask(task: str, layout: Layout, frames_per_clip: int, lead_frame
   return np.concatenate([lead, np.repeat(per_clip, frames_per_clip)])
 
 
-def given_frame_table(layout: Layout, frames_per_clip: int, lead_frames: int = 0,
-                      overrides: Mapping[str, Sequence[int]] | None = None,
-                      tasks: Sequence[str] = TASK_NAMES) -> np.ndarray:
+def given_frame_table(
+  layout: Layout,
+  frames_per_clip: int,
+  lead_frames: int = 0,
+  overrides: Mapping[str, Sequence[int]] | None = None,
+  tasks: Sequence[str] = TASK_NAMES,
+) -> np.ndarray:
   """Boolean [num_tasks, frames], row i = ``given_frame_mask(tasks[i])`` (``overrides``: task → frames)."""
   overrides = dict(overrides or {})
   for name in overrides:
     check_task(name)
-  return np.stack([given_frame_mask(t, layout, frames_per_clip, lead_frames, overrides.get(t)) for t in tasks])
+  return np.stack(
+    [given_frame_mask(t, layout, frames_per_clip, lead_frames, overrides.get(t)) for t in tasks]
+  )
 
 
 def task_weights_vector(weights: Mapping[str, float], tasks: Sequence[str] = TASK_NAMES) -> np.ndarray:

@@ -69,13 +69,13 @@ def _cell_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def save_grid_png(
-    path,
-    rows: Sequence[Sequence[np.ndarray]],
-    *,
-    scale: int = 1,
-    pad: int = 2,
-    pad_value: int = 255,
-    labels: Sequence[str] | None = None,
+  path,
+  rows: Sequence[Sequence[np.ndarray]],
+  *,
+  scale: int = 1,
+  pad: int = 2,
+  pad_value: int = 255,
+  labels: Sequence[str] | None = None,
 ) -> str:
   """Save a grid of images as one PNG; returns the path.
 
@@ -168,8 +168,8 @@ def _as_sample(name: str, x, channels: int) -> np.ndarray:
     x = x[..., None]
   if x.ndim != 4 or x.shape[-1] != channels:
     raise ValueError(
-        f"write_layers takes ONE sample: {name!r} must be [T, H, W, {channels}], got shape {tuple(x.shape)}"
-        + (" (index the batch first)" if x.ndim == 5 else "")
+      f"write_layers takes ONE sample: {name!r} must be [T, H, W, {channels}], got shape {tuple(x.shape)}"
+      + (" (index the batch first)" if x.ndim == 5 else "")
     )
   return x
 
@@ -179,12 +179,12 @@ def _preview_frames(t: int, n: int = PREVIEW_ROWS) -> list[int]:
 
 
 def write_layers(
-    out_dir,
-    layers: Mapping[str, np.ndarray],
-    *,
-    fps: float = 8,
-    prefix: str = "",
-    video_format: str = "auto",
+  out_dir,
+  layers: Mapping[str, np.ndarray],
+  *,
+  fps: float = 8,
+  prefix: str = "",
+  video_format: str = "auto",
 ) -> dict[str, str]:
   """Write one layered sample; returns name → path of every file/folder written.
 
@@ -250,7 +250,9 @@ def write_layers(
   return written
 
 
-def preview_columns(layers: Mapping[str, np.ndarray], *, recomposite: bool = True) -> list[tuple[str, np.ndarray]]:
+def preview_columns(
+  layers: Mapping[str, np.ndarray], *, recomposite: bool = True
+) -> list[tuple[str, np.ndarray]]:
   """[(name, clip [T, H, W, 3] in [-1, 1])] for a preview: fg over a checkerboard, alpha, bg, blend and (with
   ``recomposite``) α·fg + (1 − α)·bg — the layers present only."""
   arr = {k: np.asarray(v, dtype=np.float32) for k, v in layers.items() if v is not None}
@@ -394,7 +396,7 @@ def read_video(path, *, frames: int, height: int, width: int) -> np.ndarray:
       raise ValueError(f"{path}: a single image is not a clip; pass a folder of frames or a video file")
     if ext not in VIDEO_EXTS:
       raise ValueError(
-          f"{path}: unsupported extension {ext!r}; expected a folder of frames or one of {VIDEO_EXTS}"
+        f"{path}: unsupported extension {ext!r}; expected a folder of frames or one of {VIDEO_EXTS}"
       )
   raw = _read_frames(path)
   if len(raw) < frames:
@@ -406,7 +408,7 @@ def read_video(path, *, frames: int, height: int, width: int) -> np.ndarray:
     if (fh, fw) != (height, width):
       where = "" if i == 0 else f" frame {i}"
       raise ValueError(
-          f"{path}{where} is {fw}x{fh} (WxH), the model's clips are {width}x{height}; resize it first"
+        f"{path}{where} is {fw}x{fh} (WxH), the model's clips are {width}x{height}; resize it first"
       )
     out.append(rgb)
   return np.stack(out).astype(np.float32)

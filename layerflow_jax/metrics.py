@@ -21,10 +21,10 @@ EXAMPLE_NDIM = 4
 # Named colours in 0..255 RGB: the synthetic prompts' colours (one definition, in data_pipelines.synthetic) plus
 # magenta, gray and black, which catch desaturated or wrong-hue generations.
 PALETTE: dict[str, tuple[int, int, int]] = {
-    **_synthetic.COLORS,
-    "magenta": (230, 40, 200),
-    "gray": (128, 128, 128),
-    "black": (15, 15, 15),
+  **_synthetic.COLORS,
+  "magenta": (230, 40, 200),
+  "gray": (128, 128, 128),
+  "black": (15, 15, 15),
 }
 
 
@@ -78,7 +78,7 @@ def psnr(pred, true, data_range: float = 2.0, *, example_ndim: int = EXAMPLE_NDI
 
 
 def composite_error(
-    fg_premultiplied, alpha, bg, blend, *, example_ndim: int = EXAMPLE_NDIM, eps: float = 1e-8
+  fg_premultiplied, alpha, bg, blend, *, example_ndim: int = EXAMPLE_NDIM, eps: float = 1e-8
 ):
   """Relative composite error per example, in [-1, 1] pixel space:
   ‖blend − (fg_pm + (1 − α)·bg)‖₂ / ‖blend‖₂ (= ‖blend − (α·fg + (1 − α)·bg)‖ / ‖blend‖).

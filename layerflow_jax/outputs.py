@@ -18,16 +18,18 @@ from typing import Any, Iterator
 from layerflow_jax.errors import InputError
 
 
-def check_destination(out: str | os.PathLike, *, overwrite: bool = False,
-                      flag: str = "--out") -> pathlib.Path:
+def check_destination(
+  out: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out"
+) -> pathlib.Path:
   """``out`` as a path, or :class:`InputError` when it cannot be (re)written: a file, a non-empty folder
   without ``overwrite``, or a parent that is a regular file."""
   path = pathlib.Path(out)
   if path.exists() and not path.is_dir():
     raise InputError(f"{flag} {path}: exists and is not a folder; expected a new or empty folder")
   if path.is_dir() and any(path.iterdir()) and not overwrite:
-    raise InputError(f"{flag} {path}: folder is not empty; pass --overwrite to replace it, or choose a new "
-                     f"folder")
+    raise InputError(
+      f"{flag} {path}: folder is not empty; pass --overwrite to replace it, or choose a new folder"
+    )
   for parent in path.absolute().parents:
     if parent.exists():
       if not parent.is_dir():
@@ -66,5 +68,5 @@ def relocate(obj: Any, tmp: os.PathLike, out: os.PathLike) -> Any:
     return type(obj)(relocate(v, tmp, out) for v in obj)
   if isinstance(obj, (str, pathlib.PurePath)):
     text = str(obj)
-    return dst + text[len(src):] if text == src or text.startswith(src + os.sep) else obj
+    return dst + text[len(src) :] if text == src or text.startswith(src + os.sep) else obj
   return obj

@@ -43,9 +43,12 @@ class LayeredSampler:
   def __init__(self, config: mlc.ConfigDict, params: dict, *, mesh=None, keep_adapters: Sequence[str] = ()):
     from layerflow_jax import validate
 
-    validate.check_backend(config, jax.default_backend())  # e.g. a cuDNN-attention checkpoint sampled on a CPU
-    validate.check_precision(config, jax.default_backend(), getattr(jax.devices()[0], "compute_capability", None),
-                             training=False)
+    validate.check_backend(
+      config, jax.default_backend()
+    )  # e.g. a cuDNN-attention checkpoint sampled on a CPU
+    validate.check_precision(
+      config, jax.default_backend(), getattr(jax.devices()[0], "compute_capability", None), training=False
+    )
     remove = [n for n in config.sampling.remove_adapters if n not in keep_adapters]
     self._source_config = config
     config, params = drop_adapters(config, params, remove)
@@ -70,18 +73,28 @@ class LayeredSampler:
     prompts = layers.format_prompts(fg, bg, blend, self.exp.model_cfg.num_prompts)
     return self.exp.text_encoder.tokenize(prompts)[None]
 
-  def _sample(self, params, tokens, given_video, given_clips, given_frames, rng, *, num_steps, guidance_scale):
+  def _sample(
+    self, params, tokens, given_video, given_clips, given_frames, rng, *, num_steps, guidance_scale
+  ):
     exp = self.exp
     b = tokens.shape[0]
     model = exp.model(params)
     text = exp.encode_text(tokens)
     both_text = jnp.concatenate([text, jnp.zeros_like(text)], axis=0)
-    scales = {k: jnp.full((2 * b,), v, jnp.float32) for k, v in self.adapter_scales.items()
-              if any(a.name == k for a in exp.model_cfg.adapters)}
+    scales = {
+      k: jnp.full((2 * b,), v, jnp.float32)
+      for k, v in self.adapter_scales.items()
+      if any(a.name == k for a in exp.model_cfg.adapters)
+    }
 
     def velocity(x, t):
-      v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both_text, adapter_scales=scales,
-                given_frames=jnp.concatenate([given_frames, given_frames]))
+      v = model(
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t, t]),
+        both_text,
+        adapter_scales=scales,
+        given_frames=jnp.concatenate([given_frames, given_frames]),
+      )
       return v[:b], v[b:]
 
     rng_posterior = None
@@ -91,15 +104,31 @@ class LayeredSampler:
     rng_noise, rng_solver = jax.random.split(rng)
     x_T = jax.random.normal(rng_noise, given_lat.shape, jnp.float32)
     kw = dict(self.kwargs, num_steps=num_steps, guidance_scale=guidance_scale)
-    z = samplers.sample(velocity, x_T, sched=exp.schedule, given_latents=given_lat, given_frames=given_frames,
-                        rng=rng_solver, **kw)
+    z = samplers.sample(
+      velocity,
+      x_T,
+      sched=exp.schedule,
+      given_latents=given_lat,
+      given_frames=given_frames,
+      rng=rng_solver,
+      **kw,
+    )
     video = jnp.clip(exp.decode_video(z), -1.0, 1.0)
     # Given clips are returned exactly as given (the codec round trip is lossless for the pixel codec only).
-    return jnp.where(layers.clip_time_mask(given_clips, exp.config.data.frames)[..., None, None, None],
-                     given_video, video)
+    return jnp.where(
+      layers.clip_time_mask(given_clips, exp.config.data.frames)[..., None, None, None], given_video, video
+    )
 
-  def sample(self, tokens: np.ndarray, task: str, *, given_video: np.ndarray | None = None, seed: int = 0,
-             num_steps: int | None = None, guidance_scale: float | None = None) -> np.ndarray:
+  def sample(
+    self,
+    tokens: np.ndarray,
+    task: str,
+    *,
+    given_video: np.ndarray | None = None,
+    seed: int = 0,
+    num_steps: int | None = None,
+    guidance_scale: float | None = None,
+  ) -> np.ndarray:
     """Packed pixel clips [B, n·T, H, W, 3]. ``given_video`` holds the task's given clips in their slots."""
     layers.check_task(task)
     exp = self.exp
@@ -122,13 +151,23 @@ class LayeredSampler:
     steps = int(self.kwargs["num_steps"] if num_steps is None else num_steps)
     guidance = float(self.kwargs["guidance_scale"] if guidance_scale is None else guidance_scale)
     if steps < 1:
-      raise ValueError(f"num_steps={num_steps!r}: expected an integer >= 1 (None: the config's "
-                       f"sampling.num_steps={self.kwargs['num_steps']})")
+      raise ValueError(
+        f"num_steps={num_steps!r}: expected an integer >= 1 (None: the config's "
+        f"sampling.num_steps={self.kwargs['num_steps']})"
+      )
     if not np.isfinite(guidance) or guidance < 0:
       raise ValueError(f"guidance_scale={guidance_scale!r}: expected a finite number >= 0")
     with shd.use_mesh(exp.mesh):
-      out = self._fn(self.params, jnp.asarray(tokens), jnp.asarray(given_video, jnp.float32), jnp.asarray(given),
-                     jnp.asarray(frames), jax.random.key(seed), num_steps=steps, guidance_scale=guidance)
+      out = self._fn(
+        self.params,
+        jnp.asarray(tokens),
+        jnp.asarray(given_video, jnp.float32),
+        jnp.asarray(given),
+        jnp.asarray(frames),
+        jax.random.key(seed),
+        num_steps=steps,
+        guidance_scale=guidance,
+      )
     return np.asarray(out)
 
   def split_layers(self, video: np.ndarray) -> list[dict]:

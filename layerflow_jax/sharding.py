@@ -32,28 +32,28 @@ MESH_AXES = ("data", "fsdp", "tensor", "sequence")
 
 # The one rules table. A logical axis maps to a mesh axis, a tuple of mesh axes, or None (replicated).
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
-    # activations
-    ("batch", ("data", "fsdp")),
-    ("video_tokens", "sequence"),
-    ("text_tokens", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("act_kv", None),
-    # parameters
-    ("layers", None),
-    ("embed", ("fsdp", "sequence")),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    ("time_embed", None),
-    ("text_embed", None),
-    ("patch", None),
-    ("channels", None),
-    ("modulation", ("tensor", "fsdp", "sequence")),  # adaLN kernels [time_embed, 6·hidden]: 20% of 2B
-    ("norm", None),
-    ("lora_rank", None),
-    ("clips", None),
+  # activations
+  ("batch", ("data", "fsdp")),
+  ("video_tokens", "sequence"),
+  ("text_tokens", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_mlp", "tensor"),
+  ("act_kv", None),
+  # parameters
+  ("layers", None),
+  ("embed", ("fsdp", "sequence")),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  ("time_embed", None),
+  ("text_embed", None),
+  ("patch", None),
+  ("channels", None),
+  ("modulation", ("tensor", "fsdp", "sequence")),  # adaLN kernels [time_embed, 6·hidden]: 20% of 2B
+  ("norm", None),
+  ("lora_rank", None),
+  ("clips", None),
 )
 
 
@@ -72,7 +72,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   fixed = math.prod(n for n in shape.values() if n != -1)
   if wild:
     if num_devices % fixed:
-      raise ValueError(f"mesh: fixed axes use {fixed} devices, which does not divide the {num_devices} available")
+      raise ValueError(
+        f"mesh: fixed axes use {fixed} devices, which does not divide the {num_devices} available"
+      )
     shape[wild[0]] = num_devices // fixed
   total = math.prod(shape.values())
   if total != num_devices:
@@ -112,12 +114,15 @@ def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
   # Granules are TPU slices when there are several, else processes (GPU/CPU hosts report one slice or none).
   by_process = len({getattr(d, "slice_index", None) for d in devices}) == 1
   try:
-    grid = mesh_utils.create_hybrid_device_mesh(ici, tuple(dcn[a] for a in MESH_AXES), devices,
-                                                process_is_granule=by_process)
+    grid = mesh_utils.create_hybrid_device_mesh(
+      ici, tuple(dcn[a] for a in MESH_AXES), devices, process_is_granule=by_process
+    )
   except (ValueError, AssertionError) as e:
     granules = "processes" if by_process else "slices"
-    raise ValueError(f"mesh.dcn {dcn}: cannot lay out {len(devices)} devices as ICI {dict(zip(MESH_AXES, ici))} "
-                     f"within each of the {granules} × DCN {dcn} ({e})") from None
+    raise ValueError(
+      f"mesh.dcn {dcn}: cannot lay out {len(devices)} devices as ICI {dict(zip(MESH_AXES, ici))} "
+      f"within each of the {granules} × DCN {dcn} ({e})"
+    ) from None
   return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 

@@ -36,8 +36,14 @@ def _finished(workdir: pathlib.Path, steps: int) -> bool:
     return False
 
 
-def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, progress: bool = True,
-                 only: str | None = None) -> dict:
+def train_stages(
+  spec: str,
+  workdir: str | pathlib.Path,
+  overrides: Sequence[str] = (),
+  *,
+  progress: bool = True,
+  only: str | None = None,
+) -> dict:
   from layerflow_jax.train import trainer
 
   root = pathlib.Path(workdir)
@@ -53,8 +59,12 @@ def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str
   from layerflow_jax import validate
 
   for name in wanted:  # every stage's config is checked before the first compiles (chain sources come later)
-    validate.validate(load_config(stage_spec(spec, name), overrides), num_devices=jax.device_count(),
-                      process_count=jax.process_count(), check_chain=False)
+    validate.validate(
+      load_config(stage_spec(spec, name), overrides),
+      num_devices=jax.device_count(),
+      process_count=jax.process_count(),
+      check_chain=False,
+    )
   trainer.check_workdir(root)
   root.mkdir(parents=True, exist_ok=True)  # only once every stage's config is known to be usable
   results = {}
@@ -66,8 +76,10 @@ def train_stages(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str
     if config.train.init_from and not pathlib.Path(config.train.init_from).is_absolute():
       src = root / config.train.init_from
       if not (src / "checkpoints").is_dir():
-        raise ConfigError(f"stage {name}: train.init_from={config.train.init_from!r} has no checkpoint "
-                          f"(expected {src}/checkpoints; run that stage first)")
+        raise ConfigError(
+          f"stage {name}: train.init_from={config.train.init_from!r} has no checkpoint "
+          f"(expected {src}/checkpoints; run that stage first)"
+        )
       config.train.init_from = str(src)
     if _finished(stage_dir, int(config.train.steps)):
       results[name] = {"skipped": "already finished"}

@@ -127,7 +127,7 @@ def run_spec(spec: str, run: Mapping[str, Any]) -> tuple[str, list[str]]:
     if not isinstance(key, str) or not key:
       raise ConfigError(f"sweep run {dict(run)}: key {key!r} is not a config key")
     if key.startswith(ARG_PREFIX):
-      name = key[len(ARG_PREFIX):]
+      name = key[len(ARG_PREFIX) :]
       if not name or any(c in str(value) for c in ",:") or any(c in name for c in ",=:"):
         raise ConfigError(f"sweep key {key!r}={value!r}: config arguments cannot contain ',', ':' or '='")
       arg_parts.append(f"{name}={value}")
@@ -158,8 +158,7 @@ def expand(spec: str, overrides: Sequence[str] = ()) -> list[dict]:
       load_config(rspec, all_overrides)  # fail before anything runs, naming the key
     except ConfigError as e:
       raise ConfigError(f"sweep run {name!r}: {e}") from None
-    out.append({"name": name, "spec": rspec, "overrides": all_overrides,
-                "swept": {k: r[k] for k in r}})
+    out.append({"name": name, "spec": rspec, "overrides": all_overrides, "swept": {k: r[k] for k in r}})
   return out
 
 
@@ -200,8 +199,14 @@ def is_finished(run_dir: pathlib.Path) -> bool:
   return (run_dir / RESULT_FILE).exists()
 
 
-def prepare(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str] = (), *,
-            sample_steps: int = 10, metric_batches: int = 1) -> tuple[pathlib.Path, list[dict]]:
+def prepare(
+  spec: str,
+  workdir: str | pathlib.Path,
+  overrides: Sequence[str] = (),
+  *,
+  sample_steps: int = 10,
+  metric_batches: int = 1,
+) -> tuple[pathlib.Path, list[dict]]:
   """Expands the sweep into ``workdir``: writes sweep.json and each run's run.json (refusing a changed run)."""
   root = pathlib.Path(workdir).absolute()
   root.mkdir(parents=True, exist_ok=True)
@@ -212,13 +217,24 @@ def prepare(spec: str, workdir: str | pathlib.Path, overrides: Sequence[str] = (
     if (d / RUN_FILE).exists():
       old = _read_json(d / RUN_FILE)
       if (old.get("spec"), old.get("overrides")) != (r["spec"], r["overrides"]):
-        raise ConfigError(f"run dir {d} was made by {old.get('spec')} {old.get('overrides')}, not by "
-                          f"{r['spec']} {r['overrides']}; use another --workdir")
+        raise ConfigError(
+          f"run dir {d} was made by {old.get('spec')} {old.get('overrides')}, not by "
+          f"{r['spec']} {r['overrides']}; use another --workdir"
+        )
     else:
       d.mkdir(parents=True, exist_ok=True)
       _write_json(d / RUN_FILE, record)
-  _write_json(root / SWEEP_FILE, {"spec": spec, "overrides": list(overrides), "sample_steps": int(sample_steps),
-                                  "metric_batches": int(metric_batches), "cwd": os.getcwd(), "runs": runs})
+  _write_json(
+    root / SWEEP_FILE,
+    {
+      "spec": spec,
+      "overrides": list(overrides),
+      "sample_steps": int(sample_steps),
+      "metric_batches": int(metric_batches),
+      "cwd": os.getcwd(),
+      "runs": runs,
+    },
+  )
   return root, runs
 
 
@@ -246,8 +262,11 @@ def _steady_steps_per_s(run_dir: pathlib.Path) -> float | None:
   rows = [r for r in read_metrics(run_dir) if "loss" in r]
   starts = []
   if (run_dir / ATTEMPTS_FILE).exists():
-    starts = [a["time"] for a in (json.loads(x) for x in (run_dir / ATTEMPTS_FILE).read_text().splitlines()
-                                  if x.strip()) if a.get("event") == "start"]
+    starts = [
+      a["time"]
+      for a in (json.loads(x) for x in (run_dir / ATTEMPTS_FILE).read_text().splitlines() if x.strip())
+      if a.get("event") == "start"
+    ]
   steps = seconds = 0.0
   for prev, cur in zip(rows, rows[1:]):
     if cur["step"] > prev["step"] and not any(prev["time"] < t <= cur["time"] for t in starts):
@@ -268,7 +287,9 @@ def _layer_metrics(run_dir: pathlib.Path, sample_steps: int, num_batches: int) -
   metrics, _ = eval_lib.evaluate(sampler, batches, num_steps=sample_steps)
   metrics.pop("num_clips", None)
   if config.eval.multistage:
-    metrics.update(eval_lib.multistage_metrics(config, params, num_batches=num_batches, num_steps=sample_steps))
+    metrics.update(
+      eval_lib.multistage_metrics(config, params, num_batches=num_batches, num_steps=sample_steps)
+    )
   return metrics
 
 
@@ -298,18 +319,29 @@ def _filtered_overrides(config_spec: str, overrides: Sequence[str]) -> list[str]
 def _train_to_end(config, run_dir: pathlib.Path, *, stop_after: int | None) -> dict:
   from layerflow_jax.train import trainer
 
-  _append_jsonl(run_dir / ATTEMPTS_FILE, {"event": "start", "time": time.time(), "pid": os.getpid(),
-                                          "host": os.uname().nodename})
+  _append_jsonl(
+    run_dir / ATTEMPTS_FILE,
+    {"event": "start", "time": time.time(), "pid": os.getpid(), "host": os.uname().nodename},
+  )
   summary = trainer.train(config, run_dir, stop_after=stop_after, progress=False)
-  _append_jsonl(run_dir / ATTEMPTS_FILE, {"event": "end", "time": time.time(), "pid": os.getpid(),
-                                          "start_step": summary.get("start_step"), "end_step": summary.get("end_step"),
-                                          "seconds": summary.get("seconds"),
-                                          "signal": summary.get("interrupted_by_signal")})
+  _append_jsonl(
+    run_dir / ATTEMPTS_FILE,
+    {
+      "event": "end",
+      "time": time.time(),
+      "pid": os.getpid(),
+      "start_step": summary.get("start_step"),
+      "end_step": summary.get("end_step"),
+      "seconds": summary.get("seconds"),
+      "signal": summary.get("interrupted_by_signal"),
+    },
+  )
   return summary
 
 
-def _resolve_stages(root: pathlib.Path, spec: str, config, overrides: Sequence[str], *,
-                    stop_after: int | None) -> bool:
+def _resolve_stages(
+  root: pathlib.Path, spec: str, config, overrides: Sequence[str], *, stop_after: int | None
+) -> bool:
   """Points ``train.init_from`` naming an earlier stage at a shared, trained copy of it; False if it is unfinished."""
   from layerflow_jax import stages as stages_lib
 
@@ -329,13 +361,21 @@ def _resolve_stages(root: pathlib.Path, spec: str, config, overrides: Sequence[s
   with _file_lock(pdir / ".lock"):  # one trainer per shared stage; the other runs wait for it
     if not is_finished(pdir):
       if not (pdir / RUN_FILE).exists():
-        _write_json(pdir / RUN_FILE, {"name": pdir.name, "spec": pspec, "overrides": list(pover), "shared": True})
+        _write_json(
+          pdir / RUN_FILE, {"name": pdir.name, "spec": pspec, "overrides": list(pover), "shared": True}
+        )
       print(f"  shared stage {pdir.name} ({pspec})", flush=True)
       summary = _train_to_end(pconfig, pdir, stop_after=stop_after)
       if summary.get("end_step") != int(pconfig.train.steps) or summary.get("interrupted_by_signal"):
         return False
-      _write_json(pdir / RESULT_FILE, {"status": "done", "steps": summary["end_step"],
-                                       "val_loss": summary.get("final", {}).get("val_loss")})
+      _write_json(
+        pdir / RESULT_FILE,
+        {
+          "status": "done",
+          "steps": summary["end_step"],
+          "val_loss": summary.get("final", {}).get("val_loss"),
+        },
+      )
   config.train.init_from = str(pdir)
   return True
 
@@ -363,7 +403,7 @@ def run_one(workdir: str | pathlib.Path, name: str, *, stop_after: int | None = 
     return "unfinished"
 
   train_rows, _ = _read_metrics(run_dir)
-  tail = train_rows[-max(1, math.ceil(len(train_rows) / 10)):]
+  tail = train_rows[-max(1, math.ceil(len(train_rows) / 10)) :]
   result: dict[str, Any] = {"status": "done", "steps": int(summary["end_step"])}
   result["train_loss"] = sum(r["loss"] for r in tail) / len(tail) if tail else None
   result.update(summary.get("final", {}))
@@ -394,8 +434,13 @@ def _visible_devices(devices: str | None) -> list[str]:
   if env is not None:
     return [d.strip() for d in env.split(",") if d.strip()]
   try:
-    out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                         text=True, timeout=20, check=True).stdout
+    out = subprocess.run(
+      ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+      capture_output=True,
+      text=True,
+      timeout=20,
+      check=True,
+    ).stdout
     return [line.strip() for line in out.splitlines() if line.strip()]
   except (OSError, subprocess.SubprocessError):
     return []
@@ -408,9 +453,11 @@ def split_devices(ids: Sequence[str], parallel: int) -> list[dict[str, str]]:
   if not ids:
     return [{} for _ in range(parallel)]
   if len(ids) < parallel:
-    raise ValueError(f"--parallel {parallel} needs at least {parallel} devices; found {len(ids)} ({','.join(ids)})")
+    raise ValueError(
+      f"--parallel {parallel} needs at least {parallel} devices; found {len(ids)} ({','.join(ids)})"
+    )
   per = len(ids) // parallel
-  return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i * per:(i + 1) * per])} for i in range(parallel)]
+  return [{"CUDA_VISIBLE_DEVICES": ",".join(ids[i * per : (i + 1) * per])} for i in range(parallel)]
 
 
 def _worker_command(root: pathlib.Path, name: str, stop_after: int | None) -> list[str]:
@@ -454,8 +501,15 @@ def _compile_cache(path: pathlib.Path | None):
     cc.reset_cache()
 
 
-def run_local(root: pathlib.Path, runs: Sequence[dict], *, parallel: int = 1, devices: str | None = None,
-              stop_after: int | None = None, compile_cache: pathlib.Path | None = None) -> dict[str, str]:
+def run_local(
+  root: pathlib.Path,
+  runs: Sequence[dict],
+  *,
+  parallel: int = 1,
+  devices: str | None = None,
+  stop_after: int | None = None,
+  compile_cache: pathlib.Path | None = None,
+) -> dict[str, str]:
   """Runs the unfinished runs: in this process one after another (parallel 1), else N subprocesses at a time."""
   status = {r["name"]: "skipped" for r in runs if is_finished(root / r["name"])}
   pending = [r["name"] for r in runs if r["name"] not in status]
@@ -480,7 +534,9 @@ def run_local(root: pathlib.Path, runs: Sequence[dict], *, parallel: int = 1, de
         slot, name = free.pop(0), queue.pop(0)
         env = {**cache_env, **os.environ, **slots[slot]}
         log = (root / name / "log.txt").open("a")
-        p = subprocess.Popen(_worker_command(root, name, stop_after), env=env, stdout=log, stderr=subprocess.STDOUT)
+        p = subprocess.Popen(
+          _worker_command(root, name, stop_after), env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         stop.procs.append(p)
         running[slot] = (p, name, time.time(), log)
         dev = slots[slot].get("CUDA_VISIBLE_DEVICES", "cpu")
@@ -495,7 +551,9 @@ def run_local(root: pathlib.Path, runs: Sequence[dict], *, parallel: int = 1, de
         log.close()
         del running[slot]
         free.append(slot)
-        status[name] = ("done" if is_finished(root / name) else "unfinished") if rc == 0 else f"failed (rc {rc})"
+        status[name] = (
+          ("done" if is_finished(root / name) else "unfinished") if rc == 0 else f"failed (rc {rc})"
+        )
         print(f"end   {name}: {status[name]} ({time.time() - t:.0f} s)", flush=True)
   for name in pending:
     status.setdefault(name, "not started")
@@ -528,8 +586,9 @@ def _interrupted(run_dir: pathlib.Path) -> bool:
   return bool(lines and lines[-1].get("event") == "end" and lines[-1].get("signal"))
 
 
-def write_slurm(root: pathlib.Path, runs: Sequence[dict], *, stop_after: int | None = None,
-                sbatch: Sequence[str] = ()) -> pathlib.Path | None:
+def write_slurm(
+  root: pathlib.Path, runs: Sequence[dict], *, stop_after: int | None = None, sbatch: Sequence[str] = ()
+) -> pathlib.Path | None:
   """An array job over the unfinished runs: task i runs ``layerflow sweep-run DIR <run i>``."""
   pending = [r["name"] for r in runs if not is_finished(root / r["name"])]
   if not pending:
@@ -537,11 +596,15 @@ def write_slurm(root: pathlib.Path, runs: Sequence[dict], *, stop_after: int | N
   (root / "slurm").mkdir(exist_ok=True)
   extra = " ".join(shlex.quote(str(x)) for x in (["--stop-after", str(stop_after)] if stop_after else []))
   names = "\n".join(f"  {shlex.quote(n)}" for n in pending)
-  header = [f"#SBATCH --job-name=layerflow-sweep-{root.name}", f"#SBATCH --array=0-{len(pending) - 1}",
-            f"#SBATCH --output={root}/slurm/%A_%a.out",
-            "#SBATCH --signal=TERM@120   # the trainer saves a checkpoint on SIGTERM; a rerun resumes"]
+  header = [
+    f"#SBATCH --job-name=layerflow-sweep-{root.name}",
+    f"#SBATCH --array=0-{len(pending) - 1}",
+    f"#SBATCH --output={root}/slurm/%A_%a.out",
+    "#SBATCH --signal=TERM@120   # the trainer saves a checkpoint on SIGTERM; a rerun resumes",
+  ]
   header += [f"#SBATCH {s}" for s in sbatch]
-  text = "\n".join([
+  text = "\n".join(
+    [
       "#!/bin/bash",
       *header,
       "# Written by `layerflow sweep --slurm`; submit with: sbatch " + str(root / "slurm.sh"),
@@ -552,9 +615,10 @@ def write_slurm(root: pathlib.Path, runs: Sequence[dict], *, stop_after: int | N
       names,
       ")",
       "NAME=${RUNS[$SLURM_ARRAY_TASK_ID]}",
-      f"srun {shlex.quote(sys.executable)} -m layerflow_jax.cli sweep-run {shlex.quote(str(root))} \"$NAME\" {extra}",
+      f'srun {shlex.quote(sys.executable)} -m layerflow_jax.cli sweep-run {shlex.quote(str(root))} "$NAME" {extra}',
       "",
-  ])
+    ]
+  )
   path = root / "slurm.sh"
   path.write_text(text)
   path.chmod(0o755)
@@ -608,8 +672,12 @@ def collect(root: str | pathlib.Path) -> tuple[list[str], list[dict]]:
   layer = sorted(k for k in metric_keys if k.startswith("layer/"))
   last = ["steps_per_s", "examples_per_s", "train_seconds", "layer_metrics_seconds", "trainable_params"]
   rest = [k for k in metric_keys if k not in first + val + layer + last]
-  columns = ["run"] + swept + ["status"] + [k for k in first + val + layer + rest + last
-                                            if k in metric_keys or k == "steps"]
+  columns = (
+    ["run"]
+    + swept
+    + ["status"]
+    + [k for k in first + val + layer + rest + last if k in metric_keys or k == "steps"]
+  )
   return columns, rows
 
 
@@ -627,8 +695,9 @@ def _cell(v: Any) -> str:
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Mapping]) -> str:
   head = [c.replace("|", "\\|") for c in columns]
-  numeric = [any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows)
-             for c in columns]
+  numeric = [
+    any(isinstance(r.get(c), (int, float)) and not isinstance(r.get(c), bool) for r in rows) for c in columns
+  ]
   lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if n else "---" for n in numeric) + "|"]
   for r in rows:
     lines.append("| " + " | ".join(_cell(r.get(c)).replace("|", "\\|") for c in columns) + " |")
@@ -695,10 +764,18 @@ def write_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None
     w.writerow({c: ("" if r.get(c) is None else r.get(c, "")) for c in columns})
   (out / "report.csv").write_text(buf.getvalue())
   spec = _read_json(root / SWEEP_FILE).get("spec", "") if (root / SWEEP_FILE).exists() else ""
-  md = [f"# Sweep {root.name}", "", f"config: `{spec}`", "", markdown_table(headline_columns(columns), rows), "",
-        "train_loss: mean of the last tenth of logged training losses; val_loss: fixed-noise validation loss at the "
-        "end (per task in val_loss_*); layer/*: layer metrics of samples on validation clips; steps_per_s: steady "
-        "rate between log rows (compilation excluded). Every column: report.csv.", ""]
+  md = [
+    f"# Sweep {root.name}",
+    "",
+    f"config: `{spec}`",
+    "",
+    markdown_table(headline_columns(columns), rows),
+    "",
+    "train_loss: mean of the last tenth of logged training losses; val_loss: fixed-noise validation loss at the "
+    "end (per task in val_loss_*); layer/*: layer metrics of samples on validation clips; steps_per_s: steady "
+    "rate between log rows (compilation excluded). Every column: report.csv.",
+    "",
+  ]
   (out / "report.md").write_text("\n".join(md))
   png = plot_losses(root, _runs_in(root), out / "loss_curves.png")
   return {"markdown": out / "report.md", "csv": out / "report.csv", "png": png}
@@ -708,41 +785,79 @@ def write_report(root: str | pathlib.Path, out: str | pathlib.Path | None = None
 
 
 def _add_sweep_args(p) -> None:
-  p.add_argument("--config", required=True, help="configs/FILE.py[:ARG] defining get_sweep(arg) and get_config(arg)")
+  p.add_argument(
+    "--config", required=True, help="configs/FILE.py[:ARG] defining get_sweep(arg) and get_config(arg)"
+  )
   p.add_argument("--workdir", required=True, help="sweep work dir (one sub-dir per run)")
-  p.add_argument("--parallel", type=int, default=1, help="runs at a time; >1 runs subprocesses, each on its own "
-                 "device group (CUDA_VISIBLE_DEVICES split; plain processes on CPU)")
-  p.add_argument("--devices", default=None, help="comma-separated device ids to split (default: "
-                 "CUDA_VISIBLE_DEVICES or all GPUs nvidia-smi lists)")
-  p.add_argument("--slurm", action="store_true", help="write DIR/slurm.sh (an array job over unfinished runs) "
-                 "instead of running")
-  p.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH line for --slurm, e.g. "
-                 "'--gres=gpu:8' (repeatable)")
-  p.add_argument("--stop-after", type=int, default=None, help="train each run at most this many more steps in "
-                 "this call (the next call resumes)")
-  p.add_argument("--sample-steps", type=int, default=10, help="sampler steps for the layer metrics at the end of a "
-                 "run (0: skip them)")
+  p.add_argument(
+    "--parallel",
+    type=int,
+    default=1,
+    help="runs at a time; >1 runs subprocesses, each on its own "
+    "device group (CUDA_VISIBLE_DEVICES split; plain processes on CPU)",
+  )
+  p.add_argument(
+    "--devices",
+    default=None,
+    help="comma-separated device ids to split (default: CUDA_VISIBLE_DEVICES or all GPUs nvidia-smi lists)",
+  )
+  p.add_argument(
+    "--slurm",
+    action="store_true",
+    help="write DIR/slurm.sh (an array job over unfinished runs) instead of running",
+  )
+  p.add_argument(
+    "--sbatch",
+    action="append",
+    default=[],
+    help="extra #SBATCH line for --slurm, e.g. '--gres=gpu:8' (repeatable)",
+  )
+  p.add_argument(
+    "--stop-after",
+    type=int,
+    default=None,
+    help="train each run at most this many more steps in this call (the next call resumes)",
+  )
+  p.add_argument(
+    "--sample-steps",
+    type=int,
+    default=10,
+    help="sampler steps for the layer metrics at the end of a run (0: skip them)",
+  )
   p.add_argument("--metric-batches", type=int, default=1, help="validation batches for the layer metrics")
-  p.add_argument("--compile-cache", default="", help="JAX persistent compilation cache shared by the runs "
-                 "(default: DIR/.jax_cache; 'none' to disable; a JAX_COMPILATION_CACHE_DIR already set wins)")
+  p.add_argument(
+    "--compile-cache",
+    default="",
+    help="JAX persistent compilation cache shared by the runs "
+    "(default: DIR/.jax_cache; 'none' to disable; a JAX_COMPILATION_CACHE_DIR already set wins)",
+  )
   p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
 
 
 def cmd_sweep(args, overrides) -> int:
-  root, runs = prepare(args.config, args.workdir, overrides, sample_steps=args.sample_steps,
-                       metric_batches=args.metric_batches)
+  root, runs = prepare(
+    args.config, args.workdir, overrides, sample_steps=args.sample_steps, metric_batches=args.metric_batches
+  )
   if args.slurm:
     path = write_slurm(root, runs, stop_after=args.stop_after, sbatch=args.sbatch)
     if path is None:
       print(f"all {len(runs)} runs in {root} are finished; nothing to submit")
     else:
-      print(f"wrote {path} ({sum(not is_finished(root / r['name']) for r in runs)} array tasks); "
-            f"submit with: sbatch {path}")
+      print(
+        f"wrote {path} ({sum(not is_finished(root / r['name']) for r in runs)} array tasks); "
+        f"submit with: sbatch {path}"
+      )
     return 0
   try:
     cache = None if args.compile_cache == "none" else pathlib.Path(args.compile_cache or root / ".jax_cache")
-    status = run_local(root, runs, parallel=args.parallel, devices=args.devices, stop_after=args.stop_after,
-                       compile_cache=cache)
+    status = run_local(
+      root,
+      runs,
+      parallel=args.parallel,
+      devices=args.devices,
+      stop_after=args.stop_after,
+      compile_cache=cache,
+    )
   except ValueError as e:
     if isinstance(e, ConfigError):
       raise
@@ -760,8 +875,11 @@ def cmd_sweep(args, overrides) -> int:
 
 def _add_report_args(p) -> None:
   p.add_argument("workdir", help="a sweep work dir")
-  p.add_argument("--out", default=None, help="where to write report.md / report.csv / loss_curves.png "
-                 "(default: the work dir)")
+  p.add_argument(
+    "--out",
+    default=None,
+    help="where to write report.md / report.csv / loss_curves.png (default: the work dir)",
+  )
 
 
 def cmd_report(args, overrides) -> int:
@@ -792,9 +910,19 @@ def cmd_run_one(args, overrides) -> int:
 
 
 COMMANDS = {
-    "sweep": ("run a config's get_sweep() runs (locally, N at a time, or as a SLURM array); resumable",
-              _add_sweep_args, cmd_sweep),
-    "sweep-report": ("Markdown + CSV table and a loss-curve PNG of a sweep work dir", _add_report_args, cmd_report),
-    "sweep-run": ("run one run of a prepared sweep (what `sweep` subprocesses and SLURM tasks call)",
-                  _add_run_args, cmd_run_one),
+  "sweep": (
+    "run a config's get_sweep() runs (locally, N at a time, or as a SLURM array); resumable",
+    _add_sweep_args,
+    cmd_sweep,
+  ),
+  "sweep-report": (
+    "Markdown + CSV table and a loss-curve PNG of a sweep work dir",
+    _add_report_args,
+    cmd_report,
+  ),
+  "sweep-run": (
+    "run one run of a prepared sweep (what `sweep` subprocesses and SLURM tasks call)",
+    _add_run_args,
+    cmd_run_one,
+  ),
 }

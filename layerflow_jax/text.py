@@ -115,11 +115,16 @@ def make_text_encoder(cfg) -> TextEncoder:
     if not cfg.path:
       raise ValueError("text_encoder.path: required for kind 't5' (a T5EncoderModel checkpoint directory)")
     enc = t5.T5TextEncoder.from_pretrained(
-        cfg.path, tokenizer=cfg.tokenizer, max_length=cfg.max_length, dtype=cfg.dtype,
-        use_attention_mask=cfg.attention_mask)
+      cfg.path,
+      tokenizer=cfg.tokenizer,
+      max_length=cfg.max_length,
+      dtype=cfg.dtype,
+      use_attention_mask=cfg.attention_mask,
+    )
     if enc.dim != cfg.dim:
-      raise ValueError(f"text_encoder.dim {cfg.dim} does not match the T5 checkpoint's d_model {enc.dim} "
-                       f"({cfg.path})")
+      raise ValueError(
+        f"text_encoder.dim {cfg.dim} does not match the T5 checkpoint's d_model {enc.dim} ({cfg.path})"
+      )
     weights.hoist_closed_over_weights()
     return enc
   raise ValueError(f"text_encoder.kind: unknown encoder {cfg.kind!r}; expected 'byte' or 't5'")

@@ -36,13 +36,13 @@ ADAPTER_KEYS = ("rank", "alpha", "targets", "blocks", "switch")
 # Types, defaults and number ranges come from the one declaration (configs/default.py SCHEMA).
 # (model.dtype, pos_embed, layer_embed … are checked with the same kind of message by DiTConfig.from_config.)
 _CHOICES: dict[str, tuple[str, ...]] = {
-    "layout": tuple(layers.LAYOUTS),
-    "train.lr_schedule": LR_SCHEDULES,
-    "train.trainable": ("all", "official_base", "adapters"),  # layerflow_jax.train.partition.select
-    "model.remat": tuple(REMAT_POLICIES),
-    "sampling.sampler": SAMPLERS,
-    "model.attention": ("xla", "cudnn", "chunked", "splash"),  # layerflow_jax.model.attention.attend
-    "model.precision": fp8_lib.PRECISIONS,
+  "layout": tuple(layers.LAYOUTS),
+  "train.lr_schedule": LR_SCHEDULES,
+  "train.trainable": ("all", "official_base", "adapters"),  # layerflow_jax.train.partition.select
+  "model.remat": tuple(REMAT_POLICIES),
+  "sampling.sampler": SAMPLERS,
+  "model.attention": ("xla", "cudnn", "chunked", "splash"),  # layerflow_jax.model.attention.attend
+  "model.precision": fp8_lib.PRECISIONS,
 }
 
 
@@ -92,20 +92,33 @@ def check_values(config: mlc.ConfigDict) -> None:
     if not (_is_int(v) if setting.type is int else _is_number(v)):
       fail(key, v, f"is a {type(v).__name__}", "an integer" if setting.type is int else "a number")
     if not math.isfinite(v) or (v < lo if lo_in else v <= lo) or (v > hi if hi_in else v >= hi):
-      fail(key, v, "is too small" if setting.type is int and v < lo else "is out of range",
-           _range_text(setting.type, lo, hi, lo_in, hi_in))
+      fail(
+        key,
+        v,
+        "is too small" if setting.type is int and v < lo else "is out of range",
+        _range_text(setting.type, lo, hi, lo_in, hi_in),
+      )
   for key, choices in _CHOICES.items():
     if _has(config, key) and _get(config, key) not in choices:
       fail(key, _get(config, key), "is not a known choice", f"one of {', '.join(choices)}")
   if _get(config, "train.steps") == 0 and not _get(config, "train.init_from"):
-    fail("train.steps", 0, "trains nothing from a fresh initialisation",
-         "an integer >= 1, or 0 with train.init_from (an evaluation-only run of that checkpoint)")
+    fail(
+      "train.steps",
+      0,
+      "trains nothing from a fresh initialisation",
+      "an integer >= 1, or 0 with train.init_from (an evaluation-only run of that checkpoint)",
+    )
   epochs = _get(config, "data.num_epochs")
   if epochs is not None and (not _is_int(epochs) or epochs < 1):
     fail("data.num_epochs", epochs, "is not a positive integer", "None (repeat forever) or an integer >= 1")
   inject = _get(config, "train.inject_nan_steps")
   if not isinstance(inject, (tuple, list)) or not all(_is_int(s) and s >= 1 for s in inject):
-    fail("train.inject_nan_steps", inject, "is not a list of steps", "a tuple of step numbers >= 1 (fault injection)")
+    fail(
+      "train.inject_nan_steps",
+      inject,
+      "is not a list of steps",
+      "a tuple of step numbers >= 1 (fault injection)",
+    )
 
 
 def _type_ok(setting, value: Any) -> bool:
@@ -137,21 +150,31 @@ def check_keys(config: mlc.ConfigDict) -> None:
       setting = SCHEMA.get(key)
       if setting is not None:
         if not _type_ok(setting, value):
-          fail(key, shown, f"is a {type(value).__name__}",
-               f"a {setting.type.__name__} like the default {setting.default!r} ({setting.doc})")
+          fail(
+            key,
+            shown,
+            f"is a {type(value).__name__}",
+            f"a {setting.type.__name__} like the default {setting.default!r} ({setting.doc})",
+          )
       elif isinstance(value, mlc.ConfigDict) and any(s.startswith(key + ".") for s in SCHEMA):
         walk(value, key + ".")
       else:
         close = difflib.get_close_matches(key, list(SCHEMA), n=1)
-        fail(key, shown, "is not a declared setting",
-             (f"{close[0]!r} or " if close else "") + "a key declared in configs/default.py (SCHEMA)")
+        fail(
+          key,
+          shown,
+          "is not a declared setting",
+          (f"{close[0]!r} or " if close else "") + "a key declared in configs/default.py (SCHEMA)",
+        )
 
   walk(config, "")
   missing = [k for k in SCHEMA if not _has(config, k)]
   if missing:
-    raise ConfigError(f"{missing[0]}: missing from the config ({len(missing)} declared key(s) missing: "
-                      f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); expected every key declared "
-                      f"in configs/default.py (build configs on default.get_config)")
+    raise ConfigError(
+      f"{missing[0]}: missing from the config ({len(missing)} declared key(s) missing: "
+      f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}); expected every key declared "
+      f"in configs/default.py (build configs on default.get_config)"
+    )
 
 
 def check_tasks(config: mlc.ConfigDict) -> None:
@@ -222,17 +245,30 @@ def check_shapes(config: mlc.ConfigDict) -> None:
   spatial, temporal = factors
   d = config.data
   if d.frames % temporal:
-    fail("data.frames", d.frames, f"not divisible by the temporal compression autoencoder.temporal={temporal}",
-         f"a multiple of {temporal}")
+    fail(
+      "data.frames",
+      d.frames,
+      f"not divisible by the temporal compression autoencoder.temporal={temporal}",
+      f"a multiple of {temporal}",
+    )
   patch = int(_get(config, "model.patch_size"))
   for key in ("height", "width"):
     v = d[key]
     if v % spatial:
-      fail(f"data.{key}", v, f"not divisible by the spatial compression autoencoder.spatial={spatial}",
-           f"a multiple of {spatial}")
+      fail(
+        f"data.{key}",
+        v,
+        f"not divisible by the spatial compression autoencoder.spatial={spatial}",
+        f"a multiple of {spatial}",
+      )
     if (v // spatial) % patch:
-      fail(f"data.{key}", v, f"its latent size {v // spatial} (÷ autoencoder.spatial={spatial}) is not divisible "
-           f"by model.patch_size={patch}", f"a multiple of {spatial * patch}")
+      fail(
+        f"data.{key}",
+        v,
+        f"its latent size {v // spatial} (÷ autoencoder.spatial={spatial}) is not divisible "
+        f"by model.patch_size={patch}",
+        f"a multiple of {spatial * patch}",
+      )
 
 
 def joint_tokens(config: mlc.ConfigDict) -> int | None:
@@ -261,14 +297,24 @@ def check_splash(config: mlc.ConfigDict, sequence: int) -> None:
   tokens = joint_tokens(config)
   if tokens is None:
     if pad % tile:
-      fail("model.pad_tokens_to", pad, f"with model.attention='splash' the joint sequence must tile into blocks "
-           f"of {tile} tokens, and its length is not known before the codec loads", f"a multiple of {tile} (e.g. 512)")
+      fail(
+        "model.pad_tokens_to",
+        pad,
+        f"with model.attention='splash' the joint sequence must tile into blocks "
+        f"of {tile} tokens, and its length is not known before the codec loads",
+        f"a multiple of {tile} (e.g. 512)",
+      )
     return
   padded = -(-tokens // pad) * pad if pad else tokens
   if padded % tile:
-    fail("model.pad_tokens_to", pad, f"the joint sequence of {tokens} tokens" + (f" padded to {padded}" if pad else "")
-         + f" does not tile into model.attention='splash' blocks of {tile} tokens",
-         f"a multiple of {tile} (e.g. 512), or model.attention other than 'splash'")
+    fail(
+      "model.pad_tokens_to",
+      pad,
+      f"the joint sequence of {tokens} tokens"
+      + (f" padded to {padded}" if pad else "")
+      + f" does not tile into model.attention='splash' blocks of {tile} tokens",
+      f"a multiple of {tile} (e.g. 512), or model.attention other than 'splash'",
+    )
 
 
 # ----------------------------------------------------------------------------- adapters
@@ -297,36 +343,65 @@ def check_adapters(config: mlc.ConfigDict) -> None:
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else list(targets)
     bad = [t for t in names if t not in lora_lib.TARGETS]
     if bad or not names:
-      fail(f"{key}.targets", targets, f"names no such layer {bad}" if bad else "is empty",
-           "a comma-separated subset of " + ",".join(lora_lib.TARGETS))
+      fail(
+        f"{key}.targets",
+        targets,
+        f"names no such layer {bad}" if bad else "is empty",
+        "a comma-separated subset of " + ",".join(lora_lib.TARGETS),
+      )
     try:
       blocks = lora_lib.parse_blocks(a["blocks"], n, f"{key}.blocks")
     except (ValueError, TypeError):
-      fail(f"{key}.blocks", a["blocks"], f"does not select blocks of model.num_layers={n}",
-           f"'all', 'every:K', 'every:K:OFFSET' or distinct indices in [0, {n})")
+      fail(
+        f"{key}.blocks",
+        a["blocks"],
+        f"does not select blocks of model.num_layers={n}",
+        f"'all', 'every:K', 'every:K:OFFSET' or distinct indices in [0, {n})",
+      )
     if not blocks:
-      fail(f"{key}.blocks", a["blocks"], f"selects none of the {n} blocks", "a selection of at least one block")
+      fail(
+        f"{key}.blocks", a["blocks"], f"selects none of the {n} blocks", "a selection of at least one block"
+      )
 
   present = _adapter_names(config)
   for key in ("train.trainable_adapters", "sampling.remove_adapters"):
     for name in tuple(_get(config, key, ()) or ()):
       if name not in present:
-        fail(key, tuple(_get(config, key)), f"names adapter {name!r}, which model.adapters does not define",
-             f"names among {present}")
+        fail(
+          key,
+          tuple(_get(config, key)),
+          f"names adapter {name!r}, which model.adapters does not define",
+          f"names among {present}",
+        )
   from data_pipelines.spec import BATCH_KEYS
 
   for name, batch_key in dict(_get(config, "train.adapter_scale_keys") or {}).items():
     if name not in present:
-      fail(f"train.adapter_scale_keys.{name}", batch_key, f"adapter {name!r} is not in model.adapters",
-           f"adapter names among {present}")
+      fail(
+        f"train.adapter_scale_keys.{name}",
+        batch_key,
+        f"adapter {name!r} is not in model.adapters",
+        f"adapter names among {present}",
+      )
     if batch_key not in BATCH_KEYS:
-      fail(f"train.adapter_scale_keys.{name}", batch_key, "is not a batch key", f"one of {', '.join(BATCH_KEYS)}")
+      fail(
+        f"train.adapter_scale_keys.{name}", batch_key, "is not a batch key", f"one of {', '.join(BATCH_KEYS)}"
+      )
   for name in dict(_get(config, "sampling.adapter_scales") or {}):
     if name not in present:
-      fail(f"sampling.adapter_scales.{name}", _get(config, f"sampling.adapter_scales.{name}"),
-           f"adapter {name!r} is not in model.adapters", f"adapter names among {present}")
+      fail(
+        f"sampling.adapter_scales.{name}",
+        _get(config, f"sampling.adapter_scales.{name}"),
+        f"adapter {name!r} is not in model.adapters",
+        f"adapter names among {present}",
+      )
   if _get(config, "train.trainable") == "adapters" and not present:
-    fail("train.trainable", "adapters", "but model.adapters is empty", "'all'/'official_base', or define adapters")
+    fail(
+      "train.trainable",
+      "adapters",
+      "but model.adapters is empty",
+      "'all'/'official_base', or define adapters",
+    )
 
 
 # ----------------------------------------------------------------------------- devices and batch
@@ -348,12 +423,20 @@ def check_mesh(config: mlc.ConfigDict, num_devices: int) -> dict[str, int]:
   fixed = math.prod(n for n in shape.values() if n != -1)
   if wild:
     if num_devices % fixed:
-      fail("mesh", mesh, f"the fixed axes need {fixed} devices, which does not divide the {num_devices} devices",
-           f"fixed axes whose product divides {num_devices}")
+      fail(
+        "mesh",
+        mesh,
+        f"the fixed axes need {fixed} devices, which does not divide the {num_devices} devices",
+        f"fixed axes whose product divides {num_devices}",
+      )
     shape[wild[0]] = num_devices // fixed
   if math.prod(shape.values()) != num_devices:
-    fail("mesh", mesh, f"uses {math.prod(shape.values())} devices but {num_devices} are available",
-         f"axis sizes whose product is {num_devices} (or one axis of -1)")
+    fail(
+      "mesh",
+      mesh,
+      f"uses {math.prod(shape.values())} devices but {num_devices} are available",
+      f"axis sizes whose product is {num_devices} (or one axis of -1)",
+    )
   if dcn:
     from layerflow_jax import sharding
 
@@ -369,19 +452,31 @@ def check_batch(config: mlc.ConfigDict, mesh_shape: Mapping[str, int], process_c
   dp = int(mesh_shape["data"]) * int(mesh_shape["fsdp"])
   if b % dp:
     # (kept in this word order: "data.batch_size B is not divisible by the data-parallel size N")
-    raise ConfigError(f"data.batch_size {b} is not divisible by the data-parallel size {dp} "
-                      f"(mesh data={mesh_shape['data']} × fsdp={mesh_shape['fsdp']}); expected a multiple of {dp}")
+    raise ConfigError(
+      f"data.batch_size {b} is not divisible by the data-parallel size {dp} "
+      f"(mesh data={mesh_shape['data']} × fsdp={mesh_shape['fsdp']}); expected a multiple of {dp}"
+    )
   if b % process_count:
-    fail("data.batch_size", b, f"not divisible by the {process_count} processes", f"a multiple of {process_count}")
+    fail(
+      "data.batch_size",
+      b,
+      f"not divisible by the {process_count} processes",
+      f"a multiple of {process_count}",
+    )
   k = int(_get(config, "train.grad_accum"))
   per_process = b // process_count
   if per_process % k:
-    fail("train.grad_accum", k, f"does not divide the per-process batch {per_process}",
-         f"a divisor of {per_process}")
+    fail(
+      "train.grad_accum",
+      k,
+      f"does not divide the per-process batch {per_process}",
+      f"a divisor of {per_process}",
+    )
 
 
-def check_param_sharding(shapes: Mapping[str, Sequence[int]], specs: Mapping[str, Any],
-                         mesh_shape: Mapping[str, int]) -> None:
+def check_param_sharding(
+  shapes: Mapping[str, Sequence[int]], specs: Mapping[str, Any], mesh_shape: Mapping[str, int]
+) -> None:
   """Every parameter dimension must split evenly over the mesh axes the rules table maps it to (jit refuses an
   uneven split only at compile time, naming no config key)."""
   for path, shape in shapes.items():
@@ -394,9 +489,13 @@ def check_param_sharding(shapes: Mapping[str, Sequence[int]], specs: Mapping[str
       if split > 1 and int(shape[dim]) % split:
         key = "mesh." + axes[0] if len(axes) == 1 else "mesh"
         value = mesh_shape[axes[0]] if len(axes) == 1 else {a: mesh_shape[a] for a in axes}
-        fail(key, value, f"parameter {path} has size {shape[dim]} on dimension {dim}, which is split over "
-             f"{'×'.join(axes)}={split}",
-             f"mesh sizes that divide {shape[dim]} (or a model size divisible by {split})")
+        fail(
+          key,
+          value,
+          f"parameter {path} has size {shape[dim]} on dimension {dim}, which is split over "
+          f"{'×'.join(axes)}={split}",
+          f"mesh sizes that divide {shape[dim]} (or a model size divisible by {split})",
+        )
 
 
 # ----------------------------------------------------------------------------- chaining
@@ -411,8 +510,12 @@ def check_init_from(config: mlc.ConfigDict) -> None:
   ck = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   steps = [p for p in ck.iterdir() if p.is_dir() and p.name.isdigit()] if ck.is_dir() else []
   if not steps:
-    fail("train.init_from", src, "holds no finished checkpoint" if path.exists() else "does not exist",
-         "the work dir of a finished earlier stage (with checkpoints/<step>/)")
+    fail(
+      "train.init_from",
+      src,
+      "holds no finished checkpoint" if path.exists() else "does not exist",
+      "the work dir of a finished earlier stage (with checkpoints/<step>/)",
+    )
 
 
 # ----------------------------------------------------------------------------- backend; ineffective settings
@@ -426,38 +529,65 @@ def check_backend(config: mlc.ConfigDict, platform: str) -> None:
   impl = _get(config, "model.attention")
   allowed = ATTENTION_BACKENDS.get(impl)
   if allowed is not None and platform not in allowed:
-    fail("model.attention", impl, f"needs an NVIDIA GPU but this backend is {platform!r}",
-         "'xla' or 'chunked' here (--config.model.attention=xla)")
+    fail(
+      "model.attention",
+      impl,
+      f"needs an NVIDIA GPU but this backend is {platform!r}",
+      "'xla' or 'chunked' here (--config.model.attention=xla)",
+    )
 
 
-def check_precision(config: mlc.ConfigDict, platform: str, compute_capability: str | None, *,
-                    training: bool) -> None:
+def check_precision(
+  config: mlc.ConfigDict, platform: str, compute_capability: str | None, *, training: bool
+) -> None:
   """FP8 ``model.precision`` needs Hopper's FP8 tensor cores (compute capability 9.x; ``compute_capability`` is
   ``jax.devices()[0].compute_capability``, None off CUDA), bfloat16 compute and, for attention, cuDNN; jax's cuDNN
   FP8 attention has no backward pass at this project's head dims, so training refuses it."""
   precision = _get(config, "model.precision", "bf16")
   if precision == "bf16":
     return
-  if platform not in ("gpu", "cuda") or not compute_capability or not str(compute_capability).startswith("9."):
+  if (
+    platform not in ("gpu", "cuda") or not compute_capability or not str(compute_capability).startswith("9.")
+  ):
     where = f"compute capability {compute_capability}" if compute_capability else f"backend {platform!r}"
-    fail("model.precision", precision, f"FP8 runs on Hopper GPUs (compute capability 9.x), this device is {where}",
-         "'bf16' here (--config.model.precision=bf16)")
+    fail(
+      "model.precision",
+      precision,
+      f"FP8 runs on Hopper GPUs (compute capability 9.x), this device is {where}",
+      "'bf16' here (--config.model.precision=bf16)",
+    )
   if _get(config, "model.dtype") != "bfloat16":
-    fail("model.precision", precision, f"FP8 scales bfloat16 tensors, model.dtype is {_get(config, 'model.dtype')!r}",
-         "model.dtype='bfloat16' with it")
+    fail(
+      "model.precision",
+      precision,
+      f"FP8 scales bfloat16 tensors, model.dtype is {_get(config, 'model.dtype')!r}",
+      "model.dtype='bfloat16' with it",
+    )
   if not fp8_lib.attention_fp8(precision):
     return
   if _get(config, "model.attention") != "cudnn":
-    fail("model.precision", precision, f"FP8 attention is cuDNN's, model.attention is "
-         f"{_get(config, 'model.attention')!r}", "model.attention='cudnn' with it")
+    fail(
+      "model.precision",
+      precision,
+      f"FP8 attention is cuDNN's, model.attention is {_get(config, 'model.attention')!r}",
+      "model.attention='cudnn' with it",
+    )
   head_dim = _get(config, "model.head_dim")
   if training:
-    fail("model.precision", precision, f"jax's cuDNN FP8 attention trains only at head_dim 128 with no padding mask "
-         f"(this model: head_dim {head_dim}); FP8 attention serves sampling and evaluation",
-         "'bf16' or 'fp8_gemm' for training")
+    fail(
+      "model.precision",
+      precision,
+      f"jax's cuDNN FP8 attention trains only at head_dim 128 with no padding mask "
+      f"(this model: head_dim {head_dim}); FP8 attention serves sampling and evaluation",
+      "'bf16' or 'fp8_gemm' for training",
+    )
   if not _is_int(head_dim) or head_dim > 256 or head_dim % 16:
-    fail("model.head_dim", head_dim, "cuDNN FP8 attention needs a head dim that is a multiple of 16, at most 256",
-         "model.precision 'bf16' or 'fp8_gemm' for this model")
+    fail(
+      "model.head_dim",
+      head_dim,
+      "cuDNN FP8 attention needs a head dim that is a multiple of 16, at most 256",
+      "model.precision 'bf16' or 'fp8_gemm' for this model",
+    )
 
 
 def ineffective_settings(config: mlc.ConfigDict) -> list[str]:
@@ -467,29 +597,41 @@ def ineffective_settings(config: mlc.ConfigDict) -> list[str]:
   if _is_int(steps) and steps > 0:  # train.steps=0 (an evaluation-only run) trains nothing to warn about
     curriculum = _get(config, "diffusion.curriculum_steps") or 0
     if _is_int(curriculum) and curriculum >= steps:
-      out.append(f"diffusion.curriculum_steps={curriculum} >= train.steps={steps}: the curriculum never "
-                 f"ends, so diffusion.task_weights never take effect (every step uses "
-                 f"diffusion.curriculum_weights)")
+      out.append(
+        f"diffusion.curriculum_steps={curriculum} >= train.steps={steps}: the curriculum never "
+        f"ends, so diffusion.task_weights never take effect (every step uses "
+        f"diffusion.curriculum_weights)"
+      )
     warmup = _get(config, "train.warmup_steps") or 0
     if _is_int(warmup) and warmup >= steps:
-      out.append(f"train.warmup_steps={warmup} >= train.steps={steps}: the warm-up never ends, so the "
-                 f"learning rate never reaches train.lr={_get(config, 'train.lr')}")
+      out.append(
+        f"train.warmup_steps={warmup} >= train.steps={steps}: the warm-up never ends, so the "
+        f"learning rate never reaches train.lr={_get(config, 'train.lr')}"
+      )
   heads, head_dim = _get(config, "model.num_heads"), _get(config, "model.head_dim")
   if _is_int(heads) and _is_int(head_dim):
     width = heads * head_dim  # the smallest side of every LoRA target (q, k, v, out: width²; ff: width × mlp)
     for name, a in sorted(dict(_get(config, "model.adapters") or {}).items()):
       rank = a.get("rank") if isinstance(a, (Mapping, mlc.ConfigDict)) else None
       if _is_int(rank) and rank > width:
-        out.append(f"model.adapters.{name}.rank={rank} > the layer width {width} (model.num_heads × "
-                   f"model.head_dim): a rank above {width} adds parameters but no capacity")
+        out.append(
+          f"model.adapters.{name}.rank={rank} > the layer width {width} (model.num_heads × "
+          f"model.head_dim): a rank above {width} adds parameters but no capacity"
+        )
   return out
 
 
 # ----------------------------------------------------------------------------- all
 
 
-def validate(config: mlc.ConfigDict, *, num_devices: int | None = None, process_count: int = 1,
-             mesh_shape: Mapping[str, int] | None = None, check_chain: bool = True) -> dict[str, int] | None:
+def validate(
+  config: mlc.ConfigDict,
+  *,
+  num_devices: int | None = None,
+  process_count: int = 1,
+  mesh_shape: Mapping[str, int] | None = None,
+  check_chain: bool = True,
+) -> dict[str, int] | None:
   """Runs every check; returns the resolved mesh shape (None when neither devices nor a mesh are given).
 
   ``check_chain=False`` skips ``train.init_from`` (a resumed run no longer needs its source; ``train-stages``
@@ -501,14 +643,20 @@ def validate(config: mlc.ConfigDict, *, num_devices: int | None = None, process_
   check_mixture(config)
   check_shapes(config)
   check_adapters(config)
-  shape = dict(mesh_shape) if mesh_shape is not None else (
-      check_mesh(config, num_devices) if num_devices is not None else None)
+  shape = (
+    dict(mesh_shape)
+    if mesh_shape is not None
+    else (check_mesh(config, num_devices) if num_devices is not None else None)
+  )
   if shape is not None:
     check_batch(config, shape, process_count)
     if int(_get(config, "model.pad_tokens_to")) and shape.get("sequence", 1) > 1:
-      fail("model.pad_tokens_to", _get(config, "model.pad_tokens_to"),
-           f"pads the joint sequence, which sequence parallelism (mesh sequence={shape['sequence']}) cannot split",
-           "0 with mesh.sequence > 1")
+      fail(
+        "model.pad_tokens_to",
+        _get(config, "model.pad_tokens_to"),
+        f"pads the joint sequence, which sequence parallelism (mesh sequence={shape['sequence']}) cannot split",
+        "0 with mesh.sequence > 1",
+      )
   check_splash(config, int(shape.get("sequence", 1)) if shape is not None else _get(config, "mesh.sequence"))
   if check_chain:
     check_init_from(config)

@@ -16,7 +16,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-if sys.argv[1:] == ["hybrid-mesh"]:  # print which process owns each device of a data=2 (over DCN) × fsdp=2 mesh
+if sys.argv[1:] == [
+  "hybrid-mesh"
+]:  # print which process owns each device of a data=2 (over DCN) × fsdp=2 mesh
   from layerflow_jax import sharding as shd
 
   mesh = shd.make_mesh({"data": 2, "fsdp": -1, "dcn": {"data": 2}})
@@ -29,5 +31,7 @@ i = 0
 while steps is None or i < steps:
   got = multihost_utils.process_allgather(jnp.full((2,), float(jax.process_index())))
   i += 1
-  print(f"step {i} of process {jax.process_index()}/{jax.process_count()}: {got.reshape(-1).tolist()}", flush=True)
+  print(
+    f"step {i} of process {jax.process_index()}/{jax.process_count()}: {got.reshape(-1).tolist()}", flush=True
+  )
   time.sleep(0.2)

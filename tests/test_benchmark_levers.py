@@ -14,14 +14,26 @@ from flax import nnx
 from layerflow_jax.model import DiTConfig, create_model, dit
 from layerflow_jax.model import lora as lora_lib
 
-CFG = DiTConfig(num_layers=2, num_heads=2, head_dim=16, time_embed_dim=32, in_channels=8, out_channels=8,
-                text_embed_dim=24, num_clips=4)
+CFG = DiTConfig(
+  num_layers=2,
+  num_heads=2,
+  head_dim=16,
+  time_embed_dim=32,
+  in_channels=8,
+  out_channels=8,
+  text_embed_dim=24,
+  num_clips=4,
+)
 LORA = (lora_lib.AdapterSpec("content", rank=4, alpha=4.0, targets=("q", "k", "v", "out"), blocks=(1,)),)
 
 
 def inputs(b=2, f=8, h=4, w=4, c=8, text=12, d=24, seed=0):
   k = jax.random.split(jax.random.key(seed), 2)
-  return jax.random.normal(k[0], (b, f, h, w, c)), jnp.array([5, 900][:b]), jax.random.normal(k[1], (b, text, d))
+  return (
+    jax.random.normal(k[0], (b, f, h, w, c)),
+    jnp.array([5, 900][:b]),
+    jax.random.normal(k[1], (b, text, d)),
+  )
 
 
 def randomized_state(cfg, seed=1, scale=0.05):
@@ -29,7 +41,9 @@ def randomized_state(cfg, seed=1, scale=0.05):
   state = nnx.state(create_model(cfg), nnx.Param)
   leaves, tree = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
-  return jax.tree.unflatten(tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    tree, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  )
 
 
 def value_and_grads(cfg, state):
@@ -58,8 +72,13 @@ def test_fused_qkv_and_attention_saving_remat_keep_values_and_gradients():
   cfg = dataclasses.replace(CFG, num_layers=1, scan_layers=False)  # one block, no loop: cheap to compile
   state = randomized_state(cfg)
   want = value_and_grads(cfg, state)
-  for kw in (dict(fused_qkv=True), dict(remat="save_attention"), dict(remat="dots_attention"),
-             dict(pad_tokens_to=16), dict(pad_tokens_to=16, attention="chunked")):
+  for kw in (
+    dict(fused_qkv=True),
+    dict(remat="save_attention"),
+    dict(remat="dots_attention"),
+    dict(pad_tokens_to=16),
+    dict(pad_tokens_to=16, attention="chunked"),
+  ):
     assert_same(value_and_grads(dataclasses.replace(cfg, **kw), state), want, str(kw))
 
 
@@ -82,15 +101,21 @@ def test_fused_qkv_keeps_separate_projections_where_lora_targets_them():
   fused; together they equal the unfused model."""
   cfg = dataclasses.replace(CFG, adapters=LORA)
   state = randomized_state(cfg)
-  assert_same(value_and_grads(dataclasses.replace(cfg, fused_qkv=True), state), value_and_grads(cfg, state),
-              "fused_qkv with LoRA on block 1")
+  assert_same(
+    value_and_grads(dataclasses.replace(cfg, fused_qkv=True), state),
+    value_and_grads(cfg, state),
+    "fused_qkv with LoRA on block 1",
+  )
 
 
 def test_attention_policy_matches_the_cudnn_forward_primitive():
   """The policy saves jax's fused-attention forward kernel by primitive name: guard against a rename in jax."""
   fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo")
-  names = [getattr(fused, n).name for n in ("_dot_product_attention_fwd_p", "_dot_product_attention_fwd_p_wrapper")
-           if hasattr(fused, n)]
+  names = [
+    getattr(fused, n).name
+    for n in ("_dot_product_attention_fwd_p", "_dot_product_attention_fwd_p_wrapper")
+    if hasattr(fused, n)
+  ]
   assert names, "jax's cuDNN attention forward primitives not found"
   for name in names:
     assert dit._attention_kernel_saveable(types.SimpleNamespace(name=name))
@@ -137,8 +162,21 @@ def test_benchmark_model_is_the_peers_size():
 def test_train_step_benchmark_runs_tiny(tmp_path, repo_root):
   """The benchmark script end to end on the tiny shape (every mode; CPU)."""
   out = tmp_path / "r.json"
-  cmd = [sys.executable, str(repo_root / "benchmarks" / "train_step.py"), "--tiny", "--modes", "train,lora,sample",
-         "--steps", "1", "--warmup", "0", "--sample-steps", "3", "--out-json", str(out)]
+  cmd = [
+    sys.executable,
+    str(repo_root / "benchmarks" / "train_step.py"),
+    "--tiny",
+    "--modes",
+    "train,lora,sample",
+    "--steps",
+    "1",
+    "--warmup",
+    "0",
+    "--sample-steps",
+    "3",
+    "--out-json",
+    str(out),
+  ]
   proc = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root, timeout=900)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   import json
@@ -159,24 +197,43 @@ def test_profile_summary_splits_kernel_time_by_category(tmp_path):
 
   gpu, host = 7, 1
   events = [
-      {"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0"}},
-      {"ph": "M", "pid": gpu, "tid": 3, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
-      {"ph": "M", "pid": gpu, "tid": 4, "name": "thread_name", "args": {"name": "XLA Ops"}},
-      {"ph": "M", "pid": host, "name": "process_name", "args": {"name": "/host:CPU"}},
-      {"ph": "M", "pid": host, "tid": 1, "name": "thread_name", "args": {"name": "python"}},
-      {"ph": "X", "pid": gpu, "tid": 3, "ts": 0, "dur": 400, "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"},
-      {"ph": "X", "pid": gpu, "tid": 3, "ts": 400, "dur": 1000, "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop"},
-      {"ph": "X", "pid": gpu, "tid": 3, "ts": 1500, "dur": 300, "name": "nvjet_tst_128x256_64x4_2x1_v_bz_TNT"},
-      {"ph": "X", "pid": gpu, "tid": 3, "ts": 1900, "dur": 100, "name": "loop_multiply_fusion_3"},
-      {"ph": "X", "pid": gpu, "tid": 4, "ts": 0, "dur": 2000, "name": "fusion.1"},  # op line: not a kernel
-      {"ph": "X", "pid": host, "tid": 1, "ts": 0, "dur": 5000, "name": "PjitFunction(step)"},
+    {"ph": "M", "pid": gpu, "name": "process_name", "args": {"name": "/device:GPU:0"}},
+    {"ph": "M", "pid": gpu, "tid": 3, "name": "thread_name", "args": {"name": "Stream #13(Compute)"}},
+    {"ph": "M", "pid": gpu, "tid": 4, "name": "thread_name", "args": {"name": "XLA Ops"}},
+    {"ph": "M", "pid": host, "name": "process_name", "args": {"name": "/host:CPU"}},
+    {"ph": "M", "pid": host, "tid": 1, "name": "thread_name", "args": {"name": "python"}},
+    {
+      "ph": "X",
+      "pid": gpu,
+      "tid": 3,
+      "ts": 0,
+      "dur": 400,
+      "name": "cudnn_generated_fort_native_sdpa_sm90_flash_fprop",
+    },
+    {
+      "ph": "X",
+      "pid": gpu,
+      "tid": 3,
+      "ts": 400,
+      "dur": 1000,
+      "name": "cudnn_generated_fort_native_sdpa_sm90_flash_bprop",
+    },
+    {"ph": "X", "pid": gpu, "tid": 3, "ts": 1500, "dur": 300, "name": "nvjet_tst_128x256_64x4_2x1_v_bz_TNT"},
+    {"ph": "X", "pid": gpu, "tid": 3, "ts": 1900, "dur": 100, "name": "loop_multiply_fusion_3"},
+    {"ph": "X", "pid": gpu, "tid": 4, "ts": 0, "dur": 2000, "name": "fusion.1"},  # op line: not a kernel
+    {"ph": "X", "pid": host, "tid": 1, "ts": 0, "dur": 5000, "name": "PjitFunction(step)"},
   ]
   path = tmp_path / "plugins" / "profile" / "run" / "perfetto_trace.json.gz"
   path.parent.mkdir(parents=True)
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": events}, f)
   s = ps.summarize(ps.load_events(ps.find_trace(tmp_path)), steps=2)
-  assert s["by_category_ms"] == {"attention bwd": 0.5, "attention fwd": 0.2, "gemm": 0.15, "elementwise fusions": 0.05}
+  assert s["by_category_ms"] == {
+    "attention bwd": 0.5,
+    "attention fwd": 0.2,
+    "gemm": 0.15,
+    "elementwise fusions": 0.05,
+  }
   assert s["span_ms"] == 1.0 and s["busy_ms"] == 0.9 and abs(s["idle_ms"] - 0.1) < 1e-12
   assert s["top_kernels"][0]["category"] == "attention bwd" and s["top_kernels"][0]["calls"] == 0.5
   assert "attention bwd" in ps.format_table(s)

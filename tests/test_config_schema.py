@@ -52,12 +52,17 @@ def test_ranges_come_from_the_schema():
     validate.check_values(c)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda c: c.train.update({"sampel_every": 5}),
-     r"train.sampel_every=5: is not a declared setting; expected 'train.sample_every' or a key declared"),
+@pytest.mark.parametrize(
+  "edit,message",
+  [
+    (
+      lambda c: c.train.update({"sampel_every": 5}),
+      r"train.sampel_every=5: is not a declared setting; expected 'train.sample_every' or a key declared",
+    ),
     (lambda c: c.update({"extra": mlc.ConfigDict({"x": 1})}), r"extra=.*is not a declared setting"),
     (lambda c: c.model.__delitem__("pad_tokens_to"), r"model.pad_tokens_to: missing from the config"),
-])
+  ],
+)
 def test_unknown_or_missing_key_is_refused_naming_it(edit, message):
   c = default.get_config()
   edit(c)
@@ -65,9 +70,17 @@ def test_unknown_or_missing_key_is_refused_naming_it(edit, message):
     validate.validate(c)
 
 
-@pytest.mark.parametrize("key,value", [("model.layer_embed", 3), ("model.scan_layers", 1), ("data.name", 5),
-                                       ("text_encoder.path", None), ("sampling.remove_adapters", "motion"),
-                                       ("model.adapters", 4)])
+@pytest.mark.parametrize(
+  "key,value",
+  [
+    ("model.layer_embed", 3),
+    ("model.scan_layers", 1),
+    ("data.name", 5),
+    ("text_encoder.path", None),
+    ("sampling.remove_adapters", "motion"),
+    ("model.adapters", 4),
+  ],
+)
 def test_wrongly_typed_key_is_refused_naming_it(key, value):
   c = default.get_config()
   *groups, leaf = key.split(".")
@@ -113,8 +126,9 @@ def test_stage_takes_every_base_argument(stage):
   base = load_config("configs/default.py:size=2b,gpu=1")
   gpu_levers = _diff(base, load_config("configs/default.py:size=2b"))
   assert set(gpu_levers) == set(GPU_LEVERS)
-  own = _diff(load_config(f"configs/stages.py:stage={stage},size=2b"),
-              load_config("configs/default.py:size=2b"))
+  own = _diff(
+    load_config(f"configs/stages.py:stage={stage},size=2b"), load_config("configs/default.py:size=2b")
+  )
   assert own and not set(own) & set(gpu_levers)  # the stage changes other keys than the levers
   assert _diff(staged, base) == own  # the stage's own settings, and nothing of the base lost
   validate.validate(staged, num_devices=8, check_chain=False)

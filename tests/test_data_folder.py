@@ -58,9 +58,13 @@ def folder(tmp_path_factory):
   sc = scenes(7)
   entries = {}
   for i, s in enumerate(sc[:6]):
-    entries[f"clip{i}"] = layout_writer.write_layered_video(root, f"clip{i}", s, fg=i in (0, 2), bg=i != 1 and i != 2)
+    entries[f"clip{i}"] = layout_writer.write_layered_video(
+      root, f"clip{i}", s, fg=i in (0, 2), bg=i != 1 and i != 2
+    )
   layout_writer.write_meta(root / "train_meta.json", entries)
-  layout_writer.write_meta(root / "val.json", {"held": layout_writer.write_layered_video(root, "held", sc[6])})
+  layout_writer.write_meta(
+    root / "val.json", {"held": layout_writer.write_layered_video(root, "held", sc[6])}
+  )
   c = data_config(tmp, layerflow_folder=root)
   c.data.name = "layerflow_folder"
   builder = layerflow_folder.build(c.data)
@@ -119,6 +123,7 @@ def test_folder_resizes_and_samples_a_window(tmp_path):
   np.testing.assert_array_equal(r["blend"], want)
   # The crop is centred: a resize of the window of columns 8..56 of the source.
   from PIL import Image
+
   ref = np.asarray(Image.fromarray(big[0]["blend"][idx[2]]).resize((W, H), Image.BICUBIC, box=(8, 0, 56, 32)))
   np.testing.assert_array_equal(r["blend"][2], ref)
 
@@ -136,7 +141,7 @@ def test_folder_malformed_layout_names_the_file(tmp_path, case):
     match = f"{meta}: not readable JSON"
   elif case == "no_videos_key":
     meta.write_text(json.dumps({"clips": {}}))
-    match = f"{meta}: expected an object with a \"videos\" object"
+    match = f'{meta}: expected an object with a "videos" object'
   else:
     shutil.rmtree(root)
     match = f"{root}: no such folder"
@@ -152,9 +157,14 @@ def _corrupt_folder(root: pathlib.Path) -> dict[str, str]:
   shutil.rmtree(root / "video_0003" / "mask")
   (root / "video_0005" / "mask" / "0009.png").unlink()
   from PIL import Image
+
   Image.new("RGB", (W + 4, H)).save(root / "video_0007" / "bl" / "0002.png")
-  return {"video_0001": "0004.png: unreadable image", "video_0003": "mask: missing",
-          "video_0005": "frame counts differ between layers (bl 10, mask 9", "video_0007": "0002.png: wrong size 28x16"}
+  return {
+    "video_0001": "0004.png: unreadable image",
+    "video_0003": "mask: missing",
+    "video_0005": "frame counts differ between layers (bl 10, mask 9",
+    "video_0007": "0002.png: wrong size 28x16",
+  }
 
 
 def test_corrupt_records_are_skipped_counted_and_logged(tmp_path, caplog):
@@ -195,6 +205,7 @@ def test_layered_images_build_with_missing_background_and_bad_records(tmp_path):
   meta = json.loads((root / "train.json").read_text())
   meta["image_0001"]["images_bg"] = ""  # background missing → has_bg False
   from PIL import Image
+
   Image.fromarray(sc[3]["fg"][0]).save(root / "fg" / "image_0003.png")  # RGB: no alpha → bad record
   (root / "train.json").write_text(json.dumps(meta))
   c = data_config(tmp_path, layerflow_images=root)
@@ -245,16 +256,40 @@ def test_cli_import_reports_examples_and_skips(tmp_path, capsys):
 
   root = tmp_path / "layered"
   _corrupt_folder(root)
-  args = ["data", "import", "layerflow_folder", "--manual_dir", str(root), "--data_dir", str(tmp_path / "tfds"),
-          "--max_bad_fraction", "0.5", "--config.data.frames=5", "--config.data.height=16",
-          "--config.data.width=24", "--config.data.num_validation=2"]
+  args = [
+    "data",
+    "import",
+    "layerflow_folder",
+    "--manual_dir",
+    str(root),
+    "--data_dir",
+    str(tmp_path / "tfds"),
+    "--max_bad_fraction",
+    "0.5",
+    "--config.data.frames=5",
+    "--config.data.height=16",
+    "--config.data.width=24",
+    "--config.data.num_validation=2",
+  ]
   assert cli.main(args) == 0
   text = capsys.readouterr().out
-  out = json.loads(text[text.index("{\n"):])  # after TFDS's progress lines
+  out = json.loads(text[text.index("{\n") :])  # after TFDS's progress lines
   # The last 2 listed (good) videos are held out; 4 of the other 8 are bad.
   assert out["examples"] == {"train": 4, "validation": 2}
   assert out["skipped"] == {"train": 4, "validation": 0}
-  assert cli.main(["data", "import", "layerflow_folder", "--manual_dir", str(tmp_path), "--data_dir",
-                   str(tmp_path / "tfds2")]) == 2  # bad input: one line, exit 2
+  assert (
+    cli.main(
+      [
+        "data",
+        "import",
+        "layerflow_folder",
+        "--manual_dir",
+        str(tmp_path),
+        "--data_dir",
+        str(tmp_path / "tfds2"),
+      ]
+    )
+    == 2
+  )  # bad input: one line, exit 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and "no meta JSON" in err and "\n" not in err

@@ -44,11 +44,17 @@ def make_config(data_dir: pathlib.Path, roots: dict, mixture_entries=()) -> obje
   return c
 
 
-STAGE3 = [dict(name="layerflow_images", weight=0.5, transform="static", motion_scale=1.0),
-          dict(name="layerflow_folder", weight=0.5, transform="video", background="layerflow_videos",
-               motion_scale=0.0)]
-STAGE2 = [dict(name="layerflow_folder", weight=1.0, transform="static", background="layerflow_videos",
-               motion_scale=1.0)]
+STAGE3 = [
+  dict(name="layerflow_images", weight=0.5, transform="static", motion_scale=1.0),
+  dict(
+    name="layerflow_folder", weight=0.5, transform="video", background="layerflow_videos", motion_scale=0.0
+  ),
+]
+STAGE2 = [
+  dict(
+    name="layerflow_folder", weight=1.0, transform="static", background="layerflow_videos", motion_scale=1.0
+  )
+]
 STAGE1 = [dict(name="layerflow_folder", weight=1.0, transform="video", motion_scale=0.0)]
 
 
@@ -56,19 +62,28 @@ STAGE1 = [dict(name="layerflow_folder", weight=1.0, transform="video", motion_sc
 def data(tmp_path_factory):
   """The three imported datasets (layered videos, every third without bg; layered images; plain videos)."""
   tmp = tmp_path_factory.mktemp("pipeline")
-  roots = {"layerflow_folder": tmp / "layered", "layerflow_images": tmp / "images",
-           "layerflow_videos": tmp / "videos"}
+  roots = {
+    "layerflow_folder": tmp / "layered",
+    "layerflow_images": tmp / "images",
+    "layerflow_videos": tmp / "videos",
+  }
   entries = {}
   for i, s in enumerate(_scenes(NUM_VIDEOS, FRAMES + 2, 0)):
-    entries[f"v{i:02d}"] = layout_writer.write_layered_video(roots["layerflow_folder"], f"v{i:02d}", s,
-                                                             fg=i % 2 == 0, bg=i % 3 != 0)
+    entries[f"v{i:02d}"] = layout_writer.write_layered_video(
+      roots["layerflow_folder"], f"v{i:02d}", s, fg=i % 2 == 0, bg=i % 3 != 0
+    )
   layout_writer.write_meta(roots["layerflow_folder"] / "train.json", entries)
   layout_writer.write_layered_images(roots["layerflow_images"], _scenes(NUM_IMAGES, 1, 100))
   bgs = _scenes(NUM_BACKGROUNDS, 3 * FRAMES, 200)
-  layout_writer.write_plain_videos(roots["layerflow_videos"], [s["bg"] for s in bgs], [s["bg_prompt"] for s in bgs])
+  layout_writer.write_plain_videos(
+    roots["layerflow_videos"], [s["bg"] for s in bgs], [s["bg_prompt"] for s in bgs]
+  )
   c = make_config(tmp / "tfds", roots)
-  for name, module in (("layerflow_folder", layerflow_folder), ("layerflow_images", layerflow_images),
-                       ("layerflow_videos", layerflow_videos)):
+  for name, module in (
+    ("layerflow_folder", layerflow_folder),
+    ("layerflow_images", layerflow_images),
+    ("layerflow_videos", layerflow_videos),
+  ):
     module.build(pipeline.source_config(c, name).data)
   return tmp, roots
 
@@ -94,8 +109,13 @@ def test_copy_paste_blend_is_the_composite_within_uint8_rounding():
   fg_scene, bg_scene = (synthetic.make_scene(s, FRAMES, 24, 32) for s in (1, 2))
   bg = {"id": b"b", "video": bg_scene["bg"], "prompt": b"green stripes"}
   for seed in range(8):
-    out = transforms.copy_paste((fg_scene, transforms.as_background(bg)), np.random.default_rng(seed),
-                                scale=(0.3, 1.4), flip=0.5, template="{fg} over {bg}")
+    out = transforms.copy_paste(
+      (fg_scene, transforms.as_background(bg)),
+      np.random.default_rng(seed),
+      scale=(0.3, 1.4),
+      flip=0.5,
+      template="{fg} over {bg}",
+    )
     a = out["alpha"].astype(np.float64) / 255.0
     want = a * out["fg"] + (1.0 - a) * out["bg"]
     assert np.abs(out["blend"].astype(np.float64) - want).max() <= 0.5 + 1e-9  # rounding only
@@ -130,7 +150,9 @@ def test_temporal_sample_windows_and_image_repeat():
   strides = set()
   for seed in range(10):
     out = transforms.temporal_sample(scene, np.random.default_rng(seed), frames=FRAMES, max_stride=3)
-    idx = [next(t for t in range(12) if np.array_equal(out["blend"][i], scene["blend"][t])) for i in range(FRAMES)]
+    idx = [
+      next(t for t in range(12) if np.array_equal(out["blend"][i], scene["blend"][t])) for i in range(FRAMES)
+    ]
     steps = set(np.diff(idx))
     assert len(steps) == 1 and 1 <= steps.pop() <= 3  # evenly spaced
     strides.add(idx[1] - idx[0])
@@ -141,8 +163,9 @@ def test_temporal_sample_windows_and_image_repeat():
   rep = transforms.temporal_sample(image, np.random.default_rng(0), frames=FRAMES)
   assert rep["blend"].shape[0] == FRAMES and (rep["blend"] == image["blend"]).all()
   with pytest.raises(ValueError, match="fewer than data.frames"):
-    transforms.temporal_sample({k: v[:2] for k, v in scene.items() if isinstance(v, np.ndarray)}, None,
-                               frames=FRAMES)
+    transforms.temporal_sample(
+      {k: v[:2] for k, v in scene.items() if isinstance(v, np.ndarray)}, None, frames=FRAMES
+    )
 
 
 def test_random_crop_resize_same_window_for_every_layer():
@@ -166,9 +189,15 @@ def test_prompt_dropout_gives_empty_prompts():
   dropped = transforms.drop_prompts(scene, np.random.default_rng(0), p=1.0)
   assert (transforms.tokenize_prompts(dropped, tok) == 0).all()
   kept = transforms.drop_prompts(scene, np.random.default_rng(0), p=0.0)
-  np.testing.assert_array_equal(transforms.tokenize_prompts(kept, tok), transforms.tokenize_prompts(scene, tok))
-  rates = [sum(transforms.drop_prompts(scene, np.random.default_rng(s), p=0.3)[k] == ""
-               for k in transforms.PROMPT_KEYS) for s in range(200)]
+  np.testing.assert_array_equal(
+    transforms.tokenize_prompts(kept, tok), transforms.tokenize_prompts(scene, tok)
+  )
+  rates = [
+    sum(
+      transforms.drop_prompts(scene, np.random.default_rng(s), p=0.3)[k] == "" for k in transforms.PROMPT_KEYS
+    )
+    for s in range(200)
+  ]
   assert 0.2 < np.mean(rates) / 3 < 0.4
 
 
@@ -181,10 +210,18 @@ def test_fused_record_to_model_inputs_equals_decode_then_pack():
   for layout in ("rgba", "rgb"):
     lay = layers.get_layout(layout)
     for has_fg, has_bg in ((True, True), (False, True), (True, False), (False, False)):
-      rec = {**scene, "has_fg": has_fg, "has_bg": has_bg, "fg": scene["fg"] if has_fg else empty,
-             "bg": scene["bg"] if has_bg else empty, "motion_scale": 1.0}
+      rec = {
+        **scene,
+        "has_fg": has_fg,
+        "has_bg": has_bg,
+        "fg": scene["fg"] if has_fg else empty,
+        "bg": scene["bg"] if has_bg else empty,
+        "motion_scale": 1.0,
+      }
       fused = transforms.record_to_model_inputs(rec, layout=lay, tokenize=tok)
-      ref = transforms.to_model_inputs({**transforms.decode(rec), "motion_scale": 1.0}, layout=lay, tokenize=tok)
+      ref = transforms.to_model_inputs(
+        {**transforms.decode(rec), "motion_scale": 1.0}, layout=lay, tokenize=tok
+      )
       assert set(fused) == set(ref)
       np.testing.assert_allclose(fused["video"], ref["video"], rtol=0, atol=1e-6)
       for k in ("tokens", "clip_valid", "motion_scale"):
@@ -199,7 +236,11 @@ def test_stage_mixtures_batch_contract_static_and_motion_scale(data):
   for entries in (STAGE1, STAGE2, STAGE3):
     c = config_for(data, entries, random_crop=0.5, prompt_dropout=0.1)
     batch = pipeline.make_dataset(c)[0]
-    assert batch["video"].shape == (4, lay.num_clips * FRAMES, H, W, 3) and batch["tokens"].shape == (4, 3, 32)
+    assert batch["video"].shape == (4, lay.num_clips * FRAMES, H, W, 3) and batch["tokens"].shape == (
+      4,
+      3,
+      32,
+    )
     assert batch["video"].min() >= -1.0 and batch["video"].max() <= 1.0
     clips = layers.unpack(batch["video"], lay.num_clips)
     for i, scale in enumerate(batch["motion_scale"]):
@@ -219,8 +260,10 @@ def test_missing_background_leaves_the_loss_but_copy_paste_fills_it(data):
 
 def test_mixture_is_deterministic_by_seed(data):
   c = config_for(data, STAGE3, random_crop=0.5, prompt_dropout=0.2)
-  a, b = pipeline.make_dataset(c), pipeline.make_dataset(config_for(data, STAGE3, random_crop=0.5,
-                                                                             prompt_dropout=0.2))
+  a, b = (
+    pipeline.make_dataset(c),
+    pipeline.make_dataset(config_for(data, STAGE3, random_crop=0.5, prompt_dropout=0.2)),
+  )
   for i in range(5):
     assert_batches_equal(a[i], b[i])
   other = pipeline.make_dataset(config_for(data, STAGE3, random_crop=0.5, prompt_dropout=0.2, shuffle_seed=1))
@@ -307,11 +350,25 @@ def cache(data):
   tmp, roots = data
   c = config_for(data, STAGE1)
   c.data.name = "layerflow_folder"
-  args = ["data", "cache", "--config", "configs/default.py", "--name", "layerflow_folder", "--data_dir",
-          c.data.data_dir, "--cache_dir", c.data.cache_dir] + [
-          f"--config.data.{k}={c.data[k]}" for k in ("frames", "height", "width", "num_validation", "batch_size",
-                                                      "background_frames")] + [
-          f"--config.data.manual_dirs.layerflow_folder={roots['layerflow_folder']}"]
+  args = (
+    [
+      "data",
+      "cache",
+      "--config",
+      "configs/default.py",
+      "--name",
+      "layerflow_folder",
+      "--data_dir",
+      c.data.data_dir,
+      "--cache_dir",
+      c.data.cache_dir,
+    ]
+    + [
+      f"--config.data.{k}={c.data[k]}"
+      for k in ("frames", "height", "width", "num_validation", "batch_size", "background_frames")
+    ]
+    + [f"--config.data.manual_dirs.layerflow_folder={roots['layerflow_folder']}"]
+  )
   assert cli.main(args) == 0
   cached = config_for(data, STAGE1, cached=True)
   cached.data.name = "layerflow_folder"
@@ -340,8 +397,9 @@ def test_latent_cache_equals_the_encoders_and_is_read_by_config(cache):
   assert set(batch) == {"latents", "text", "clip_valid", "motion_scale"}
   assert batch["latents"].shape == (4, 4 * t, h, w, ch) and batch["text"].shape == (4, 3 * 32, 64)
   with pytest.raises(ValueError, match="needs pixels"):
-    pipeline.make_dataset(config_for(data=(pathlib.Path(c.data.data_dir).parent, {}), entries=STAGE2,
-                                          cached=True))
+    pipeline.make_dataset(
+      config_for(data=(pathlib.Path(c.data.data_dir).parent, {}), entries=STAGE2, cached=True)
+    )
 
 
 @pytest.mark.slow
@@ -355,8 +413,9 @@ def test_cached_batches_give_the_train_step_the_same_loss(cache):
   exp = Experiment(c)
   params = exp.full_params(exp.init_state())
   tasks = jax.numpy.zeros((2,), "int32")
-  loss = jax.jit(lambda b: step_lib.diffusion_loss(exp, params, b, jax.random.key(0), train=False,
-                                                   task_ids=tasks)[0])
+  loss = jax.jit(
+    lambda b: step_lib.diffusion_loss(exp, params, b, jax.random.key(0), train=False, task_ids=tasks)[0]
+  )
   raw_ids = [r["id"] for r in pipeline.load_source(c.data, "validation")]
   cached_ids = [r["id"] for r in pipeline.load_source(cached_cfg.data, "validation", cached_cfg)]
   order = [cached_ids.index(i) for i in raw_ids]  # the cache stores records in its own order

@@ -22,13 +22,23 @@ from data_pipelines import pipeline, registry
 from layerflow_jax.config import load_config
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "demo_batch_hashes.json"
-DEMO_SPECS = ("configs/stages.py:demo,stage=stage1_base", "configs/stages.py:demo,stage=stage2_motion_lora",
-              "configs/stages.py:demo,stage=stage3_content_lora", "configs/default.py")
+DEMO_SPECS = (
+  "configs/stages.py:demo,stage=stage1_base",
+  "configs/stages.py:demo,stage=stage2_motion_lora",
+  "configs/stages.py:demo,stage=stage3_content_lora",
+  "configs/default.py",
+)
 NUM_BATCHES = 30
 STAGE3 = "configs/stages.py:stage=stage3_content_lora"
 # 20 records (not a multiple of the global batch of 8, so batches straddle epochs), every random step on.
-STAGE3_DATA = ["data.num_train=20", "data.num_validation=4", "data.batch_size=8", "data.random_crop=0.5",
-               "data.prompt_dropout=0.2", "data.max_frame_stride=2"]
+STAGE3_DATA = [
+  "data.num_train=20",
+  "data.num_validation=4",
+  "data.batch_size=8",
+  "data.random_crop=0.5",
+  "data.prompt_dropout=0.2",
+  "data.max_frame_stride=2",
+]
 STEPS = 8
 
 
@@ -42,7 +52,9 @@ def digest(batch: dict) -> str:
 
 
 def build(config) -> None:
-  for name in dict.fromkeys([config.data.name] + [e.get("name", config.data.name) for e in config.data.mixture]):
+  for name in dict.fromkeys(
+    [config.data.name] + [e.get("name", config.data.name) for e in config.data.mixture]
+  ):
     registry.build(pipeline.source_config(config, name).data)
 
 
@@ -69,7 +81,7 @@ def test_one_process_reads_the_demo_batches_of_before(tmp_path):
     assert got[key] == want[key], key
 
 
-_WORKER = r'''
+_WORKER = r"""
 import json, sys, types
 import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -95,7 +107,7 @@ for _ in range(int(steps)):
 if jax.process_index() == 0:
   json.dump({"hashes": hashes, "rows": rows, "devices": jax.device_count()}, open(out, "w"))
 jax.distributed.shutdown()
-'''
+"""
 
 
 def _run_job(n: int, tmp_path: pathlib.Path, data_dir: str, repo_root: pathlib.Path) -> dict:
@@ -105,12 +117,23 @@ def _run_job(n: int, tmp_path: pathlib.Path, data_dir: str, repo_root: pathlib.P
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   out = tmp_path / f"job{n}.json"
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-         "PYTHONPATH": str(repo_root)}
+  env = {
+    **os.environ,
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+    "PYTHONPATH": str(repo_root),
+  }
   argv = [str(n), "RANK", str(port), STAGE3, data_dir, json.dumps(STAGE3_DATA), str(STEPS), str(out)]
-  procs = [subprocess.Popen([sys.executable, str(script)] + [str(r) if a == "RANK" else a for a in argv],
-                            env=env, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for r in range(n)]
+  procs = [
+    subprocess.Popen(
+      [sys.executable, str(script)] + [str(r) if a == "RANK" else a for a in argv],
+      env=env,
+      cwd=repo_root,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+    )
+    for r in range(n)
+  ]
   logs = [p.communicate(timeout=300)[0].decode(errors="replace") for p in procs]
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
@@ -123,7 +146,9 @@ def test_stage3_mixture_global_batches_are_the_same_on_1_2_and_4_processes(tmp_p
   processes, each process holding its block of 8 / n rows."""
   data_dir = str(tmp_path / "tfds")
   config = load_config(STAGE3, [f"data.data_dir={data_dir!r}"] + STAGE3_DATA)
-  assert [e["transform"] for e in config.data.mixture] == ["static", "video"] and config.data.mixture[1]["background"]
+  assert [e["transform"] for e in config.data.mixture] == ["static", "video"] and config.data.mixture[1][
+    "background"
+  ]
   build(config)
   one = pipeline.make_dataset(config)
   want = [digest(one[i]) for i in range(STEPS)]

@@ -15,7 +15,9 @@ def test_trained_is_better_follows_each_metrics_direction():
 
 
 def test_table_aligns_any_number_of_columns():
-  text = demo._table([("metric", "untrained", "trained", "trained better"), ("alpha IoU", "0.1", "0.3", "yes")])
+  text = demo._table(
+    [("metric", "untrained", "trained", "trained better"), ("alpha IoU", "0.1", "0.3", "yes")]
+  )
   lines = text.splitlines()
   assert len({len(line) for line in lines}) == 1
   assert lines[1].count(":") == 3

@@ -31,9 +31,16 @@ def _diffusers():
 
 def _scheduler_kwargs() -> dict:
   return dict(
-      num_train_timesteps=N, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-      snr_shift_scale=3.0, rescale_betas_zero_snr=True, prediction_type="v_prediction",
-      timestep_spacing="trailing", set_alpha_to_one=True, clip_sample=False,
+    num_train_timesteps=N,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    snr_shift_scale=3.0,
+    rescale_betas_zero_snr=True,
+    prediction_type="v_prediction",
+    timestep_spacing="trailing",
+    set_alpha_to_one=True,
+    clip_sample=False,
   )
 
 
@@ -258,16 +265,26 @@ def _rel_err(a, b) -> float:
 @pytest.mark.torch
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 @pytest.mark.parametrize(
-    "g,dynamic,with_given", [(1.0, False, False), (6.0, False, False), (6.0, True, True)])
+  "g,dynamic,with_given", [(1.0, False, False), (6.0, False, False), (6.0, True, True)]
+)
 def test_sampler_matches_diffusers(sched, sampler, g, dynamic, with_given):
   num_steps = 10
   x_T = jax.random.normal(jax.random.PRNGKey(0), SHAPE)
   rng = jax.random.PRNGKey(5)
   given = _given(["fg2bg", "decompose"]) if with_given else None
   given_latents = jax.random.normal(jax.random.PRNGKey(9), SHAPE) if with_given else None
-  ours = D.sample(fake_velocity_jax, x_T, sched=sched, num_steps=num_steps, sampler=sampler,
-                  guidance_scale=g, dynamic_cfg=dynamic, given_latents=given_latents, given_frames=given,
-                  rng=rng)
+  ours = D.sample(
+    fake_velocity_jax,
+    x_T,
+    sched=sched,
+    num_steps=num_steps,
+    sampler=sampler,
+    guidance_scale=g,
+    dynamic_cfg=dynamic,
+    given_latents=given_latents,
+    given_frames=given,
+    rng=rng,
+  )
   noises = [np.array(D.step_noise(rng, i, SHAPE)) for i in range(num_steps)] if sampler != "ddim" else None
   ref = _torch_reference(sampler, num_steps, g, dynamic, x_T, noises, given, given_latents)
   err = _rel_err(ours, ref)
@@ -287,8 +304,17 @@ def test_given_frames_bitwise_untouched(sched):
 
   m = np.asarray(given)
   for sampler in D.SAMPLERS:
-    out = D.sample(vel, x_T, sched=sched, num_steps=5, sampler=sampler, guidance_scale=6.0,
-                   given_latents=given_latents, given_frames=given, rng=jax.random.PRNGKey(2))
+    out = D.sample(
+      vel,
+      x_T,
+      sched=sched,
+      num_steps=5,
+      sampler=sampler,
+      guidance_scale=6.0,
+      given_latents=given_latents,
+      given_frames=given,
+      rng=jax.random.PRNGKey(2),
+    )
     np.testing.assert_array_equal(np.asarray(out)[m], np.asarray(given_latents)[m])
     assert np.all(np.isfinite(np.asarray(out)))
     assert not np.allclose(np.asarray(out)[~m], np.asarray(x_T)[~m])
@@ -310,8 +336,16 @@ def test_sampler_argument_checks(sched):
   with pytest.raises(ValueError, match="unknown sampler"):
     D.sample(fake_velocity_jax, x_T, sched=sched, num_steps=4, sampler="euler", guidance_scale=1.0)
   with pytest.raises(ValueError, match="DDIM"):
-    D.sample(fake_velocity_jax, x_T, sched=sched, num_steps=4, sampler="dpmpp_2m", guidance_scale=1.0,
-             eta=0.5, rng=jax.random.PRNGKey(0))
+    D.sample(
+      fake_velocity_jax,
+      x_T,
+      sched=sched,
+      num_steps=4,
+      sampler="dpmpp_2m",
+      guidance_scale=1.0,
+      eta=0.5,
+      rng=jax.random.PRNGKey(0),
+    )
 
 
 @pytest.mark.parametrize("num_steps", [1, 6, 7, 50])

@@ -94,16 +94,21 @@ def _ours(exp, params, latents, timesteps, text, *, sampling_view: bool = True):
   if sampling_view:
     for name in exp.config.sampling.remove_adapters:
       lora_lib.remove(model, name)
-    scales = {k: jnp.full((latents.shape[0],), v, jnp.float32)
-              for k, v in exp.config.sampling.adapter_scales.items()}
-  return model, np.asarray(model(jnp.asarray(latents), jnp.asarray(timesteps, jnp.int32), jnp.asarray(text),
-                                 adapter_scales=scales))
+    scales = {
+      k: jnp.full((latents.shape[0],), v, jnp.float32) for k, v in exp.config.sampling.adapter_scales.items()
+    }
+  return model, np.asarray(
+    model(jnp.asarray(latents), jnp.asarray(timesteps, jnp.int32), jnp.asarray(text), adapter_scales=scales)
+  )
 
 
 def _torch_forward(module, latents, timesteps, text):
   with torch.no_grad():
-    out = module(torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy()), torch.from_numpy(text),
-                 torch.from_numpy(timesteps))
+    out = module(
+      torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy()),
+      torch.from_numpy(text),
+      torch.from_numpy(timesteps),
+    )
   return out.float().numpy().transpose(0, 1, 3, 4, 2)
 
 
@@ -144,7 +149,9 @@ def test_export_forward_matches_pytorch(tmp_path, pos_embed, layer_embed, merge)
   err = _rel(ours, theirs)
   theirs_model._handle.remove()  # the same model without the extras is far off: the extras matter
   bare = _rel(ours, _torch_forward(theirs_model, latents, timesteps, text))
-  print(f"\n[export] {pos_embed} {layer_embed} merged={merge}: max rel err {err:.3e} (without extras {bare:.2e})")
+  print(
+    f"\n[export] {pos_embed} {layer_embed} merged={merge}: max rel err {err:.3e} (without extras {bare:.2e})"
+  )
   assert err <= REL_TOL
   assert bare > 100 * REL_TOL
 
@@ -157,7 +164,8 @@ def test_peft_files_round_trip_and_diffusers_config(tmp_path):
   sd, conf = peft_lora.read_adapter(tmp_path / "motion")
   assert conf["r"] == 2 and conf["lora_alpha"] == 4.0
   assert sorted(conf["target_modules"]) == sorted(
-      f"transformer_blocks.1.{m}" for m in ("attn1.to_q", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj"))
+    f"transformer_blocks.1.{m}" for m in ("attn1.to_q", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj")
+  )
   assert all(k.startswith("transformer.transformer_blocks.1.") and ".lora_" in k for k in sd)
   assert sd["transformer.transformer_blocks.1.ff.net.0.proj.lora_A.weight"].shape == (2, 32)
   src = exp.model({k: jnp.asarray(v) for k, v in params.items()})
@@ -166,14 +174,20 @@ def test_peft_files_round_trip_and_diffusers_config(tmp_path):
     peft_lora.load_adapter(dst, tmp_path / name, name)
     for t in src.adapters[name].__dict__:
       if t.endswith(("_a", "_b")):
-        assert np.array_equal(np.asarray(getattr(src.adapters[name], t)[...]),
-                              np.asarray(getattr(dst.adapters[name], t)[...])), (name, t)
+        assert np.array_equal(
+          np.asarray(getattr(src.adapters[name], t)[...]), np.asarray(getattr(dst.adapters[name], t)[...])
+        ), (name, t)
   with pytest.raises(ValueError, match="does not fit adapter 'content'"):
     peft_lora.load_adapter(dst, tmp_path / "motion", "content")
   # diffusers' pipeline-level loader reads the same file (keys prefixed "transformer.").
   transformer = CogVideoXTransformer3DModel.from_pretrained(tmp_path)
-  pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                           scheduler=CogVideoXDDIMScheduler.from_pretrained(tmp_path / "scheduler"))
+  pipe = CogVideoXPipeline(
+    tokenizer=None,
+    text_encoder=None,
+    vae=None,
+    transformer=transformer,
+    scheduler=CogVideoXDDIMScheduler.from_pretrained(tmp_path / "scheduler"),
+  )
   pipe.load_lora_weights(str(tmp_path / "motion"), weight_name=peft_lora.WEIGHT_NAME, adapter_name="motion")
   assert len(_lora_layers(transformer)) == 4
   info = torch_extras.read_info(tmp_path)
@@ -185,7 +199,9 @@ def test_peft_files_round_trip_and_diffusers_config(tmp_path):
 def _save_checkpoint(exp: Experiment, params: dict, workdir: pathlib.Path, step: int = 7) -> None:
   ck = ckpt_lib.Checkpointer(workdir)
   try:
-    ck.save(step, exp.init_state(params=params), meta={"config": ckpt_lib.config_to_meta(exp.config), "step": step})
+    ck.save(
+      step, exp.init_state(params=params), meta={"config": ckpt_lib.config_to_meta(exp.config), "step": step}
+    )
   finally:
     ck.close()
 
@@ -195,8 +211,22 @@ def test_export_cli_bfloat16_sharded_and_refusals(tmp_path, capsys):
   params = _perturbed_params(exp, seed=3)
   _save_checkpoint(exp, params, tmp_path / "run")
   out = tmp_path / "out"
-  assert cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(out), "--dtype", "bfloat16",
-                   "--max-shard-size", "20KB"]) == 0
+  assert (
+    cli.main(
+      [
+        "export",
+        "--checkpoint",
+        str(tmp_path / "run"),
+        "--out",
+        str(out),
+        "--dtype",
+        "bfloat16",
+        "--max-shard-size",
+        "20KB",
+      ]
+    )
+    == 0
+  )
   index = json.loads((out / diffusers_folder.INDEX_NAME).read_text())
   assert len(set(index["weight_map"].values())) > 1
   transformer = CogVideoXTransformer3DModel.from_pretrained(out, torch_dtype=torch.bfloat16)
@@ -209,12 +239,24 @@ def test_export_cli_bfloat16_sharded_and_refusals(tmp_path, capsys):
   assert conf["lora_alpha"] == 1.5 and all(str(v.dtype) == "bfloat16" for v in sd.values())
   # The same export with its sizes changed no longer fits the checkpoint: one line, naming what differs.
   capsys.readouterr()
-  rc = cli.main(["export", "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "bad"),
-                 "--config.model.num_layers=3"])
+  rc = cli.main(
+    [
+      "export",
+      "--checkpoint",
+      str(tmp_path / "run"),
+      "--out",
+      str(tmp_path / "bad"),
+      "--config.model.num_layers=3",
+    ]
+  )
   err = capsys.readouterr().err.strip()
   print(f"\n[export refusal] {err}")
   assert rc == 2 and len(err.splitlines()) == 1
-  assert "does not match its config" in err and "shape (checkpoint vs config)" in err and "(2, 32, 3) vs (3, 32, 3)" in err
+  assert (
+    "does not match its config" in err
+    and "shape (checkpoint vs config)" in err
+    and "(2, 32, 3) vs (3, 32, 3)" in err
+  )
   assert not (tmp_path / "bad").exists()
 
 
@@ -222,9 +264,19 @@ def test_export_cli_bfloat16_sharded_and_refusals(tmp_path, capsys):
 
 
 def _diffusers_model(seed: int = 0, **kw):
-  conf = dict(num_attention_heads=2, attention_head_dim=16, in_channels=24, out_channels=24, time_embed_dim=32,
-              text_embed_dim=32, num_layers=2, sample_frames=29, sample_height=4, sample_width=6,
-              max_text_seq_length=12)
+  conf = dict(
+    num_attention_heads=2,
+    attention_head_dim=16,
+    in_channels=24,
+    out_channels=24,
+    time_embed_dim=32,
+    text_embed_dim=32,
+    num_layers=2,
+    sample_frames=29,
+    sample_height=4,
+    sample_width=6,
+    max_text_seq_length=12,
+  )
   conf.update(kw)
   torch.manual_seed(seed)
   model = CogVideoXTransformer3DModel(**conf)
@@ -236,13 +288,22 @@ def _diffusers_model(seed: int = 0, **kw):
   return model.eval()
 
 
-_IMPORT_OVERRIDES = ["--config.text_encoder.max_length=4", "--config.data.frames=4", "--config.data.height=8",
-                     "--config.data.width=12"]
+_IMPORT_OVERRIDES = [
+  "--config.text_encoder.max_length=4",
+  "--config.data.frames=4",
+  "--config.data.height=8",
+  "--config.data.width=12",
+]
 
 
-@pytest.mark.parametrize("case", [
-    "fp32-sharded", pytest.param("fp32-single", marks=pytest.mark.slow),
-    pytest.param("bf16-rope-sharded", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+  "case",
+  [
+    "fp32-sharded",
+    pytest.param("fp32-single", marks=pytest.mark.slow),
+    pytest.param("bf16-rope-sharded", marks=pytest.mark.slow),
+  ],
+)
 def test_import_diffusers_checkpoint(tmp_path, case):
   rope = "rope" in case
   theirs = _diffusers_model(use_rotary_positional_embeddings=rope)
@@ -253,36 +314,57 @@ def test_import_diffusers_checkpoint(tmp_path, case):
   assert (src / diffusers_folder.INDEX_NAME).is_file() == ("sharded" in case)
   # layer_embed none: the imported model is exactly diffusers' model; otherwise the extras start at init.
   layer_embed = "none" if case == "fp32-sharded" else "text+video"
-  rc = cli.main(["import-diffusers", str(src), "--out", str(tmp_path / "ck"), *_IMPORT_OVERRIDES,
-                 f"--config.model.layer_embed={layer_embed}"])
+  rc = cli.main(
+    [
+      "import-diffusers",
+      str(src),
+      "--out",
+      str(tmp_path / "ck"),
+      *_IMPORT_OVERRIDES,
+      f"--config.model.layer_embed={layer_embed}",
+    ]
+  )
   assert rc == 0
   params, config = trainer.load_params(tmp_path / "ck")
   m = config.model
   assert (m.num_layers, m.num_heads, m.head_dim, m.time_embed_dim, m.pos_embed) == (
-      2, 2, 16, 32, "rope" if rope else "sincos")
+    2,
+    2,
+    16,
+    32,
+    "rope" if rope else "sincos",
+  )
   assert config.text_encoder.dim == 32 and config.autoencoder.temporal == 2
   exp = Experiment(config)
   latents, timesteps, text = _inputs(exp, seed=4)
 
   # import → export is bitwise the source (dtype included).
   out = tmp_path / "export"
-  rc = cli.main(["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(out)]
-                + (["--dtype", "bfloat16"] if case.startswith("bf16") else []))
+  rc = cli.main(
+    ["export", "--checkpoint", str(tmp_path / "ck"), "--out", str(out)]
+    + (["--dtype", "bfloat16"] if case.startswith("bf16") else [])
+  )
   assert rc == 0
   a, b = diffusers_folder.read_state_dict(src), diffusers_folder.read_state_dict(out)
   assert set(a) == set(b)
   for k in a:
-    assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and np.array_equal(
-        a[k].view(np.uint8), b[k].view(np.uint8)), k
+    assert (
+      a[k].dtype == b[k].dtype
+      and a[k].shape == b[k].shape
+      and np.array_equal(a[k].view(np.uint8), b[k].view(np.uint8))
+    ), k
   src_conf, out_conf = diffusers_folder.read_config(src), diffusers_folder.read_config(out)
   layered = {"sample_frames", "sample_height", "sample_width", "max_text_seq_length", "_diffusers_version"}
   assert {k: v for k, v in src_conf.items() if k not in layered} == {
-      k: v for k, v in out_conf.items() if k not in layered}
+    k: v for k, v in out_conf.items() if k not in layered
+  }
 
   # Our forward of the imported checkpoint = PyTorch's (the source model itself, plus the exported extras).
   _, ours = _ours(exp, params, latents, timesteps, text)
   reference = theirs.float()
-  if case.startswith("bf16"):  # the bfloat16 export rounded the (float32, at init) extras: take them unrounded
+  if case.startswith(
+    "bf16"
+  ):  # the bfloat16 export rounded the (float32, at init) extras: take them unrounded
     convert.export_params(params, config, tmp_path / "extras32")
     out = tmp_path / "extras32"
   mod = torch_extras.LayerFlowTransformer(reference, torch_extras.LayerFlowExtras.from_file(out))
@@ -298,7 +380,9 @@ def test_import_diffusers_checkpoint(tmp_path, case):
   state = Experiment(stage).init_state(params=params)
   assert "adapters.motion.q_a" in state.frozen or "adapters.motion.q_a" in state.trainable
   full = {**state.frozen, **state.trainable}
-  assert np.array_equal(np.asarray(full["blocks.attn1.to_q.kernel"]), np.asarray(params["blocks.attn1.to_q.kernel"]))
+  assert np.array_equal(
+    np.asarray(full["blocks.attn1.to_q.kernel"]), np.asarray(params["blocks.attn1.to_q.kernel"])
+  )
 
 
 @pytest.mark.slow
@@ -307,9 +391,28 @@ def test_imported_checkpoint_samples_with_the_cli(tmp_path):
   src = tmp_path / "src"
   _diffusers_model().save_pretrained(src)
   assert cli.main(["import-diffusers", str(src), "--out", str(tmp_path / "ck"), *_IMPORT_OVERRIDES]) == 0
-  assert cli.main(["sample", "--checkpoint", str(tmp_path / "ck"), "--task", "generate", "--fg-prompt", "a ball",
-                   "--bg-prompt", "grass", "--blend-prompt", "a ball on grass", "--steps", "2",
-                   "--out", str(tmp_path / "samples")]) == 0
+  assert (
+    cli.main(
+      [
+        "sample",
+        "--checkpoint",
+        str(tmp_path / "ck"),
+        "--task",
+        "generate",
+        "--fg-prompt",
+        "a ball",
+        "--bg-prompt",
+        "grass",
+        "--blend-prompt",
+        "a ball on grass",
+        "--steps",
+        "2",
+        "--out",
+        str(tmp_path / "samples"),
+      ]
+    )
+    == 0
+  )
   names = {p.stem for p in (tmp_path / "samples").iterdir()}
   assert {"fg", "alpha", "bg", "blend"} <= names
 
@@ -330,7 +433,9 @@ def test_import_refuses_mismatches(tmp_path, capsys):
   assert "missing keys (1)" in err and "transformer_blocks.1.attn1.to_k.weight" in err
   assert "unexpected keys (1)" in err and "ofs_embedding.linear_1.weight" in err
   assert "proj_out.bias: got (17,), expected (96,)" in err
-  assert not (tmp_path / "ck" / "checkpoints").exists() or not any((tmp_path / "ck" / "checkpoints").iterdir())
+  assert not (tmp_path / "ck" / "checkpoints").exists() or not any(
+    (tmp_path / "ck" / "checkpoints").iterdir()
+  )
 
   conf = json.loads((src / "config.json").read_text())
   (src / "config.json").write_text(json.dumps({**conf, "patch_size_t": 2, "ofs_embed_dim": 512}))
@@ -354,10 +459,12 @@ def test_import_diffusers_cogvideox_without_config(tmp_path, capsys):
   with pytest.raises(ValueError, match="no pixel encoder/decoder .*autoencoder.kind=cogvideox"):
     codec.encode(np.zeros((1, 16, 32, 48, 3), np.float32))
   (pipe / "vae").mkdir()
-  (pipe / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLCogVideoX",
-                                                        "latent_channels": 16}))
-  with_vae = convert.import_config(diffusers_folder.read_config(pipe / "transformer"), default.get_config(),
-                                   pipe / "transformer")
+  (pipe / "vae" / "config.json").write_text(
+    json.dumps({"_class_name": "AutoencoderKLCogVideoX", "latent_channels": 16})
+  )
+  with_vae = convert.import_config(
+    diffusers_folder.read_config(pipe / "transformer"), default.get_config(), pipe / "transformer"
+  )
   assert (with_vae.autoencoder.kind, with_vae.autoencoder.path) == ("cogvideox", str(pipe / "vae"))
 
 
@@ -369,8 +476,9 @@ def test_import_config_infers_2b_and_5b(size):
     conf.update(num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True)
   fields = diffusers_folder.model_fields(conf)
   cfg = DiTConfig(**{k: v for k, v in fields.items()}, in_channels=16, out_channels=16, text_embed_dim=4096)
-  assert (cfg.hidden, cfg.num_layers, cfg.pos_embed) == ((1920, 30, "sincos") if size == "2b" else
-                                                         (3072, 42, "rope"))
+  assert (cfg.hidden, cfg.num_layers, cfg.pos_embed) == (
+    (1920, 30, "sincos") if size == "2b" else (3072, 42, "rope")
+  )
   with torch.device("meta"):
     model = CogVideoXTransformer3DModel(**{k: v for k, v in conf.items() if not k.startswith("_")})
   assert dw.expected_shapes(cfg) == {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -408,23 +516,38 @@ def test_ddim_sampling_matches_diffusers_pipeline(tmp_path, pos_embed):
     v = model(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both, adapter_scales=scales)
     return v[:B], v[B:]
 
-  ours = np.asarray(samplers.sample(velocity, jnp.asarray(x_T), sched=exp.schedule, num_steps=steps,
-                                    sampler="ddim", guidance_scale=guidance))
+  ours = np.asarray(
+    samplers.sample(
+      velocity, jnp.asarray(x_T), sched=exp.schedule, num_steps=steps, sampler="ddim", guidance_scale=guidance
+    )
+  )
 
   wrapped = torch_extras.LayerFlowTransformer.from_export(tmp_path)
   scheduler = CogVideoXDDIMScheduler.from_pretrained(tmp_path / "scheduler")
-  pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wrapped.transformer,
-                           scheduler=scheduler)
+  pipe = CogVideoXPipeline(
+    tokenizer=None, text_encoder=None, vae=None, transformer=wrapped.transformer, scheduler=scheduler
+  )
   pipe.set_progress_bar_config(disable=True)
   f, h, w = x_T.shape[1:4]
   with torch.no_grad():
-    theirs = pipe(prompt_embeds=torch.from_numpy(text), negative_prompt_embeds=torch.zeros(text.shape),
-                  latents=torch.from_numpy(x_T.transpose(0, 1, 4, 2, 3).copy()), num_inference_steps=steps,
-                  guidance_scale=guidance, use_dynamic_cfg=False, height=8 * h, width=8 * w,
-                  num_frames=(f - 1) * 4 + 1, output_type="latent", return_dict=False)[0]
+    theirs = pipe(
+      prompt_embeds=torch.from_numpy(text),
+      negative_prompt_embeds=torch.zeros(text.shape),
+      latents=torch.from_numpy(x_T.transpose(0, 1, 4, 2, 3).copy()),
+      num_inference_steps=steps,
+      guidance_scale=guidance,
+      use_dynamic_cfg=False,
+      height=8 * h,
+      width=8 * w,
+      num_frames=(f - 1) * 4 + 1,
+      output_type="latent",
+      return_dict=False,
+    )[0]
   theirs = theirs.float().numpy().transpose(0, 1, 3, 4, 2)
   err = float(np.max(np.abs(ours - theirs)))
-  print(f"\n[sampling] {pos_embed} DDIM {steps} steps, CFG {guidance}: max abs err {err:.3e}, "
-        f"max rel err {_rel(ours, theirs):.3e} (max|latent| {np.max(np.abs(theirs)):.2f})")
+  print(
+    f"\n[sampling] {pos_embed} DDIM {steps} steps, CFG {guidance}: max abs err {err:.3e}, "
+    f"max rel err {_rel(ours, theirs):.3e} (max|latent| {np.max(np.abs(theirs)):.2f})"
+  )
   assert ours.shape == theirs.shape
   assert err <= SAMPLE_TOL

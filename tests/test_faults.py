@@ -28,9 +28,20 @@ from layerflow_jax.train import trainer, workdir_lock
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPEC = "configs/default.py:size=tiny"
-TINY = ["data.frames=4", "data.height=16", "data.width=16", "data.num_train=16", "data.num_validation=8",
-        "data.batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.num_batches=0",
-        "train.steps=20", "train.checkpoint_every=1", "train.keep_checkpoints=10"]
+TINY = [
+  "data.frames=4",
+  "data.height=16",
+  "data.width=16",
+  "data.num_train=16",
+  "data.num_validation=8",
+  "data.batch_size=8",
+  "train.log_every=1",
+  "train.warmup_steps=1",
+  "eval.num_batches=0",
+  "train.steps=20",
+  "train.checkpoint_every=1",
+  "train.keep_checkpoints=10",
+]
 
 
 def _overrides(data_dir, extra=()) -> list[str]:
@@ -76,8 +87,12 @@ def run_dir(data_dir, tmp_path_factory):
   ck = ckpt_lib.Checkpointer(work, keep=10, writer=True)
   for step in (1, 2):
     state = state.replace(step=state.step + 1)
-    ck.save(step, state, iterator=pipeline.make_iterator(config),
-            meta={"config": ckpt_lib.config_to_meta(exp.config), "step": step})
+    ck.save(
+      step,
+      state,
+      iterator=pipeline.make_iterator(config),
+      meta={"config": ckpt_lib.config_to_meta(exp.config), "step": step},
+    )
   ck.close()
   return work
 
@@ -103,24 +118,32 @@ time.sleep(600)
 """
 
 
-def test_second_job_on_a_locked_workdir_is_refused_and_a_dead_holder_is_taken_over(data_dir, run_dir,
-                                                                                     tmp_path, caplog):
+def test_second_job_on_a_locked_workdir_is_refused_and_a_dead_holder_is_taken_over(
+  data_dir, run_dir, tmp_path, caplog
+):
   work = _copy(run_dir, tmp_path)
   before = _steps(work)
-  holder = subprocess.Popen([sys.executable, "-c", HOLD, str(work)], cwd=REPO, stdout=subprocess.PIPE,
-                            text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLD, str(work)], cwd=REPO, stdout=subprocess.PIPE, text=True
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
-    second = subprocess.run(_layerflow() + ["train", "--config", SPEC, "--workdir", str(work),
-                                            "--no-progress"] + _flags(data_dir),
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+      _layerflow() + ["train", "--config", SPEC, "--workdir", str(work), "--no-progress"] + _flags(data_dir),
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+    )
   finally:
     holder.kill()
     holder.wait()
   line = _error_line(second.stderr)
   assert second.returncode == 1, second.stderr
-  assert line.startswith(f"error: work dir {work} is in use by another training job: pid {holder.pid} on "
-                         f"host {socket.gethostname()}, since ")
+  assert line.startswith(
+    f"error: work dir {work} is in use by another training job: pid {holder.pid} on "
+    f"host {socket.gethostname()}, since "
+  )
   assert "use another --workdir" in line
   assert _steps(work) == before and not (work / "metrics.jsonl").exists()  # the second job wrote nothing
 
@@ -170,9 +193,23 @@ def test_second_ctrl_c_says_which_checkpoint_is_safe(data_dir, run_dir, tmp_path
   work = _copy(run_dir, tmp_path)
   log = tmp_path / "train.log"
   with open(log, "w") as out:
-    p = subprocess.Popen([sys.executable, "-c", _SLOW_FINAL_SAVE, "train", "--config", SPEC, "--workdir",
-                          str(work), "--no-progress"] + _flags(data_dir),
-                         cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    p = subprocess.Popen(
+      [
+        sys.executable,
+        "-c",
+        _SLOW_FINAL_SAVE,
+        "train",
+        "--config",
+        SPEC,
+        "--workdir",
+        str(work),
+        "--no-progress",
+      ]
+      + _flags(data_dir),
+      cwd=REPO,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
   lock = work / workdir_lock.LOCK_NAME
   deadline = time.time() + 300
   try:  # the lock is taken once the run's signal handler is installed, before the restore and the compilation
@@ -196,8 +233,10 @@ def test_second_ctrl_c_says_which_checkpoint_is_safe(data_dir, run_dir, tmp_path
   line = _error_line(text)
   assert p.returncode == 1, text
   safe = work / "checkpoints" / "2"
-  assert line == (f"error: interrupted by a second signal {int(signal.SIGINT)} before the run could save and "
-                  f"exit; the newest complete checkpoint is {safe} and is safe (a restart resumes from it)")
+  assert line == (
+    f"error: interrupted by a second signal {int(signal.SIGINT)} before the run could save and "
+    f"exit; the newest complete checkpoint is {safe} and is safe (a restart resumes from it)"
+  )
   assert [s for s in _steps(work) if s.isdigit()] == ["1", "2"]
   assert ckpt_lib.Checkpointer(work).read_meta()["step"] == 2
 
@@ -207,20 +246,29 @@ def test_second_ctrl_c_says_which_checkpoint_is_safe(data_dir, run_dir, tmp_path
 
 def test_resume_with_a_changed_config_is_refused(data_dir, run_dir, tmp_path, capsys, caplog):
   work = _copy(run_dir, tmp_path)
-  rc = cli.main(["train", "--config", SPEC, "--workdir", str(work), "--no-progress"]
-                + _flags(data_dir, ["train.lr=0.001", "model.mlp_ratio=2"]))
+  rc = cli.main(
+    ["train", "--config", SPEC, "--workdir", str(work), "--no-progress"]
+    + _flags(data_dir, ["train.lr=0.001", "model.mlp_ratio=2"])
+  )
   line = _error_line(capsys.readouterr().err)
   assert rc == 2
-  assert line.startswith(f"error: {work / 'checkpoints'}: resuming step 2 with a config that differs from "
-                         f"the checkpoint's in 2 key(s): model.mlp_ratio: 4 -> 2; train.lr: 0.0001 -> 0.001; "
-                         f"only ")
+  assert line.startswith(
+    f"error: {work / 'checkpoints'}: resuming step 2 with a config that differs from "
+    f"the checkpoint's in 2 key(s): model.mlp_ratio: 4 -> 2; train.lr: 0.0001 -> 0.001; "
+    f"only "
+  )
   assert line.endswith("--config.train.allow_config_change=True")
   assert not (work / "metrics.jsonl").exists() and not (work / "tb").exists()
 
   meta = ckpt_lib.Checkpointer(work).read_meta()
   # steps, logging and checkpoint cadence may change
-  allowed = load_config(SPEC, _overrides(data_dir, ["train.steps=50", "train.log_every=5",
-                                                    "train.checkpoint_every=7", "train.keep_checkpoints=3"]))
+  allowed = load_config(
+    SPEC,
+    _overrides(
+      data_dir,
+      ["train.steps=50", "train.log_every=5", "train.checkpoint_every=7", "train.keep_checkpoints=3"],
+    ),
+  )
   assert trainer.config_changes(meta["config"], allowed) == []
   trainer.check_resume_config(allowed, meta, work)
   # anything else only with train.allow_config_change=True, which names the keys in a warning
@@ -254,18 +302,33 @@ def test_attention_the_backend_lacks_is_refused_before_the_work_dir_is_created(d
   import jax
 
   work = tmp_path / "w"
-  rc, line = _train_refused(["--config", SPEC, "--workdir", str(work)]
-                            + _flags(data_dir, ["model.attention='cudnn'"]), capsys)
+  rc, line = _train_refused(
+    ["--config", SPEC, "--workdir", str(work)] + _flags(data_dir, ["model.attention='cudnn'"]), capsys
+  )
   assert jax.default_backend() == "cpu"
   assert rc == 2
-  assert line == ("error: model.attention='cudnn': needs an NVIDIA GPU but this backend is 'cpu'; expected "
-                  "'xla' or 'chunked' here (--config.model.attention=xla)")
+  assert line == (
+    "error: model.attention='cudnn': needs an NVIDIA GPU but this backend is 'cpu'; expected "
+    "'xla' or 'chunked' here (--config.model.attention=xla)"
+  )
   assert not work.exists()
 
 
 def test_sampling_a_checkpoint_with_attention_the_backend_lacks_is_one_line(run_dir, tmp_path, capsys):
-  rc = cli.main(["sample", "--checkpoint", str(run_dir), "--task", "generate", "--from-validation", "0",
-                 "--out", str(tmp_path / "out"), "--config.model.attention='cudnn'"])
+  rc = cli.main(
+    [
+      "sample",
+      "--checkpoint",
+      str(run_dir),
+      "--task",
+      "generate",
+      "--from-validation",
+      "0",
+      "--out",
+      str(tmp_path / "out"),
+      "--config.model.attention='cudnn'",
+    ]
+  )
   line = _error_line(capsys.readouterr().err)
   assert rc == 2 and line.startswith("error: model.attention='cudnn': needs an NVIDIA GPU")
   assert not (tmp_path / "out").exists()
@@ -315,15 +378,17 @@ def test_config_file_with_a_syntax_error_is_one_line(tmp_path, capsys):
 
 
 def test_settings_that_cannot_take_effect_are_warned(data_dir, tmp_path, caplog, capsys):
-  config = load_config("configs/stages.py:stage=stage2_motion_lora,size=tiny,motion_rank=2",
-                       _overrides(data_dir))
+  config = load_config(
+    "configs/stages.py:stage=stage2_motion_lora,size=tiny,motion_rank=2", _overrides(data_dir)
+  )
   config.train.steps, config.train.warmup_steps, config.diffusion.curriculum_steps = 5, 5, 8
   width = config.model.num_heads * config.model.head_dim
   config.model.adapters.motion.rank = width + 1
-  expected = ["diffusion.curriculum_steps=8 >= train.steps=5: the curriculum never ends",
-              "train.warmup_steps=5 >= train.steps=5: the warm-up never ends, so the learning rate never",
-              f"model.adapters.motion.rank={width + 1} > the layer width {width} (model.num_heads × "
-              f"model.head_dim)"]
+  expected = [
+    "diffusion.curriculum_steps=8 >= train.steps=5: the curriculum never ends",
+    "train.warmup_steps=5 >= train.steps=5: the warm-up never ends, so the learning rate never",
+    f"model.adapters.motion.rank={width + 1} > the layer width {width} (model.num_heads × model.head_dim)",
+  ]
   got = validate.ineffective_settings(config)
   assert len(got) == 3 and all(g.startswith(e) for g, e in zip(got, expected)), got
   config.train.steps = 9  # nothing to warn about once the run is longer than both, and the rank fits
@@ -331,8 +396,10 @@ def test_settings_that_cannot_take_effect_are_warned(data_dir, tmp_path, caplog,
   assert validate.ineffective_settings(config) == []
   # the trainer logs them (here before it refuses the unbuilt dataset)
   with caplog.at_level("WARNING"):
-    rc = cli.main(["train", "--config", SPEC, "--workdir", str(tmp_path / "w"), "--no-progress"]
-                  + _flags(tmp_path / "no_data", ["train.steps=5", "train.warmup_steps=5"]))
+    rc = cli.main(
+      ["train", "--config", SPEC, "--workdir", str(tmp_path / "w"), "--no-progress"]
+      + _flags(tmp_path / "no_data", ["train.steps=5", "train.warmup_steps=5"])
+    )
   assert rc == 2 and not (tmp_path / "w").exists()
   assert any(r.getMessage().startswith("train.warmup_steps=5 >= train.steps=5") for r in caplog.records)
 
@@ -340,32 +407,56 @@ def test_settings_that_cannot_take_effect_are_warned(data_dir, tmp_path, caplog,
 # ----------------------------------------------------------------------------- command arguments
 
 ARG_CASES = [
-    ("sample", ["--steps", "0"], r"argument --steps: 0 is out of range; expected an integer in \[1, 10000\]"),
-    ("sample", ["--steps", "-1"], r"argument --steps: -1 is out of range; expected an integer in \[1, 10000"),
-    ("sample", ["--guidance", "-1"],
-     r"argument --guidance: -1.0 is out of range; expected a number in \[0.0, 100.0\]"),
-    ("sample", ["--guidance", "nan"], r"argument --guidance: nan is out of range"),
-    ("sample", ["--seed", "-1"],
-     r"argument --seed: -1 is out of range; expected an integer in \[0, 4294967295\]"),
-    ("sample", ["--fps", "0"], r"argument --fps: 0 is out of range; expected an integer in \[1, 240\]"),
-    ("sample", ["--task", "segment"],
-     r"argument --task: unknown task 'segment'; expected one of generate, decompose"),
-    ("sample", ["--task", "decompose", "--video", "{tmp}/none.mp4"],
-     r"argument --video: .*/none.mp4: no such file"),
-    ("sample", ["--checkpoint", "{tmp}/none"],
-     r"argument --checkpoint: .*/none: no such folder; expected a training"),
-    ("sample", ["--checkpoint", "{tmp}/empty"],
-     r"argument --checkpoint: .*/empty/checkpoints: holds no finished checkpoint; expected "
-     r"checkpoints/<step>/"),
-    ("evaluate", ["--steps", "0"], r"argument --steps: 0 is out of range"),
-    ("evaluate", ["--guidance", "-1"], r"argument --guidance: -1.0 is out of range"),
-    ("evaluate", ["--tasks", "generate,segment"], r"argument --tasks: unknown task 'segment'"),
-    ("evaluate", ["--num-batches", "0"], r"argument --num-batches: 0 is out of range"),
-    ("evaluate", ["--checkpoint", "{tmp}/empty"],
-     r"argument --checkpoint: .*/empty/checkpoints: holds no finished"),
-    ("export", ["--checkpoint", "{tmp}/none"], r"argument --checkpoint: .*/none: no such folder"),
-    ("export", ["--checkpoint", "{tmp}/empty"],
-     r"argument --checkpoint: .*/empty/checkpoints: holds no finished"),
+  ("sample", ["--steps", "0"], r"argument --steps: 0 is out of range; expected an integer in \[1, 10000\]"),
+  ("sample", ["--steps", "-1"], r"argument --steps: -1 is out of range; expected an integer in \[1, 10000"),
+  (
+    "sample",
+    ["--guidance", "-1"],
+    r"argument --guidance: -1.0 is out of range; expected a number in \[0.0, 100.0\]",
+  ),
+  ("sample", ["--guidance", "nan"], r"argument --guidance: nan is out of range"),
+  (
+    "sample",
+    ["--seed", "-1"],
+    r"argument --seed: -1 is out of range; expected an integer in \[0, 4294967295\]",
+  ),
+  ("sample", ["--fps", "0"], r"argument --fps: 0 is out of range; expected an integer in \[1, 240\]"),
+  (
+    "sample",
+    ["--task", "segment"],
+    r"argument --task: unknown task 'segment'; expected one of generate, decompose",
+  ),
+  (
+    "sample",
+    ["--task", "decompose", "--video", "{tmp}/none.mp4"],
+    r"argument --video: .*/none.mp4: no such file",
+  ),
+  (
+    "sample",
+    ["--checkpoint", "{tmp}/none"],
+    r"argument --checkpoint: .*/none: no such folder; expected a training",
+  ),
+  (
+    "sample",
+    ["--checkpoint", "{tmp}/empty"],
+    r"argument --checkpoint: .*/empty/checkpoints: holds no finished checkpoint; expected "
+    r"checkpoints/<step>/",
+  ),
+  ("evaluate", ["--steps", "0"], r"argument --steps: 0 is out of range"),
+  ("evaluate", ["--guidance", "-1"], r"argument --guidance: -1.0 is out of range"),
+  ("evaluate", ["--tasks", "generate,segment"], r"argument --tasks: unknown task 'segment'"),
+  ("evaluate", ["--num-batches", "0"], r"argument --num-batches: 0 is out of range"),
+  (
+    "evaluate",
+    ["--checkpoint", "{tmp}/empty"],
+    r"argument --checkpoint: .*/empty/checkpoints: holds no finished",
+  ),
+  ("export", ["--checkpoint", "{tmp}/none"], r"argument --checkpoint: .*/none: no such folder"),
+  (
+    "export",
+    ["--checkpoint", "{tmp}/empty"],
+    r"argument --checkpoint: .*/empty/checkpoints: holds no finished",
+  ),
 ]
 
 
@@ -386,9 +477,11 @@ def _replace(argv: list[str], extra: list[str]) -> list[str]:
   return argv
 
 
-@pytest.mark.parametrize("command,extra,message", ARG_CASES,
-                         ids=[f"{c}{'_'.join(e)}".replace("/", "").replace("{tmp}", "")
-                              for c, e, _ in ARG_CASES])
+@pytest.mark.parametrize(
+  "command,extra,message",
+  ARG_CASES,
+  ids=[f"{c}{'_'.join(e)}".replace("/", "").replace("{tmp}", "") for c, e, _ in ARG_CASES],
+)
 def test_bad_arguments_are_refused_in_one_line(command, extra, message, run_dir, tmp_path, capsys):
   (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
   extra = [e.replace("{tmp}", str(tmp_path)) for e in extra]
@@ -413,8 +506,11 @@ def test_sampler_never_reads_zero_steps_as_the_default(run_dir):
   sampler = LayeredSampler(config, params)
   tokens = sampler.tokenize("a", "b", "c")
   assert sampler.kwargs["num_steps"] == config.sampling.num_steps > 0
-  with pytest.raises(ValueError, match=rf"num_steps=0: expected an integer >= 1 \(None: the config's "
-                     rf"sampling.num_steps={config.sampling.num_steps}\)"):
+  with pytest.raises(
+    ValueError,
+    match=rf"num_steps=0: expected an integer >= 1 \(None: the config's "
+    rf"sampling.num_steps={config.sampling.num_steps}\)",
+  ):
     sampler.sample(tokens, "generate", num_steps=0)
   with pytest.raises(ValueError, match=r"guidance_scale=-1.0: expected a finite number >= 0"):
     sampler.sample(tokens, "generate", num_steps=1, guidance_scale=-1.0)
@@ -431,13 +527,15 @@ def test_writers_refuse_a_non_empty_destination(command, run_dir, tmp_path, caps
   rc = cli.main(_base(command, run_dir, out))
   line = _error_line(capsys.readouterr().err)
   assert rc == 2
-  assert line == (f"error: --out {out}: folder is not empty; pass --overwrite to replace it, or choose a new "
-                  f"folder")
+  assert line == (
+    f"error: --out {out}: folder is not empty; pass --overwrite to replace it, or choose a new folder"
+  )
   assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
-def test_export_overwrite_replaces_the_folder_and_a_failed_export_leaves_it_untouched(run_dir, tmp_path,
-                                                                                      capsys, monkeypatch):
+def test_export_overwrite_replaces_the_folder_and_a_failed_export_leaves_it_untouched(
+  run_dir, tmp_path, capsys, monkeypatch
+):
   from layerflow_jax.export import convert
 
   out = tmp_path / "out"
@@ -476,8 +574,10 @@ def test_export_names_the_step_it_used_when_the_newest_is_damaged(run_dir, tmp_p
   rc = cli.main(["export", "--checkpoint", str(work), "--out", str(tmp_path / "out")])
   captured = capsys.readouterr()
   assert rc == 0, captured.err
-  line = (f"checkpoint: step 1 of {work / 'checkpoints'} (the newer step(s) [2] are unreadable; fell back to "
-          f"step 1)")
+  line = (
+    f"checkpoint: step 1 of {work / 'checkpoints'} (the newer step(s) [2] are unreadable; fell back to "
+    f"step 1)"
+  )
   assert line in captured.err.splitlines()
   print(f"\n  -> {line}")
   assert json.loads(captured.out)["checkpoint"]["step"] == 1
@@ -486,8 +586,9 @@ def test_export_names_the_step_it_used_when_the_newest_is_damaged(run_dir, tmp_p
 # ----------------------------------------------------------------------------- the error format itself
 
 
-def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(data_dir, tmp_path, capsys,
-                                                                       monkeypatch):
+def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(
+  data_dir, tmp_path, capsys, monkeypatch
+):
   def boom(*args, **kwargs):
     raise RuntimeError("something broke\nsecond line")
 

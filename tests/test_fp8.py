@@ -65,7 +65,9 @@ def test_updated_keeps_the_pairs_of_gemms_without_a_backward_pass():
   old = {"blocks": {"qkv": fp8.init_meta(history=3, layers=2)}}
   old["blocks"]["qkv"]["input_amax_history"] = jnp.full((2, 3), 4.0)
   new = jax.tree.map(jnp.zeros_like, old)
-  new["blocks"]["qkv"]["input_scale"] = jnp.asarray([[0.5], [0.0]])  # layer 0 ran its backward, layer 1 did not
+  new["blocks"]["qkv"]["input_scale"] = jnp.asarray(
+    [[0.5], [0.0]]
+  )  # layer 0 ran its backward, layer 1 did not
   new["blocks"]["qkv"]["input_amax_history"] = jnp.asarray([[9.0, 4.0, 4.0], [0.0, 0.0, 0.0]])
   out = fp8.updated(old, new)["blocks"]["qkv"]
   np.testing.assert_array_equal(out["input_scale"], [[0.5], [1.0]])
@@ -83,8 +85,10 @@ def test_attention_scales_bound_every_fp8_tensor():
   qq = fp8.quantize(q, p["descale_q"])
   assert qq.dtype == jnp.float8_e4m3fn
   back = qq.astype(jnp.float32) * p["descale_q"].reshape(())
-  assert float(jnp.max(jnp.abs(qq.astype(jnp.float32)))) == pytest.approx(E4M3_MAX)  # the amax maps to the top
-  np.testing.assert_allclose(back, q.astype(jnp.float32), rtol=2 ** -3, atol=amax(q) * 2 ** -9)
+  assert float(jnp.max(jnp.abs(qq.astype(jnp.float32)))) == pytest.approx(
+    E4M3_MAX
+  )  # the amax maps to the top
+  np.testing.assert_allclose(back, q.astype(jnp.float32), rtol=2**-3, atol=amax(q) * 2**-9)
 
 
 def _config(precision="bf16", dtype="bfloat16", attention="cudnn"):
@@ -93,25 +97,33 @@ def _config(precision="bf16", dtype="bfloat16", attention="cudnn"):
   return c
 
 
-@pytest.mark.parametrize("platform,cc,training,precision,dtype,attention,fragment", [
+@pytest.mark.parametrize(
+  "platform,cc,training,precision,dtype,attention,fragment",
+  [
     ("cpu", None, True, "fp8_gemm", "bfloat16", "xla", "Hopper GPUs"),
     ("gpu", "8.0", False, "fp8", "bfloat16", "cudnn", "compute capability 8.0"),
     ("gpu", "9.0", True, "fp8_gemm", "float32", "cudnn", "model.dtype='bfloat16'"),
     ("gpu", "9.0", False, "fp8_attention", "bfloat16", "xla", "model.attention='cudnn'"),
     ("gpu", "9.0", True, "fp8_attention", "bfloat16", "cudnn", "trains only at head_dim 128"),
     ("gpu", "9.0", True, "fp8", "bfloat16", "cudnn", "trains only at head_dim 128"),
-])
-def test_validate_refuses_fp8_where_it_cannot_run(platform, cc, training, precision, dtype, attention, fragment):
+  ],
+)
+def test_validate_refuses_fp8_where_it_cannot_run(
+  platform, cc, training, precision, dtype, attention, fragment
+):
   with pytest.raises(ConfigError, match="model.precision") as e:
     validate.check_precision(_config(precision, dtype, attention), platform, cc, training=training)
   assert fragment in str(e.value)
 
 
-@pytest.mark.parametrize("precision,training", [("bf16", True), ("fp8_gemm", True), ("fp8_attention", False),
-                                                ("fp8", False)])
+@pytest.mark.parametrize(
+  "precision,training", [("bf16", True), ("fp8_gemm", True), ("fp8_attention", False), ("fp8", False)]
+)
 def test_validate_accepts_fp8_on_hopper(precision, training):
   validate.check_precision(_config(precision), "gpu", "9.0", training=training)
-  validate.check_precision(_config("bf16", "float32", "xla"), "cpu", None, training=True)  # the default anywhere
+  validate.check_precision(
+    _config("bf16", "float32", "xla"), "cpu", None, training=True
+  )  # the default anywhere
 
 
 def test_unknown_precision_is_refused():
@@ -131,9 +143,15 @@ def test_fp8_state_trains_checkpoints_and_resumes_exactly(tmp_path):
   with shd.use_mesh(mesh):
     state = exp.init_state()
   b = config.data.batch_size
-  batch = {"video": jax.random.uniform(jax.random.key(0), (b, 4 * config.data.frames, config.data.height,
-                                                          config.data.width, 3), minval=-1.0, maxval=1.0),
-           "tokens": jax.random.randint(jax.random.key(1), (b, 3, config.text_encoder.max_length), 0, 255)}
+  batch = {
+    "video": jax.random.uniform(
+      jax.random.key(0),
+      (b, 4 * config.data.frames, config.data.height, config.data.width, 3),
+      minval=-1.0,
+      maxval=1.0,
+    ),
+    "tokens": jax.random.randint(jax.random.key(1), (b, 3, config.text_encoder.max_length), 0, 255),
+  }
   shardings = exp.state_shardings(exp.abstract_state())
   fn = jax.jit(lambda s, bt: step_lib.train_step(exp, s, bt), out_shardings=(shardings, None))
   state, _ = fn(state, batch)
@@ -141,7 +159,9 @@ def test_fp8_state_trains_checkpoints_and_resumes_exactly(tmp_path):
   assert float(qkv["input_amax_history"][:, 0].min()) > 0  # every block recorded its input amax
   assert float(jnp.abs(qkv["input_scale"] - 1.0).max()) == 0.0  # the first step scaled from an empty history
   state, _ = fn(state, batch)
-  assert float(jnp.abs(qkv["input_scale"] - 1.0).max()) == 0.0  # (the old state is unchanged: donation is off)
+  assert (
+    float(jnp.abs(qkv["input_scale"] - 1.0).max()) == 0.0
+  )  # (the old state is unchanged: donation is off)
   assert float(jnp.abs(state.fp8["blocks"]["qkv"]["input_scale"] - 1.0).min()) > 0  # now from the history
 
   ck = ckpt_lib.Checkpointer(tmp_path, writer=True)
@@ -163,7 +183,11 @@ def test_run_all_measures_every_precision_against_one_peer_run():
 
   args = run_all.parse_args(["--tiny", "--precisions", "bf16,fp8_gemm", "--parts", "peer_train,jax_train"])
   plan = run_all.runs(args)
-  assert [(side, precision) for side, _, precision in plan] == [("peer", None), ("jax", "bf16"), ("jax", "fp8_gemm")]
+  assert [(side, precision) for side, _, precision in plan] == [
+    ("peer", None),
+    ("jax", "bf16"),
+    ("jax", "fp8_gemm"),
+  ]
   cmd = run_all.command(args, "jax", ["jax_train"], "out.json", None, "fp8_gemm")
   assert cmd[cmd.index("--precision") + 1] == "fp8_gemm"
 
@@ -181,9 +205,15 @@ def test_frozen_blocks_before_the_first_trained_one_keep_their_fp8_state():
   with shd.use_mesh(mesh):
     state = exp.init_state()
   b = config.data.batch_size
-  batch = {"video": jax.random.uniform(jax.random.key(0), (b, 4 * config.data.frames, config.data.height,
-                                                          config.data.width, 3), minval=-1.0, maxval=1.0),
-           "tokens": jax.random.randint(jax.random.key(1), (b, 3, config.text_encoder.max_length), 0, 255)}
+  batch = {
+    "video": jax.random.uniform(
+      jax.random.key(0),
+      (b, 4 * config.data.frames, config.data.height, config.data.width, 3),
+      minval=-1.0,
+      maxval=1.0,
+    ),
+    "tokens": jax.random.randint(jax.random.key(1), (b, 3, config.text_encoder.max_length), 0, 255),
+  }
   state, _ = jax.jit(lambda s, bt: step_lib.train_step(exp, s, bt))(state, batch)
   for site, meta in state.fp8["blocks"].items():
     assert float(jnp.abs(meta["input_amax_history"][0]).max()) == 0.0, site  # block 0: held, no backward
@@ -217,8 +247,13 @@ def test_frozen_prefix_runs_no_backward_pass_with_fp8_gemms():
     exp = Experiment(config, mesh)
     state = exp.abstract_state()
     b = config.data.batch_size
-    batch = {"video": jax.ShapeDtypeStruct((b, 4 * config.data.frames, config.data.height, config.data.width, 3),
-                                           jnp.float32),
-             "tokens": jax.ShapeDtypeStruct((b, 3, config.text_encoder.max_length), jnp.int32)}
-    counts[precision] = _scans(jax.make_jaxpr(lambda s, bt, exp=exp: step_lib.train_step(exp, s, bt))(state, batch).jaxpr)
+    batch = {
+      "video": jax.ShapeDtypeStruct(
+        (b, 4 * config.data.frames, config.data.height, config.data.width, 3), jnp.float32
+      ),
+      "tokens": jax.ShapeDtypeStruct((b, 3, config.text_encoder.max_length), jnp.int32),
+    }
+    counts[precision] = _scans(
+      jax.make_jaxpr(lambda s, bt, exp=exp: step_lib.train_step(exp, s, bt))(state, batch).jaxpr
+    )
   assert counts["fp8_gemm"] == counts["bf16"], counts

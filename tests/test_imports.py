@@ -56,7 +56,7 @@ def _cycle(graph: dict[str, set[str]], within) -> list[str] | None:
       if not within(t):
         continue
       if state.get(t) == 1:
-        return stack[stack.index(t):] + [t]
+        return stack[stack.index(t) :] + [t]
       if t not in state and (found := visit(t, stack)):
         return found
     stack.pop()
@@ -83,8 +83,11 @@ def test_data_path_has_no_cycle_even_through_function_level_imports():
 
 @pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("data_pipelines")))
 def test_data_modules_import_at_the_top(name):
-  nested = [n for n in ast.walk(MODULES[name]) if isinstance(n, (ast.Import, ast.ImportFrom))
-            and n not in MODULES[name].body]
+  nested = [
+    n
+    for n in ast.walk(MODULES[name])
+    if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in MODULES[name].body
+  ]
   assert len(nested) == LAZY.get(name, 0), [ast.unparse(n) for n in nested]
 
 

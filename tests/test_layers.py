@@ -31,7 +31,9 @@ def test_layers_to_clips_and_back_rgba():
   np.testing.assert_allclose(back["alpha"], alpha, atol=1e-6)
   np.testing.assert_allclose(back["fg"], fg * alpha, atol=1e-6)
   # composite identity with the premultiplied foreground
-  np.testing.assert_allclose(layers.composite(back["fg"], back["alpha"], back["bg"]), back["blend"], atol=1e-6)
+  np.testing.assert_allclose(
+    layers.composite(back["fg"], back["alpha"], back["bg"]), back["blend"], atol=1e-6
+  )
 
 
 def test_premultiplied_foreground_is_zero_where_transparent():
@@ -48,12 +50,15 @@ def test_rgb_layout_has_three_clips():
   assert lay.clips == ("fg", "bg", "blend") and not lay.has_alpha
 
 
-@pytest.mark.parametrize("task,rgba,rgb", [
+@pytest.mark.parametrize(
+  "task,rgba,rgb",
+  [
     ("generate", [0, 0, 0, 0], [0, 0, 0]),
     ("decompose", [0, 0, 0, 1], [0, 0, 1]),
     ("fg2bg", [1, 1, 0, 0], [1, 0, 0]),
     ("bg2fg", [0, 0, 1, 0], [0, 1, 0]),
-])
+  ],
+)
 def test_tasks_are_given_clip_masks(task, rgba, rgb):
   np.testing.assert_array_equal(layers.given_clips(task, layers.get_layout("rgba")), np.array(rgba, bool))
   np.testing.assert_array_equal(layers.given_clips(task, layers.get_layout("rgb")), np.array(rgb, bool))
@@ -67,7 +72,11 @@ def test_unknown_task_and_layout_are_refused():
 
 
 def test_prompts_are_prefixed_and_required():
-  assert layers.format_prompts("a cat", "a room", "a cat in a room") == ["0, a cat", "1, a room", "2, a cat in a room"]
+  assert layers.format_prompts("a cat", "a room", "a cat in a room") == [
+    "0, a cat",
+    "1, a room",
+    "2, a cat in a room",
+  ]
   with pytest.raises(ValueError, match="prompt missing for layer.*bg"):
     layers.format_prompts("a cat", " ", "x")
 

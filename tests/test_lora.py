@@ -9,10 +9,13 @@ from flax import nnx
 from layerflow_jax.model import create_model, lora
 from tests.test_model import CFG, inputs, randomize
 
-SPECS = lora.specs_from_config({
+SPECS = lora.specs_from_config(
+  {
     "motion": dict(rank=4, alpha=1.0, targets="q,k,v,out", blocks=[1]),
     "content": dict(rank=8, alpha=8.0, targets="q,k,v,out,ff_in,ff_out", blocks="all"),
-}, 3)
+  },
+  3,
+)
 
 
 def base_and_adapted():
@@ -37,7 +40,12 @@ def test_block_selection_parsing():
 def test_segments_follow_adapter_membership():
   segs = lora.segments(lora.specs_from_config({"m": dict(rank=2, targets="q", blocks="every:3")}, 7), 7)
   assert [(s.start, s.stop, s.slots) for s in segs] == [
-      (0, 2, ()), (2, 3, (("m", 0),)), (3, 5, ()), (5, 6, (("m", 1),)), (6, 7, ())]
+    (0, 2, ()),
+    (2, 3, (("m", 0),)),
+    (3, 5, ()),
+    (5, 6, (("m", 1),)),
+    (6, 7, ()),
+  ]
 
 
 def test_zero_b_equals_base_bitwise():

@@ -9,13 +9,25 @@ from flax import nnx
 from layerflow_jax.model import DiTConfig, create_model, embeddings
 from layerflow_jax.train import partition
 
-CFG = DiTConfig(num_layers=2, num_heads=2, head_dim=16, time_embed_dim=32, in_channels=8, out_channels=8,
-                text_embed_dim=24, num_clips=4)
+CFG = DiTConfig(
+  num_layers=2,
+  num_heads=2,
+  head_dim=16,
+  time_embed_dim=32,
+  in_channels=8,
+  out_channels=8,
+  text_embed_dim=24,
+  num_clips=4,
+)
 
 
 def inputs(b=2, f=8, h=4, w=4, c=8, text=12, d=24, seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(k[0], (b, f, h, w, c)), jnp.array([5, 900][:b]), jax.random.normal(k[1], (b, text, d)))
+  return (
+    jax.random.normal(k[0], (b, f, h, w, c)),
+    jnp.array([5, 900][:b]),
+    jax.random.normal(k[1], (b, text, d)),
+  )
 
 
 def randomize(model, seed=1, scale=0.05):
@@ -98,5 +110,7 @@ def test_parameters_carry_logical_axes():
   assert tuple(specs["blocks.attn1.to_q.kernel"]) == ("layers", "embed", "heads")
   assert tuple(specs["blocks.ff.proj_in.kernel"]) == ("layers", "embed", "mlp")
   assert tuple(specs["patch_proj.kernel"]) == ("patch", "patch", "channels", "embed")
-  assert all(len(tuple(s)) == np.ndim(v) for s, v in
-             zip(specs.values(), partition.flatten(nnx.state(create_model(CFG)).to_pure_dict()).values()))
+  assert all(
+    len(tuple(s)) == np.ndim(v)
+    for s, v in zip(specs.values(), partition.flatten(nnx.state(create_model(CFG)).to_pure_dict()).values())
+  )

@@ -28,15 +28,22 @@ INIT_S = 4
 
 def _clean_env(**extra) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_", "TPU_", "LAYERFLOW_"))}
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
-                              if not f.startswith("--xla_force_host_platform_device_count"))
+  env["XLA_FLAGS"] = " ".join(
+    f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")
+  )
   env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", **extra)
   return env
 
 
 def _launcher(args, command) -> subprocess.Popen:
-  return subprocess.Popen([sys.executable, "launch/local.py", *args, "--", *command], cwd=REPO, env=_clean_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(
+    [sys.executable, "launch/local.py", *args, "--", *command],
+    cwd=REPO,
+    env=_clean_env(),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
 
 
 def _read_until(proc, pattern: str, lines: list, deadline: float) -> re.Match:
@@ -74,13 +81,18 @@ def test_peer_killed_other_exits_within_timeout(victim):
   out = "".join(lines) + out
   survivor = 1 - victim
   assert took < HEARTBEAT_S + 10, f"survivor took {took:.1f} s\n{out}"
-  ours = (f"[launch] process {survivor} exited with {distributed.EXIT_PEER_LOST}" in out
-          and f"[{survivor}] layerflow: process {survivor} of 2: another process of the job stopped" in out)
+  ours = (
+    f"[launch] process {survivor} exited with {distributed.EXIT_PEER_LOST}" in out
+    and f"[{survivor}] layerflow: process {survivor} of 2: another process of the job stopped" in out
+  )
   # When the coordinator dies while the survivor is between collectives, jax's error poller may end it first
   # (SIGABRT) with its own message; that too names the cause and is in time.
-  jax_own = (f"[launch] process {survivor} exited with -{int(signal.SIGABRT)}" in out
-             and "Terminating process because the JAX distributed service detected fatal errors. This most likely "
-                 "indicates that another task died" in out)
+  jax_own = (
+    f"[launch] process {survivor} exited with -{int(signal.SIGABRT)}" in out
+    and "Terminating process because the JAX distributed service detected fatal errors. This most likely "
+    "indicates that another task died"
+    in out
+  )
   assert ours or (victim == 0 and jax_own), out
   print(f"victim {victim}: survivor exited {took:.2f} s after the kill")
 
@@ -124,15 +136,27 @@ def test_job_that_cannot_assemble_exits_within_init_timeout(case, tmp_path):
   timeout (+ start-up), status 75, a message naming the process, the address and the setting."""
   port = 9 if case == "coordinator_unreachable" else _free_port()
   rank = 1 if case == "coordinator_unreachable" else 0
-  env = _clean_env(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(rank),
-                   LAYERFLOW_INIT_TIMEOUT_S=str(INIT_S))
+  env = _clean_env(
+    JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+    JAX_NUM_PROCESSES="2",
+    JAX_PROCESS_ID=str(rank),
+    LAYERFLOW_INIT_TIMEOUT_S=str(INIT_S),
+  )
   start = time.time()
-  r = subprocess.run([sys.executable, "tests/mp_worker.py"], cwd=REPO, env=env, capture_output=True, text=True,
-                     timeout=INIT_S + 60)
+  r = subprocess.run(
+    [sys.executable, "tests/mp_worker.py"],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=INIT_S + 60,
+  )
   took = time.time() - start
   assert r.returncode == distributed.EXIT_PEER_LOST, r.stderr
-  msg = (f"layerflow: process {rank} of 2 could not join the job within {INIT_S} s (LAYERFLOW_INIT_TIMEOUT_S): "
-         f"the coordinator 127.0.0.1:{port} is unreachable or a peer process never started")
+  msg = (
+    f"layerflow: process {rank} of 2 could not join the job within {INIT_S} s (LAYERFLOW_INIT_TIMEOUT_S): "
+    f"the coordinator 127.0.0.1:{port} is unreachable or a peer process never started"
+  )
   assert msg in r.stderr, r.stderr
   assert took < INIT_S + 20, took
 
@@ -148,30 +172,63 @@ def _free_port() -> int:
 
 def test_hybrid_mesh_puts_dcn_axis_across_processes():
   """2 processes × 2 CPU devices, ``mesh.dcn.data=2``: the data axis crosses processes, fsdp stays inside one."""
-  r = subprocess.run([sys.executable, "launch/local.py", "-n", "2", "--devices-per-process", "2", "--init-timeout",
-                      "60", "--", *WORKER, "hybrid-mesh"], cwd=REPO, env=_clean_env(), capture_output=True,
-                     text=True, timeout=120)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "launch/local.py",
+      "-n",
+      "2",
+      "--devices-per-process",
+      "2",
+      "--init-timeout",
+      "60",
+      "--",
+      *WORKER,
+      "hybrid-mesh",
+    ],
+    cwd=REPO,
+    env=_clean_env(),
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert r.returncode == 0, r.stdout
   for i in range(2):
-    assert f"[{i}] mesh {{'data': 2, 'fsdp': 2, 'tensor': 1, 'sequence': 1}} owners [[0, 0], [1, 1]]" in r.stdout, \
-        r.stdout
+    assert (
+      f"[{i}] mesh {{'data': 2, 'fsdp': 2, 'tensor': 1, 'sequence': 1}} owners [[0, 0], [1, 1]]" in r.stdout
+    ), r.stdout
 
 
 def test_detect_launch_environment():
   d = distributed.detect
   assert d({}).method == "single"
-  e = d({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3",
-         "JAX_LOCAL_DEVICE_IDS": "0,1"})
+  e = d(
+    {
+      "JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234",
+      "JAX_NUM_PROCESSES": "4",
+      "JAX_PROCESS_ID": "3",
+      "JAX_LOCAL_DEVICE_IDS": "0,1",
+    }
+  )
   assert (e.method, e.coordinator, e.num_processes, e.process_id, e.local_device_ids) == (
-      "explicit", "10.0.0.1:1234", 4, 3, (0, 1))
-  assert d({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}).method == "single"
+    "explicit",
+    "10.0.0.1:1234",
+    4,
+    3,
+    (0, 1),
+  )
+  assert (
+    d({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}).method == "single"
+  )
   s = d({"SLURM_NTASKS": "16", "SLURM_STEP_NUM_TASKS": "16", "SLURM_PROCID": "5", "SLURM_JOB_ID": "1"})
   assert (s.method, s.num_processes, s.process_id) == ("slurm", 16, 5)
   assert d({"SLURM_NTASKS": "16", "SLURM_PROCID": "0", "SLURM_JOB_ID": "1"}).method == "single"  # batch shell
   assert d({"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}).method == "single"
   t = d({"TPU_WORKER_HOSTNAMES": "a,b,c,d", "TPU_WORKER_ID": "2"})
   assert (t.method, t.num_processes, t.process_id) == ("tpu", 4, 2)
-  assert d({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "1", "LAYERFLOW_DISTRIBUTED": "0"}).method == "single"
+  assert (
+    d({"SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "1", "LAYERFLOW_DISTRIBUTED": "0"}).method == "single"
+  )
   with pytest.raises(ValueError, match="JAX_PROCESS_ID unset"):
     d({"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "2"})
   with pytest.raises(ValueError, match="expected host:port"):
@@ -184,9 +241,19 @@ def test_detect_launch_environment():
 
 # ----------------------------------------------------------------------------- training across processes
 
-TINY = ["data.frames=4", "data.height=16", "data.width=16", "data.num_train=16", "data.num_validation=8",
-        "data.batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.num_batches=1", "train.steps=4",
-        "train.checkpoint_every=2"]
+TINY = [
+  "data.frames=4",
+  "data.height=16",
+  "data.width=16",
+  "data.num_train=16",
+  "data.num_validation=8",
+  "data.batch_size=8",
+  "train.log_every=1",
+  "train.warmup_steps=1",
+  "eval.num_batches=1",
+  "train.steps=4",
+  "train.checkpoint_every=2",
+]
 
 
 def _flags(data_dir) -> list[str]:
@@ -204,13 +271,36 @@ def test_two_processes_train_like_one_and_checkpoint_restores_in_one(tmp_path):
   from layerflow_jax.train import trainer
 
   data = tmp_path / "tfds"
-  assert cli.main(["data", "build", "layerflow_synthetic", "--config", "configs/default.py"] + _flags(data)) == 0
+  assert (
+    cli.main(["data", "build", "layerflow_synthetic", "--config", "configs/default.py"] + _flags(data)) == 0
+  )
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
   train = ["layerflow", "train", "--config", "configs/default.py:size=tiny", "--no-progress"]
   start = time.time()
-  r = subprocess.run([sys.executable, "launch/local.py", "-n", "2", "--devices-per-process", "4",
-                      "--init-timeout", "120", "--heartbeat-timeout", "60", "--", *train, "--workdir", str(multi),
-                      *_flags(data)], cwd=REPO, env=_clean_env(), capture_output=True, text=True, timeout=900)
+  r = subprocess.run(
+    [
+      sys.executable,
+      "launch/local.py",
+      "-n",
+      "2",
+      "--devices-per-process",
+      "4",
+      "--init-timeout",
+      "120",
+      "--heartbeat-timeout",
+      "60",
+      "--",
+      *train,
+      "--workdir",
+      str(multi),
+      *_flags(data),
+    ],
+    cwd=REPO,
+    env=_clean_env(),
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   print(f"2-process run: {time.time() - start:.1f} s")
   assert r.returncode == 0, r.stdout[-4000:]
   assert "[launch] process 1 exited with 0" in r.stdout
@@ -247,7 +337,11 @@ def test_gpu_process_environment_pins_one_gpu_and_keeps_nvls_off():
   kw = dict(count=4, port=1234, gpus=True, devices_per_process=1, init_timeout=60, heartbeat_timeout=30)
   env = local.process_env(base, index=2, **kw)
   assert env["CUDA_VISIBLE_DEVICES"] == "2" and env["NCCL_NVLS_ENABLE"] == "0" and "JAX_PLATFORMS" not in env
-  assert env["XLA_FLAGS"] == "--xla_foo=1" and env["JAX_PROCESS_ID"] == "2" and env["JAX_NUM_PROCESSES"] == "4"
+  assert (
+    env["XLA_FLAGS"] == "--xla_foo=1" and env["JAX_PROCESS_ID"] == "2" and env["JAX_NUM_PROCESSES"] == "4"
+  )
   assert local.process_env({**base, "NCCL_NVLS_ENABLE": "1"}, index=0, **kw)["NCCL_NVLS_ENABLE"] == "1"
   cpu = local.process_env(base, index=0, **{**kw, "gpus": False, "devices_per_process": 2})
-  assert "NCCL_NVLS_ENABLE" not in cpu and cpu["XLA_FLAGS"].endswith("--xla_force_host_platform_device_count=2")
+  assert "NCCL_NVLS_ENABLE" not in cpu and cpu["XLA_FLAGS"].endswith(
+    "--xla_force_host_platform_device_count=2"
+  )

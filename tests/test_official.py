@@ -31,11 +31,11 @@ LORA_BLOCKS = (2, 5)  # 5: a trained block of the releases; 2: outside them (mus
 
 # variant → (layer embedder, prompts, table frames, learnable table, task index, given frames spliced, RGB)
 LAYOUTS = {
-    "gen_rgba": (True, 3, 16, False, None, 0, False),
-    "seg_rgba": (False, 2, 16, True, "seg", 4, False),
-    "fg2bg_rgba": (True, 3, 17, False, 1, 9, False),
-    "gen_rgb": (False, 3, 13, False, None, 0, True),
-    "seg_rgb": (False, 2, 13, True, "seg", 2, True),
+  "gen_rgba": (True, 3, 16, False, None, 0, False),
+  "seg_rgba": (False, 2, 16, True, "seg", 4, False),
+  "fg2bg_rgba": (True, 3, 17, False, 1, 9, False),
+  "gen_rgb": (False, 3, 13, False, None, 0, True),
+  "seg_rgb": (False, 2, 13, True, "seg", 2, True),
 }
 
 
@@ -49,8 +49,14 @@ def _official_table(frames, text_rows):
   """§4: zero text rows, then [temporal D/4 | columns/1.875 3D/8 | rows/1.875 3D/8] per (frame, row, col)."""
   hp, wp = H // P, W // P
   t, r, c = np.meshgrid(np.arange(frames), np.arange(hp), np.arange(wp), indexing="ij")
-  video = np.concatenate([_sincos_1d(D // 4, t.reshape(-1)), _sincos_1d(3 * D // 8, c.reshape(-1) / 1.875),
-                          _sincos_1d(3 * D // 8, r.reshape(-1) / 1.875)], axis=1)
+  video = np.concatenate(
+    [
+      _sincos_1d(D // 4, t.reshape(-1)),
+      _sincos_1d(3 * D // 8, c.reshape(-1) / 1.875),
+      _sincos_1d(3 * D // 8, r.reshape(-1) / 1.875),
+    ],
+    axis=1,
+  )
   return np.concatenate([np.zeros((text_rows, D)), video], axis=0)
 
 
@@ -124,7 +130,7 @@ def _ln(x, w, b, eps):
 def reference_forward(sd: dict, variant: str, x, cond, timesteps, context, scale):
   """Official forward in float64: x [B, T, C, H, W] (the generated frames), cond the given clips (or None),
   timesteps [B] ints, context [B, P·226, text_dim], motion LoRA switch ``scale`` [B]. Returns the generated frames."""
-  sd = {k[len(PREFIX):]: v.to(torch.float64) for k, v in sd.items() if k.startswith(PREFIX)}
+  sd = {k[len(PREFIX) :]: v.to(torch.float64) for k, v in sd.items() if k.startswith(PREFIX)}
   embed, prompts, frames, learned, task, given, rgb = LAYOUTS[variant]
   k = 4 if rgb else 9
   if task == 1:
@@ -140,23 +146,35 @@ def reference_forward(sd: dict, variant: str, x, cond, timesteps, context, scale
   tproj = torch.cat([torch.cos(arg), torch.sin(arg)], -1)
   lin = lambda v, name: v @ sd[f"{name}.weight"].T + sd[f"{name}.bias"]
   emb = lin(torch.nn.functional.silu(lin(tproj, "time_embed.0")), "time_embed.2")
-  vid = torch.nn.functional.conv2d(x.reshape(b * t, C, H, W), sd["mixins.patch_embed.proj.weight"],
-                                   sd["mixins.patch_embed.proj.bias"], stride=P)
+  vid = torch.nn.functional.conv2d(
+    x.reshape(b * t, C, H, W),
+    sd["mixins.patch_embed.proj.weight"],
+    sd["mixins.patch_embed.proj.bias"],
+    stride=P,
+  )
   vid = vid.reshape(b, t, D, -1).permute(0, 1, 3, 2).reshape(b, -1, D)  # tokens (frame, row, col)
   txt = lin(context, "mixins.patch_embed.text_proj")
   n_text, n_vid = txt.shape[1], vid.shape[1]
-  seq = torch.cat([txt, vid], 1) + sd["mixins.pos_embed.pos_embedding"][:, :n_text + n_vid]
+  seq = torch.cat([txt, vid], 1) + sd["mixins.pos_embed.pos_embedding"][:, : n_text + n_vid]
   if embed:
     idx = torch.arange(n_text // 226, dtype=torch.float64)[:, None]
-    layer = _ln(idx @ sd["mixins.pos_embed.txt_embedder.0.weight"].T + sd["mixins.pos_embed.txt_embedder.0.bias"],
-                sd["mixins.pos_embed.txt_embedder.1.weight"], sd["mixins.pos_embed.txt_embedder.1.bias"], 1e-5)
+    layer = _ln(
+      idx @ sd["mixins.pos_embed.txt_embedder.0.weight"].T + sd["mixins.pos_embed.txt_embedder.0.bias"],
+      sd["mixins.pos_embed.txt_embedder.1.weight"],
+      sd["mixins.pos_embed.txt_embedder.1.bias"],
+      1e-5,
+    )
     seq = seq + torch.cat([layer.repeat_interleave(226, 0), torch.zeros(n_vid, D, dtype=torch.float64)])[None]
   s = scale.to(torch.float64)[:, None, None]
 
   def lora(v, name, parts):
     out = lin(v, f"{name}.original")
-    mo = torch.cat([v @ sd[f"{name}.matrix_A.{i}"].T @ sd[f"{name}.matrix_B.{i}"].T for i in range(parts)], -1)
-    co = torch.cat([v @ sd[f"{name}.matrix_C.{i}"].T @ sd[f"{name}.matrix_D.{i}"].T for i in range(parts)], -1)
+    mo = torch.cat(
+      [v @ sd[f"{name}.matrix_A.{i}"].T @ sd[f"{name}.matrix_B.{i}"].T for i in range(parts)], -1
+    )
+    co = torch.cat(
+      [v @ sd[f"{name}.matrix_C.{i}"].T @ sd[f"{name}.matrix_D.{i}"].T for i in range(parts)], -1
+    )
     return out + s * mo / RM + co / RC
 
   def heads(v):
@@ -174,13 +192,17 @@ def reference_forward(sd: dict, variant: str, x, cond, timesteps, context, scale
 
     h = modulate(seq, f"{tl}input_layernorm", sh_msa, sc_msa, tsh_msa, tsc_msa)
     q, kk, v = lora(h, f"{tl}attention.query_key_value", 3).chunk(3, -1)
-    q = _ln(heads(q), sd[f"{a}query_layernorm_list.{n}.weight"], sd[f"{a}query_layernorm_list.{n}.bias"], 1e-6)
+    q = _ln(
+      heads(q), sd[f"{a}query_layernorm_list.{n}.weight"], sd[f"{a}query_layernorm_list.{n}.bias"], 1e-6
+    )
     kk = _ln(heads(kk), sd[f"{a}key_layernorm_list.{n}.weight"], sd[f"{a}key_layernorm_list.{n}.bias"], 1e-6)
     att = torch.softmax(q @ kk.transpose(-1, -2) / math.sqrt(HEAD_DIM), -1) @ heads(v)
     att = lora(att.transpose(1, 2).reshape(b, -1, D), f"{tl}attention.dense", 1)
     seq = seq + torch.cat([tg_msa * att[:, :n_text], g_msa * att[:, n_text:]], 1)
     h = modulate(seq, f"{tl}post_attention_layernorm", sh_mlp, sc_mlp, tsh_mlp, tsc_mlp)
-    ff = lin(torch.nn.functional.gelu(lin(h, f"{tl}mlp.dense_h_to_4h"), approximate="tanh"), f"{tl}mlp.dense_4h_to_h")
+    ff = lin(
+      torch.nn.functional.gelu(lin(h, f"{tl}mlp.dense_h_to_4h"), approximate="tanh"), f"{tl}mlp.dense_4h_to_h"
+    )
     seq = seq + torch.cat([tg_mlp * ff[:, :n_text], g_mlp * ff[:, n_text:]], 1)
   seq = _ln(seq, sd["transformer.final_layernorm.weight"], sd["transformer.final_layernorm.bias"], 1e-5)
   vid = seq[:, n_text:]
@@ -191,7 +213,7 @@ def reference_forward(sd: dict, variant: str, x, cond, timesteps, context, scale
   if task == 1:
     return out[:, k:]
   if task == 2:
-    return torch.cat([out[:, :k], out[:, k + 4:]], 1)
+    return torch.cat([out[:, :k], out[:, k + 4 :]], 1)
   if task == "seg":
     return out[:, :-given]
   return out
@@ -218,9 +240,9 @@ def _packed_inputs(variant, seed=1):
   if task == 1:
     cond, x = full[:, :given], full[:, given:]
   elif task == 2:
-    cond, x = full[:, k:k + 4], torch.cat([full[:, :k], full[:, k + 4:]], 1)
+    cond, x = full[:, k : k + 4], torch.cat([full[:, :k], full[:, k + 4 :]], 1)
   elif task == "seg":
-    cond, x = full[:, total - given:], full[:, :total - given]
+    cond, x = full[:, total - given :], full[:, : total - given]
   else:
     cond, x = None, full
   context = torch.randn(2, prompts * 226, TEXT_DIM, generator=g, dtype=torch.float64)
@@ -238,7 +260,9 @@ def test_import_matches_the_official_forward(tmp_path, capsys, variant):
   module = make_sat_state_dict(variant)
   out = _import(tmp_path, variant, module)
   err = capsys.readouterr().err
-  assert f"variant {variant}" in err and "txt_embedder" in err and "pos_embedding" in err  # which keys decided
+  assert (
+    f"variant {variant}" in err and "txt_embedder" in err and "pos_embedding" in err
+  )  # which keys decided
   params, config = trainer.load_params(out)
   exp = Experiment(config)
   assert config.model.adapters.motion.blocks == [2, 5] and config.model.adapters.content.blocks == [2, 5]
@@ -253,12 +277,19 @@ def test_import_matches_the_official_forward(tmp_path, capsys, variant):
   outputs = {}
   for label, s in (("1", [1.0, 1.0]), ("0", [0.0, 0.0]), ("[1,0]", [1.0, 0.0])):
     ref = reference_forward(module, variant, x, cond, t, context, torch.tensor(s)).numpy()
-    ours = fn(params, jnp.asarray(full.permute(0, 1, 3, 4, 2).numpy(), jnp.float32), jnp.asarray(t.numpy()),
-              jnp.asarray(context.numpy(), jnp.float32), jnp.asarray(s, jnp.float32))
+    ours = fn(
+      params,
+      jnp.asarray(full.permute(0, 1, 3, 4, 2).numpy(), jnp.float32),
+      jnp.asarray(t.numpy()),
+      jnp.asarray(context.numpy(), jnp.float32),
+      jnp.asarray(s, jnp.float32),
+    )
     ours = np.asarray(ours).transpose(0, 1, 4, 2, 3)[:, keep]
     errors[label] = float(np.max(np.abs(ours - ref)) / np.max(np.abs(ref)))
     outputs[label] = ref
-  print(f"\n[official] {variant}: max rel err " + ", ".join(f"motion {k}: {v:.2e}" for k, v in errors.items()))
+  print(
+    f"\n[official] {variant}: max rel err " + ", ".join(f"motion {k}: {v:.2e}" for k, v in errors.items())
+  )
   assert max(errors.values()) <= REL_TOL, errors
   # The switch matters (the test would not see a wrong LoRA otherwise): sample 0 of [1, 0] is scale 1's.
   assert np.max(np.abs(outputs["1"] - outputs["0"])) > 1e-2 * np.max(np.abs(outputs["1"]))
@@ -275,11 +306,12 @@ def test_bf16_tensors_are_kept_as_stored(tmp_path):
   qkv = module[PREFIX + "transformer.layers.3.attention.query_key_value.original.weight"].float().numpy()
   kernel = np.asarray(params["blocks.attn1.to_k.kernel"][3])
   assert str(kernel.dtype) == "bfloat16"
-  np.testing.assert_array_equal(kernel.astype(np.float32), qkv[D:2 * D].T)
+  np.testing.assert_array_equal(kernel.astype(np.float32), qkv[D : 2 * D].T)
   table = np.asarray(params["pos_table"])
   assert str(table.dtype) == "bfloat16"
-  np.testing.assert_array_equal(table.astype(np.float32), module[PREFIX + "mixins.pos_embed.pos_embedding"][0]
-                                .float().numpy())
+  np.testing.assert_array_equal(
+    table.astype(np.float32), module[PREFIX + "mixins.pos_embed.pos_embedding"][0].float().numpy()
+  )
   # Fine-tuning: configs/official.py is the checkpoint's config with train.init_from set; its state takes them.
   from configs import official
   from layerflow_jax.train.experiment import Experiment
@@ -336,7 +368,9 @@ def test_bad_inputs_one_line_exit_2_nothing_written(tmp_path, capsys):
   err = _bad(tmp_path, capsys, variant_file("unknown", lambda sd: sd.__setitem__(extra, torch.zeros(2))))
   assert extra in err and "unknown key" in err
   table = PREFIX + "mixins.pos_embed.pos_embedding"
-  err = _bad(tmp_path, capsys, variant_file("table", lambda sd: sd.__setitem__(table, torch.zeros(1, 451, D))))
+  err = _bad(
+    tmp_path, capsys, variant_file("table", lambda sd: sd.__setitem__(table, torch.zeros(1, 451, D)))
+  )
   assert table in err and "fits no official layout" in err
   err = _bad(tmp_path, capsys, pt, "--variant", "gen_rgba")
   assert table in err and "[1, 678 + 16·tokens" in err
@@ -363,7 +397,9 @@ def test_export_to_diffusers_reproduces_the_official_forward(tmp_path):
       got = model(full.float(), context.float(), t).double().numpy()[:, keep]
     ref = reference_forward(module, variant, x, cond, t, context, torch.tensor([scale, scale])).numpy()
     errors[adapters] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
-  print(f"\n[official export] {variant}: max rel err " + ", ".join(f"{k}: {v:.2e}" for k, v in errors.items()))
+  print(
+    f"\n[official export] {variant}: max rel err " + ", ".join(f"{k}: {v:.2e}" for k, v in errors.items())
+  )
   assert max(errors.values()) <= REL_TOL, errors
 
 
@@ -388,7 +424,10 @@ def _sat_sampler_reference(velocity, x, noises, given_mask, given, num_steps=50,
     x = np.where(given_mask, given, x)
     q = int(np.abs(s[i] - s_full).argmin())
     v_c, v_u = velocity(x, timesteps[i])  # the network gets the step; x0 the snapped sqrt(alpha)
-    d_c, d_u = s_full[q] * x - np.sqrt(1 - s_full[q] ** 2) * v_c, s_full[q] * x - np.sqrt(1 - s_full[q] ** 2) * v_u
+    d_c, d_u = (
+      s_full[q] * x - np.sqrt(1 - s_full[q] ** 2) * v_c,
+      s_full[q] * x - np.sqrt(1 - s_full[q] ** 2) * v_u,
+    )
     g = 1 + scale * (1 - math.cos(math.pi * ((num_steps - timesteps[i]) / num_steps) ** 5)) / 2
     den = d_u + g * (d_c - d_u)
     if num_steps - i == 1:
@@ -439,10 +478,19 @@ def test_sat_sampler_matches_the_official_loop():
     return jnp.tanh(x) * w + 1e-3 * t[0] * x, 0.5 * jnp.tanh(x)
 
   ref = _sat_sampler_reference(vel_np, x_T, noises, given_mask, given)
-  ours = samplers.sample(vel_jax, jnp.asarray(x_T, jnp.float32), sched=sched, num_steps=50, sampler="sat_dpmpp_2m",
-                         guidance_scale=6.0, dynamic_cfg=True, dynamic_cfg_steps=50,
-                         given_latents=jnp.asarray(given, jnp.float32),
-                         given_frames=jnp.asarray(given_mask[:, :, 0, 0, 0]), rng=rng)
+  ours = samplers.sample(
+    vel_jax,
+    jnp.asarray(x_T, jnp.float32),
+    sched=sched,
+    num_steps=50,
+    sampler="sat_dpmpp_2m",
+    guidance_scale=6.0,
+    dynamic_cfg=True,
+    dynamic_cfg_steps=50,
+    given_latents=jnp.asarray(given, jnp.float32),
+    given_frames=jnp.asarray(given_mask[:, :, 0, 0, 0]),
+    rng=rng,
+  )
   err = float(np.max(np.abs(np.asarray(ours) - ref)) / np.max(np.abs(ref)))
   print(f"\n[official sampler] 50 steps: max rel err {err:.2e}")
   assert err <= REL_TOL
@@ -457,21 +505,50 @@ def test_sample_cli_runs_the_variant_task(tmp_path, variant):
   from PIL import Image
 
   torch.manual_seed(0)
-  AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=C, norm_num_groups=4,
-                         sample_height=32, sample_width=48).eval().save_pretrained(tmp_path / "pipe" / "vae")
+  AutoencoderKLCogVideoX(
+    block_out_channels=(8, 8, 8, 8),
+    layers_per_block=1,
+    latent_channels=C,
+    norm_num_groups=4,
+    sample_height=32,
+    sample_width=48,
+  ).eval().save_pretrained(tmp_path / "pipe" / "vae")
   folder = write_variant_folder(tmp_path / "src", variant, make_sat_state_dict(variant))
   ck = tmp_path / "ck"
-  assert cli.main(["import-official", str(folder), "--out", str(ck), "--pipeline", str(tmp_path / "pipe")]) == 0
+  assert (
+    cli.main(["import-official", str(folder), "--out", str(ck), "--pipeline", str(tmp_path / "pipe")]) == 0
+  )
   video = tmp_path / "clip"
   video.mkdir()
   rng = np.random.default_rng(0)
   for i in range(16):
     Image.fromarray(rng.integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(video / f"{i:04d}.png")
-  inputs = (["--task", "decompose", "--video", str(video)] if variant == "seg_rgb" else
-            ["--task", "fg2bg", "--fg-video", str(video), "--alpha-video", str(video), "--blend-prompt", "c"])
+  inputs = (
+    ["--task", "decompose", "--video", str(video)]
+    if variant == "seg_rgb"
+    else ["--task", "fg2bg", "--fg-video", str(video), "--alpha-video", str(video), "--blend-prompt", "c"]
+  )
   out = tmp_path / "samples"
-  assert cli.main(["sample", "--checkpoint", str(ck), *inputs, "--fg-prompt", "a", "--bg-prompt", "b",
-                   "--steps", "2", "--out", str(out), "--config.autoencoder.tiling=False"]) == 0
+  assert (
+    cli.main(
+      [
+        "sample",
+        "--checkpoint",
+        str(ck),
+        *inputs,
+        "--fg-prompt",
+        "a",
+        "--bg-prompt",
+        "b",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--config.autoencoder.tiling=False",
+      ]
+    )
+    == 0
+  )
   names = {p.name.split(".")[0] for p in out.iterdir()}
   assert {"fg", "bg", "blend"} <= names
   assert ("alpha" in names) == (variant == "fg2bg_rgba")
@@ -488,8 +565,15 @@ def test_vae_packed_pass_matches_diffusers_without_frame_batching(tmp_path):
   from layerflow_jax.encoders import vae
 
   torch.manual_seed(0)
-  theirs = AutoencoderKLCogVideoX(block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=C,
-                                  norm_num_groups=4, sample_height=16, sample_width=16, scaling_factor=0.7).eval()
+  theirs = AutoencoderKLCogVideoX(
+    block_out_channels=(8, 8, 8, 8),
+    layers_per_block=1,
+    latent_channels=C,
+    norm_num_groups=4,
+    sample_height=16,
+    sample_width=16,
+    scaling_factor=0.7,
+  ).eval()
   theirs.save_pretrained(tmp_path / "vae")
   codec = vae.CogVideoXCodec.from_pretrained(str(tmp_path / "vae"), tiling=False)
   video = np.random.default_rng(0).uniform(-1, 1, (1, 17, 16, 16, 3)).astype(np.float32)  # [dup, 4 clips × 4]
@@ -516,12 +600,20 @@ def test_each_variant_gives_the_fact_sheet_frames():
   from layerflow_jax import layers
   from layerflow_jax.export import official
 
-  expected = {"gen_rgba": [], "seg_rgba": list(range(12, 16)), "fg2bg_rgba": list(range(9)),
-              "bg2fg_rgba": list(range(9, 13)), "gen_rgb": [], "seg_rgb": [10, 11], "fg2bg_rgb": list(range(4)),
-              "bg2fg_rgb": list(range(4, 8))}
+  expected = {
+    "gen_rgba": [],
+    "seg_rgba": list(range(12, 16)),
+    "fg2bg_rgba": list(range(9)),
+    "bg2fg_rgba": list(range(9, 13)),
+    "gen_rgb": [],
+    "seg_rgb": [10, 11],
+    "fg2bg_rgb": list(range(4)),
+    "bg2fg_rgb": list(range(4, 8)),
+  }
   assert set(official.VARIANTS) == set(expected)
   for name, v in official.VARIANTS.items():
-    mask = layers.given_frame_mask(v.task, layers.get_layout(v.layout), 4, v.lead_frames,
-                                   list(v.given_latent_frames) or None)
+    mask = layers.given_frame_mask(
+      v.task, layers.get_layout(v.layout), 4, v.lead_frames, list(v.given_latent_frames) or None
+    )
     assert mask.shape[0] == v.lead_frames + 4 * layers.get_layout(v.layout).num_clips
     assert np.flatnonzero(mask).tolist() == expected[name], name

@@ -46,16 +46,30 @@ T = NUM_PROMPTS * PROMPT_LEN
 
 
 def _cfg(pos_embed: str, **kw) -> DiTConfig:
-  base = dict(num_layers=2, num_heads=2, head_dim=16, time_embed_dim=32, in_channels=C, out_channels=C,
-              text_embed_dim=TEXT_DIM, patch_size=2, pos_embed=pos_embed, layer_embed="none",
-              num_prompts=NUM_PROMPTS, num_clips=4, dtype="float32", param_dtype="float32")
+  base = dict(
+    num_layers=2,
+    num_heads=2,
+    head_dim=16,
+    time_embed_dim=32,
+    in_channels=C,
+    out_channels=C,
+    text_embed_dim=TEXT_DIM,
+    patch_size=2,
+    pos_embed=pos_embed,
+    layer_embed="none",
+    num_prompts=NUM_PROMPTS,
+    num_clips=4,
+    dtype="float32",
+    param_dtype="float32",
+  )
   base.update(kw)
   return DiTConfig(**base)
 
 
 def _torch_model(cfg: DiTConfig, sample=(F, H, W), seed: int = 0):
-  config = dw.diffusers_config(cfg, sample_frames=sample[0], sample_height=sample[1], sample_width=sample[2],
-                               max_text_seq_length=T)
+  config = dw.diffusers_config(
+    cfg, sample_frames=sample[0], sample_height=sample[1], sample_width=sample[2], max_text_seq_length=T
+  )
   torch.manual_seed(seed)
   model = CogVideoXTransformer3DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
   # Randomize the LayerNorm affines too (torch inits them to 1 / 0, which would hide a scale/bias mix-up).
@@ -79,12 +93,21 @@ def _theirs(model, cfg, latents, timesteps, text):
   rope = None
   if cfg.pos_embed == "rope":
     p = cfg.patch_size
-    rope = get_3d_rotary_pos_embed(embed_dim=cfg.head_dim, crops_coords=((0, 0), (H // p, W // p)),
-                                   grid_size=(H // p, W // p), temporal_size=F, device=torch.device("cpu"))
+    rope = get_3d_rotary_pos_embed(
+      embed_dim=cfg.head_dim,
+      crops_coords=((0, 0), (H // p, W // p)),
+      grid_size=(H // p, W // p),
+      temporal_size=F,
+      device=torch.device("cpu"),
+    )
   with torch.no_grad():
-    out = model(hidden_states=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy()),
-                encoder_hidden_states=torch.from_numpy(text), timestep=torch.from_numpy(timesteps),
-                image_rotary_emb=rope, return_dict=False)[0]
+    out = model(
+      hidden_states=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy()),
+      encoder_hidden_states=torch.from_numpy(text),
+      timestep=torch.from_numpy(timesteps),
+      image_rotary_emb=rope,
+      return_dict=False,
+    )[0]
   return out.numpy().transpose(0, 1, 3, 4, 2)
 
 
@@ -138,8 +161,10 @@ def test_forward_matches_diffusers(pos_embed, sample):
   ours = _ours(ours_model, latents, timesteps, text)
   assert ours.shape == theirs.shape == (B, F, H, W, C)
   err = _rel_err(ours, theirs)
-  print(f"\n[parity] pos_embed={pos_embed} sample={sample}: max rel err {err:.3e} "
-        f"(max|theirs| {np.max(np.abs(theirs)):.3f})")
+  print(
+    f"\n[parity] pos_embed={pos_embed} sample={sample}: max rel err {err:.3e} "
+    f"(max|theirs| {np.max(np.abs(theirs)):.3f})"
+  )
   assert err <= REL_TOL, f"max|ours − theirs| / max|theirs| = {err:.3e} > {REL_TOL}"
 
 
@@ -151,13 +176,26 @@ def test_forward_matches_diffusers_clips2_fractional_t():
   ours_model = create_model(cfg, seed=1)
   dw.from_diffusers_state_dict(ours_model, theirs_model.state_dict())
   latents, _, text = _inputs(seed=5)
-  rope = get_3d_rotary_pos_embed(embed_dim=cfg.head_dim, crops_coords=((0, 0), (H // 2, W // 2)),
-                                 grid_size=(H // 2, W // 2), temporal_size=F, device=torch.device("cpu"))
+  rope = get_3d_rotary_pos_embed(
+    embed_dim=cfg.head_dim,
+    crops_coords=((0, 0), (H // 2, W // 2)),
+    grid_size=(H // 2, W // 2),
+    temporal_size=F,
+    device=torch.device("cpu"),
+  )
   t = np.array([0.5, 417.25], np.float32)
   with torch.no_grad():
-    theirs = theirs_model(hidden_states=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy()),
-                          encoder_hidden_states=torch.from_numpy(text), timestep=torch.from_numpy(t),
-                          image_rotary_emb=rope, return_dict=False)[0].numpy().transpose(0, 1, 3, 4, 2)
+    theirs = (
+      theirs_model(
+        hidden_states=torch.from_numpy(latents.transpose(0, 1, 4, 2, 3).copy()),
+        encoder_hidden_states=torch.from_numpy(text),
+        timestep=torch.from_numpy(t),
+        image_rotary_emb=rope,
+        return_dict=False,
+      )[0]
+      .numpy()
+      .transpose(0, 1, 3, 4, 2)
+    )
   ours = np.asarray(ours_model(jnp.asarray(latents), jnp.asarray(t), jnp.asarray(text)))
   assert ours.shape == (B, F, H, W, 8)
   err = _rel_err(ours, theirs)
@@ -187,8 +225,9 @@ def test_export_of_loaded_diffusers_model_is_bitwise():
 
 
 def test_round_trip_ours_diffusers_ours_is_bitwise():
-  spec = lora_lib.AdapterSpec(name="motion", rank=2, alpha=4.0, targets=("q", "v", "out", "ff_in"),
-                              blocks=(1,))
+  spec = lora_lib.AdapterSpec(
+    name="motion", rank=2, alpha=4.0, targets=("q", "v", "out", "ff_in"), blocks=(1,)
+  )
   cfg = _cfg("rope", layer_embed="text+video", num_clips=2, adapters=(spec,))
   src = create_model(cfg, seed=0)
   _randomize(src, seed=7)
@@ -196,11 +235,17 @@ def test_round_trip_ours_diffusers_ours_is_bitwise():
   extras = dw.extras_state_dict(src)
   assert not any(k.startswith(("layer_embed", "clip_embed", "adapters")) for k in base)
   assert set(extras) == {
-      "layer_embed.linear.weight", "layer_embed.linear.bias",
-      "layer_embed.norm.weight", "layer_embed.norm.bias",
-      "clip_embed.weight",
-      *(f"adapters.motion.transformer_blocks.1.{m}.lora_{ab}.weight"
-        for m in ("attn1.to_q", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj") for ab in "AB")}
+    "layer_embed.linear.weight",
+    "layer_embed.linear.bias",
+    "layer_embed.norm.weight",
+    "layer_embed.norm.bias",
+    "clip_embed.weight",
+    *(
+      f"adapters.motion.transformer_blocks.1.{m}.lora_{ab}.weight"
+      for m in ("attn1.to_q", "attn1.to_v", "attn1.to_out.0", "ff.net.0.proj")
+      for ab in "AB"
+    ),
+  }
   assert extras["layer_embed.linear.weight"].shape == (cfg.hidden, 1)
   ff_in = "adapters.motion.transformer_blocks.1.ff.net.0.proj"
   assert extras[f"{ff_in}.lora_A.weight"].shape == (2, cfg.hidden)
@@ -229,8 +274,11 @@ def test_round_trip_bfloat16_params():
   # Each array keeps its parameter's dtype (our LayerNorm parameters stay float32 in a bfloat16 model).
   ours = _params(src)
   assert str(sd["proj_out.weight"].dtype) == "bfloat16" and sd["norm_final.weight"].dtype == np.float32
-  assert (str(sd["transformer_blocks.1.attn1.to_q.weight"].dtype)
-          == str(ours[("blocks", "attn1", "to_q", "kernel")].dtype) == "bfloat16")
+  assert (
+    str(sd["transformer_blocks.1.attn1.to_q.weight"].dtype)
+    == str(ours[("blocks", "attn1", "to_q", "kernel")].dtype)
+    == "bfloat16"
+  )
   dst = create_model(cfg, seed=1)
   dw.from_diffusers_state_dict(dst, sd)
   a, b = _params(src), _params(dst)
@@ -239,8 +287,9 @@ def test_round_trip_bfloat16_params():
   sd16 = dw.to_diffusers_state_dict(src, dtype="bfloat16")
   assert all(str(v.dtype) == "bfloat16" for v in sd16.values())
   theirs = _torch_model(cfg).to(torch.bfloat16)
-  theirs.load_state_dict({k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16)
-                          for k, v in sd16.items()})
+  theirs.load_state_dict(
+    {k: torch.from_numpy(v.view(np.int16)).view(torch.bfloat16) for k, v in sd16.items()}
+  )
   dst2 = create_model(cfg, seed=2)
   dw.from_diffusers_state_dict(dst2, theirs.state_dict())
   c = _params(dst2)
@@ -272,8 +321,10 @@ def test_load_refuses_bad_state_dict_and_lists_keys():
     dw.from_diffusers_state_dict(model, {k: v for k, v in sd.items() if k != "norm_final.weight"})
   # A checkpoint with more layers than the model.
   with pytest.raises(ValueError, match=r"transformer_blocks\.2\.norm1\.linear\.weight"):
-    dw.from_diffusers_state_dict(model, {**sd, "transformer_blocks.2.norm1.linear.weight": sd[
-        "transformer_blocks.1.norm1.linear.weight"]})
+    dw.from_diffusers_state_dict(
+      model,
+      {**sd, "transformer_blocks.2.norm1.linear.weight": sd["transformer_blocks.1.norm1.linear.weight"]},
+    )
 
 
 def test_load_keeps_parameter_shardings():
@@ -305,8 +356,9 @@ def test_load_keeps_parameter_shardings():
 
 def test_diffusers_config_fields():
   cfg = _cfg("rope", norm_eps=1e-5)
-  conf = dw.diffusers_config(cfg, sample_frames=13, sample_height=60, sample_width=90,
-                             max_text_seq_length=226)
+  conf = dw.diffusers_config(
+    cfg, sample_frames=13, sample_height=60, sample_width=90, max_text_seq_length=226
+  )
   assert conf["sample_frames"] == 49  # pixel frames: (13 − 1) · 4 + 1
   assert (conf["sample_height"], conf["sample_width"], conf["max_text_seq_length"]) == (60, 90, 226)
   assert conf["use_rotary_positional_embeddings"] is True
@@ -362,14 +414,19 @@ def test_timestep_embedding_matches_diffusers():
   for dim in (32, 33, 64):
     ref, bound = _timestep_embedding_f64(t, dim)
     ours = np.asarray(emb.timestep_embedding(jnp.asarray(t), dim))
-    theirs = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=True,
-                                    downscale_freq_shift=0).numpy()
+    theirs = get_timestep_embedding(
+      torch.from_numpy(t), dim, flip_sin_to_cos=True, downscale_freq_shift=0
+    ).numpy()
     assert ours.shape == theirs.shape == ref.shape
     for name, side in (("ours", ours), ("diffusers", theirs)):
       err = np.abs(side.astype(np.float64) - ref)
-      print(f"\n[parity] timestep_embedding dim {dim} {name}: max abs err {err.max():.3e}, "
-            f"max err/bound {(err / bound).max():.3f}")
-      assert np.all(err <= bound), f"{name}: float32 error exceeds its bound at {np.argwhere(err > bound)[:4]}"
+      print(
+        f"\n[parity] timestep_embedding dim {dim} {name}: max abs err {err.max():.3e}, "
+        f"max err/bound {(err / bound).max():.3f}"
+      )
+      assert np.all(err <= bound), (
+        f"{name}: float32 error exceeds its bound at {np.argwhere(err > bound)[:4]}"
+      )
     # Small timesteps have small arguments: there the bound is tight (≤ 2e-6), so a wrong frequency or phase fails.
     assert float(bound[:4].max()) < 2e-6
 
@@ -377,8 +434,13 @@ def test_timestep_embedding_matches_diffusers():
 def test_rope_table_matches_diffusers():
   head_dim, frames, gh, gw = 64, 3, 4, 6
   ours_cos, ours_sin = emb.rope_3d(head_dim, frames, gh, gw)
-  cos, sin = get_3d_rotary_pos_embed(embed_dim=head_dim, crops_coords=((0, 0), (gh, gw)), grid_size=(gh, gw),
-                                     temporal_size=frames, device=torch.device("cpu"))
+  cos, sin = get_3d_rotary_pos_embed(
+    embed_dim=head_dim,
+    crops_coords=((0, 0), (gh, gw)),
+    grid_size=(gh, gw),
+    temporal_size=frames,
+    device=torch.device("cpu"),
+  )
   err = max(float(np.max(np.abs(ours_cos - cos.numpy()))), float(np.max(np.abs(ours_sin - sin.numpy()))))
   print(f"\n[parity] rope_3d {frames}x{gh}x{gw} head_dim {head_dim}: max abs err {err:.3e}")
   assert err <= 1e-5

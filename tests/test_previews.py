@@ -11,9 +11,19 @@ from layerflow_jax import cli
 from layerflow_jax.config import load_config
 from layerflow_jax.train import previews, trainer
 
-TINY = ["data.frames=4", "data.height=16", "data.width=16", "data.num_train=16", "data.num_validation=8",
-        "data.batch_size=8", "train.log_every=1", "train.warmup_steps=1", "sampling.num_steps=2",
-        "eval.num_batches=0", "train.checkpoint_every=0"]
+TINY = [
+  "data.frames=4",
+  "data.height=16",
+  "data.width=16",
+  "data.num_train=16",
+  "data.num_validation=8",
+  "data.batch_size=8",
+  "train.log_every=1",
+  "train.warmup_steps=1",
+  "sampling.num_steps=2",
+  "eval.num_batches=0",
+  "train.checkpoint_every=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +40,8 @@ def _tb_images(logdir: pathlib.Path) -> dict[tuple[str, int], bytes]:
   for f in logdir.glob("events.out.tfevents.*"):
     data, i = f.read_bytes(), 0
     while i < len(data):
-      (n,) = struct.unpack("<Q", data[i:i + 8])
-      event = Event.FromString(data[i + 12:i + 12 + n])
+      (n,) = struct.unpack("<Q", data[i : i + 8])
+      event = Event.FromString(data[i + 12 : i + 12 + n])
       i += 12 + n + 4
       for v in event.summary.value:
         if v.HasField("image"):
@@ -42,15 +52,30 @@ def _tb_images(logdir: pathlib.Path) -> dict[tuple[str, int], bytes]:
 def test_trained_tasks_follow_the_weights():
   c = load_config("configs/default.py", ["diffusion.task_weights.fg2bg=0"])
   assert previews.trained_tasks(c) == ("generate", "decompose", "bg2fg")
-  c = load_config("configs/default.py", ["diffusion.task_weights.decompose=0", "diffusion.curriculum_steps=5",
-                                         "diffusion.curriculum_weights.generate=0"])
-  assert previews.trained_tasks(c) == ("generate", "decompose", "fg2bg", "bg2fg")  # decompose: the curriculum's
+  c = load_config(
+    "configs/default.py",
+    [
+      "diffusion.task_weights.decompose=0",
+      "diffusion.curriculum_steps=5",
+      "diffusion.curriculum_weights.generate=0",
+    ],
+  )
+  assert previews.trained_tasks(c) == (
+    "generate",
+    "decompose",
+    "fg2bg",
+    "bg2fg",
+  )  # decompose: the curriculum's
 
 
 def test_sample_every_writes_previews_of_every_trained_task(data_dir, tmp_path):
   work = tmp_path / "run"
-  config = load_config("configs/default.py:size=tiny", [f"data.data_dir='{data_dir}'"] + TINY + [
-      "train.steps=3", "train.sample_every=2", "diffusion.task_weights.fg2bg=0"])
+  config = load_config(
+    "configs/default.py:size=tiny",
+    [f"data.data_dir='{data_dir}'"]
+    + TINY
+    + ["train.steps=3", "train.sample_every=2", "diffusion.task_weights.fg2bg=0"],
+  )
   trainer.train(config, work, progress=False)
   assert sorted(p.name for p in (work / "samples").iterdir()) == ["step_2"]  # steps 2 (not 1, not 3)
   step = work / "samples" / "step_2"
@@ -70,9 +95,18 @@ def test_previews_use_the_current_weights(data_dir, tmp_path):
   """Two steps with sample_every=1: the same seed and clip, so the previews differ only by the weights (the
   warm-up step has lr 0, the second step moves them)."""
   work = tmp_path / "run"
-  config = load_config("configs/default.py:size=tiny", [f"data.data_dir='{data_dir}'"] + TINY + [
-      "train.steps=2", "train.sample_every=1", "diffusion.task_weights.fg2bg=0",
-      "diffusion.task_weights.bg2fg=0", "diffusion.task_weights.decompose=0"])
+  config = load_config(
+    "configs/default.py:size=tiny",
+    [f"data.data_dir='{data_dir}'"]
+    + TINY
+    + [
+      "train.steps=2",
+      "train.sample_every=1",
+      "diffusion.task_weights.fg2bg=0",
+      "diffusion.task_weights.bg2fg=0",
+      "diffusion.task_weights.decompose=0",
+    ],
+  )
   trainer.train(config, work, progress=False)
   import imageio.v3 as iio
 

@@ -34,13 +34,21 @@ from layerflow_jax.train.experiment import Experiment
 EPS32 = float(np.finfo(np.float32).eps)  # 1.19e-7
 ROUND_OFF = 100 * EPS32  # ≈ 1.2e-5: same function, different summation order (jit vs eager, permuted keys)
 SIGNAL = 100 * ROUND_OFF  # ≈ 1.2e-3: a relative change this large is a real dependence, not rounding
-PERTURB = 0.05  # std of the noise added to every parameter (adaLN-zero gates and output projection start at 0)
+PERTURB = (
+  0.05  # std of the noise added to every parameter (adaLN-zero gates and output projection start at 0)
+)
 
 SPEC = "configs/default.py:size=tiny"
-PROMPTS_A = ("a red circle moving left", "blue stripes scrolling up",
-             "a red circle moving left over blue stripes scrolling up")
-PROMPTS_B = ("a green square moving down", "yellow dots scrolling right",
-             "a green square moving down over yellow dots scrolling right")
+PROMPTS_A = (
+  "a red circle moving left",
+  "blue stripes scrolling up",
+  "a red circle moving left over blue stripes scrolling up",
+)
+PROMPTS_B = (
+  "a green square moving down",
+  "yellow dots scrolling right",
+  "a green square moving down over yellow dots scrolling right",
+)
 # The clips each prompt slot describes (the fg prompt names the sprite: its colour and its matte).
 SLOT_CLIPS = {"fg": (layers.FG, layers.ALPHA), "bg": (layers.BG,), "blend": (layers.BLEND,)}
 
@@ -53,8 +61,10 @@ def one_device_mesh(config):
 def perturbed(params: dict, seed: int = 1, scale: float = PERTURB) -> dict:
   """Every parameter plus N(0, scale²) noise (NumPy's generator: no compilation per parameter shape)."""
   rng = np.random.default_rng(seed)
-  return {k: jnp.asarray(np.asarray(params[k]) + scale * rng.standard_normal(params[k].shape).astype(np.float32))
-          for k in sorted(params)}
+  return {
+    k: jnp.asarray(np.asarray(params[k]) + scale * rng.standard_normal(params[k].shape).astype(np.float32))
+    for k in sorted(params)
+  }
 
 
 def relative_change(new, ref) -> float:
@@ -139,7 +149,9 @@ def test_each_prompt_slot_steers_every_clip(setups, layer_embed):
     changed = a.at[:, s.slot(i)].set(b[:, s.slot(i)])
     others = np.ones(a.shape[1], bool)
     others[s.slot(i)] = False
-    np.testing.assert_array_equal(np.asarray(changed)[:, others], np.asarray(a)[:, others])  # only slot i moved
+    np.testing.assert_array_equal(
+      np.asarray(changed)[:, others], np.asarray(a)[:, others]
+    )  # only slot i moved
     assert relative_change(changed[:, s.slot(i)], a[:, s.slot(i)]) > 0.1  # and it did move
     change = per_clip_change(s(changed), y, s.exp.layout)
     for clip in SLOT_CLIPS[name]:
@@ -160,7 +172,9 @@ def test_prompt_slots_are_distinguishable_by_the_layer_embedding(setups):
     if mode == "text":
       assert min(change.values()) > SIGNAL, f"swapping the fg and bg prompts changes nothing: {change}"
     else:
-      assert max(change.values()) < ROUND_OFF, f"without layer embeddings the slot order should not matter: {change}"
+      assert max(change.values()) < ROUND_OFF, (
+        f"without layer embeddings the slot order should not matter: {change}"
+      )
 
 
 # ----------------------------------------------------------------------------- 2. the sampler's batch
@@ -189,7 +203,9 @@ def _spy(sampler, monkeypatch, replace=None):
 
   monkeypatch.setattr(sampler.exp, "model", model)
   # A fresh compiled function traces the spy (and is dropped again after the test, with the spy).
-  monkeypatch.setattr(sampler, "_fn", jax.jit(sampler._sample, static_argnames=("num_steps", "guidance_scale")))
+  monkeypatch.setattr(
+    sampler, "_fn", jax.jit(sampler._sample, static_argnames=("num_steps", "guidance_scale"))
+  )
   return calls
 
 
@@ -209,8 +225,12 @@ def test_sampler_feeds_every_slot_and_its_unconditional_pair(sampler, monkeypatc
     np.testing.assert_array_equal(transforms.tokenize_prompts(example, enc.tokenize), tokens[b])
 
   # The batch by hand: each prompt encoded on its own, placed in its slot; then the zero (unconditional) half.
-  slot_text = np.stack([[np.asarray(enc.encode(jnp.asarray(tokens[b, i][None])))[0]
-                         for i in range(len(layers.PROMPTS))] for b in range(2)])  # [2, P, L, D]
+  slot_text = np.stack(
+    [
+      [np.asarray(enc.encode(jnp.asarray(tokens[b, i][None])))[0] for i in range(len(layers.PROMPTS))]
+      for b in range(2)
+    ]
+  )  # [2, P, L, D]
   cond = slot_text.reshape(2, -1, slot_text.shape[-1])
   expected = np.concatenate([cond, np.zeros_like(cond)])
   for b in range(2):
@@ -222,8 +242,10 @@ def test_sampler_feeds_every_slot_and_its_unconditional_pair(sampler, monkeypatc
   calls = _spy(sampler, monkeypatch)
   for task in ("generate", "bg2fg"):
     calls.clear()
-    given_video = np.zeros((2, exp.layout.num_clips * exp.config.data.frames, exp.config.data.height,
-                            exp.config.data.width, 3), np.float32)
+    given_video = np.zeros(
+      (2, exp.layout.num_clips * exp.config.data.frames, exp.config.data.height, exp.config.data.width, 3),
+      np.float32,
+    )
     sampler.sample(tokens, task, given_video=given_video, num_steps=3, guidance_scale=4.0)
     assert len(calls) == 3, "one model call per sampling step, on the doubled batch"
     for x, t, text, given_frames in calls:
@@ -234,8 +256,9 @@ def test_sampler_feeds_every_slot_and_its_unconditional_pair(sampler, monkeypatc
       np.testing.assert_allclose(text, expected, rtol=0, atol=ROUND_OFF * scale)
       np.testing.assert_array_equal(x[:2], x[2:])  # cond and uncond halves see the same latents and timesteps
       np.testing.assert_array_equal(t[:2], t[2:])
-      want = layers.clip_time_mask(np.broadcast_to(layers.given_clips(task, exp.layout), (4, exp.layout.num_clips)),
-                                   exp.latent_frames)
+      want = layers.clip_time_mask(
+        np.broadcast_to(layers.given_clips(task, exp.layout), (4, exp.layout.num_clips)), exp.latent_frames
+      )
       np.testing.assert_array_equal(given_frames, want)
 
 
@@ -265,7 +288,9 @@ def test_guidance_is_uncond_plus_g_times_cond_minus_uncond(sampler, monkeypatch,
   assert len(calls) == 1
   v = v_u + np.float32(guidance) * (v_c - v_u) if guidance != 1.0 else v_c
   want = np.clip(np.asarray(exp.decode_video(jnp.asarray(-v))), -1.0, 1.0)
-  assert np.all(np.isfinite(out)), "the stand-in saw text on an unconditional row or none on a conditional one"
+  assert np.all(np.isfinite(out)), (
+    "the stand-in saw text on an unconditional row or none on a conditional one"
+  )
   np.testing.assert_allclose(out, want, rtol=0, atol=4 * EPS32)
 
 
@@ -277,10 +302,24 @@ def test_guidance_is_uncond_plus_g_times_cond_minus_uncond(sampler, monkeypatch,
 # 800 steps of batch 8, evaluated on 64 held-out clips with 10 DDIM steps at guidance 3. The search is in the test's
 # docstring.
 LEARN_TEXT_LENGTH = 12  # "0, an orange", "1, yellow ch", "2, a purple ": the colour word is always inside
-LEARN = ["data.frames=2", "data.height=8", "data.width=8", "data.num_train=512", "data.num_validation=64",
-         "data.batch_size=8", f"text_encoder.max_length={LEARN_TEXT_LENGTH}", "train.steps=800", "train.lr=4e-3",
-         "train.warmup_steps=20", "train.log_every=100", "train.checkpoint_every=0", "eval.num_batches=0",
-         "diffusion.task_weights.decompose=0", "diffusion.task_weights.fg2bg=0", "diffusion.task_weights.bg2fg=0"]
+LEARN = [
+  "data.frames=2",
+  "data.height=8",
+  "data.width=8",
+  "data.num_train=512",
+  "data.num_validation=64",
+  "data.batch_size=8",
+  f"text_encoder.max_length={LEARN_TEXT_LENGTH}",
+  "train.steps=800",
+  "train.lr=4e-3",
+  "train.warmup_steps=20",
+  "train.log_every=100",
+  "train.checkpoint_every=0",
+  "eval.num_batches=0",
+  "diffusion.task_weights.decompose=0",
+  "diffusion.task_weights.fg2bg=0",
+  "diffusion.task_weights.bg2fg=0",
+]
 LEARN_SAMPLING = dict(num_steps=10, guidance_scale=3.0)  # g=3 beats the default 6 on a model this small
 # Chance is ≈ 1/7 (the fg colour is never the bg colour; the most frequent colour of these 64 clips: 0.19); a
 # prompt-blind model's accuracy has a std of ≈ 0.05 around it on 64 clips.
@@ -331,5 +370,7 @@ def test_short_training_run_follows_the_colour_named_in_the_prompt(tmp_path, see
   chance = max(Counter(colours).values()) / len(colours)
   assert result["generate/color_accuracy_gt"] == 1.0  # the colour classifier reads the true clips right
   accuracy = result["generate/color_accuracy"]
-  print(f"seed {seed}: generate colour accuracy {accuracy:.3f} (chance {chance:.3f}), {summary['seconds']:.0f} s")
+  print(
+    f"seed {seed}: generate colour accuracy {accuracy:.3f} (chance {chance:.3f}), {summary['seconds']:.0f} s"
+  )
   assert accuracy >= max(COLOR_FLOOR, chance + 0.25), (accuracy, chance)

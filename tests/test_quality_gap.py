@@ -49,11 +49,14 @@ def test_high_quality_images_are_still_soft_and_have_images_only_colours():
     assert e["fg_color"] in e["fg_prompt"]
   colours = {e["fg_color"] for e in ex}
   assert colours & set(synthetic.IMAGE_ONLY_COLORS) and colours - set(synthetic.IMAGE_ONLY_COLORS)
-  assert any("translucent" in e["fg_prompt"] for e in ex) and not all("translucent" in e["fg_prompt"] for e in ex)
+  assert any("translucent" in e["fg_prompt"] for e in ex) and not all(
+    "translucent" in e["fg_prompt"] for e in ex
+  )
   # ... and neither the videos nor the copy-paste clips ever show an images-only colour.
   for kind in ("clean", "lowq_video", "copy_paste"):
     assert not {synthetic.make_example(kind, s, F, S, S)["fg_color"] for s in range(24)} & set(
-        synthetic.IMAGE_ONLY_COLORS)
+      synthetic.IMAGE_ONLY_COLORS
+    )
 
 
 def test_copy_paste_video_pastes_a_moving_sprite_on_another_moving_background():
@@ -71,8 +74,10 @@ def test_builder_names_are_kinds_with_held_out_clips(tmp_path):
   c = default.get_config()
   c.data.data_dir = str(tmp_path)
   c.data.frames, c.data.height, c.data.width, c.data.num_train, c.data.num_validation = 4, 8, 8, 3, 2
-  c.data.mixture = [dict(name="layerflow_synthetic_lowq"), dict(name="layerflow_synthetic_images",
-                                                               background="layerflow_synthetic_copypaste")]
+  c.data.mixture = [
+    dict(name="layerflow_synthetic_lowq"),
+    dict(name="layerflow_synthetic_images", background="layerflow_synthetic_copypaste"),
+  ]
   c.eval.multistage = True
   built = registry.build_all(c)
   assert len(built) == 4 and len(set(built)) == 4  # clean, lowq, images, copy-paste: one folder each
@@ -119,7 +124,12 @@ def test_zero_steps_needs_init_from():
 
 def test_multistage_sweep_rows():
   runs = hyper.expand("configs/ablations.py:demo,sweep=multistage")
-  assert [r["name"] for r in runs] == ["variant=stage1", "variant=no_motion", "variant=remove", "variant=keep"]
+  assert [r["name"] for r in runs] == [
+    "variant=stage1",
+    "variant=no_motion",
+    "variant=remove",
+    "variant=keep",
+  ]
   s1, no_motion, remove, keep = [load_config(r["spec"], r["overrides"]) for r in runs]
   assert (s1.stage, s1.train.init_from, s1.train.steps) == ("stage1_base", "stage1_base", 0)
   assert no_motion.train.steps > 0 and no_motion.train.init_from == "stage1_base"
@@ -132,7 +142,9 @@ def test_multistage_sweep_rows():
   base = load_config("configs/ablations.py:demo,sweep=multistage,stage=stage1_base")
   assert [e["name"] for e in base.data.mixture] == ["layerflow_synthetic_lowq"]
   assert [(e["name"], e["transform"], e["motion_scale"]) for e in remove.data.mixture] == [
-      ("layerflow_synthetic_images", "static", 1.0), ("layerflow_synthetic_copypaste", "video", 0.0)]
+    ("layerflow_synthetic_images", "static", 1.0),
+    ("layerflow_synthetic_copypaste", "video", 0.0),
+  ]
 
 
 def test_relative_change_ignores_contrast():
@@ -165,5 +177,7 @@ def test_timestep_power_one_keeps_the_draws_of_runs_before_the_option():
   from layerflow_jax.diffusion import loss as loss_lib
 
   key = jax.random.key(3)
-  np.testing.assert_array_equal(np.asarray(loss_lib.sample_timesteps(key, 64, 1000, 1.0)),
-                                np.asarray(jax.random.randint(key, (64,), 0, 1000, dtype=np.int32)))
+  np.testing.assert_array_equal(
+    np.asarray(loss_lib.sample_timesteps(key, 64, 1000, 1.0)),
+    np.asarray(jax.random.randint(key, (64,), 0, 1000, dtype=np.int32)),
+  )

@@ -33,14 +33,28 @@ from layerflow_jax.train.experiment import Experiment
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SPEC = "configs/default.py:size=tiny"
-TINY = ["data.frames=4", "data.height=16", "data.width=16", "data.num_train=16", "data.num_validation=8",
-        "data.batch_size=8", "train.log_every=1", "train.warmup_steps=1", "eval.num_batches=0"]
+TINY = [
+  "data.frames=4",
+  "data.height=16",
+  "data.width=16",
+  "data.num_train=16",
+  "data.num_validation=8",
+  "data.batch_size=8",
+  "train.log_every=1",
+  "train.warmup_steps=1",
+  "eval.num_batches=0",
+]
 # The in-process runs (two `train` calls in the default suite): the batches of steps 2, 5 and 6 are NaN and two
 # non-finite steps in a row stop the run, so one run shows a skipped-and-counted step, a clear stop and what is on
 # disk then; the SIGTERM test interrupts the same config and compares with it.
 STEPS = 8
-NAN_RUN = [f"train.steps={STEPS}", "train.checkpoint_every=1", "train.keep_checkpoints=100",
-           "train.inject_nan_steps=(2, 5, 6)", "train.max_consecutive_nonfinite=2"]
+NAN_RUN = [
+  f"train.steps={STEPS}",
+  "train.checkpoint_every=1",
+  "train.keep_checkpoints=100",
+  "train.inject_nan_steps=(2, 5, 6)",
+  "train.max_consecutive_nonfinite=2",
+]
 STOP = r"stopping at step 6: 2 consecutive steps had non-finite loss/gradients \(train.max_consecutive_nonfinite=2\)"
 
 
@@ -103,81 +117,184 @@ STAGE2 = "configs/stages.py:stage=stage2_motion_lora,size=tiny,motion_rank=2"
 
 # (config spec, overrides, expected message). Each must be refused with one line naming key, value, expectation.
 BAD_CONFIGS = [
-    pytest.param(SPEC, ["train.stepz=3"], r"config key 'train.stepz' does not exist.*did you mean 'train.steps'",
-                 id="unknown-key"),
-    pytest.param(SPEC, ["nope.x=1"], r"config key 'nope' does not exist.*expected one of: autoencoder",
-                 id="unknown-group"),
-    pytest.param(STAGE2, ["model.adapters.motion.rnk=4"],
-                 r"'model.adapters.motion.rnk' does not exist.*did you mean 'model.adapters.motion.rank'",
-                 id="unknown-adapter-key"),
-    pytest.param(SPEC, ["data.mixture=[{'name': 'layerflow_synthetic', 'wieght': 1.0}]"],
-                 r"data.mixture\[0\].wieght=1.0: is not a mixture key; expected keys among name, weight",
-                 id="unknown-mixture-key"),
-    pytest.param(SPEC, ["train.lr='fast'"], r"'train.lr': 'fast' is not a number \(expected float\)",
-                 id="wrong-type-number"),
-    pytest.param(SPEC, ["train.lr_schedule=3"], r"'train.lr_schedule': cannot set 3 \(a int\); expected a str",
-                 id="wrong-type-str"),
-    pytest.param(SPEC, ["train.steps=2.5"], r"'train.steps': 2.5 is not an integer; expected an int",
-                 id="wrong-type-int"),
-    pytest.param(SPEC, ["data.num_epochs='two'"],
-                 r"data.num_epochs='two': is not a positive integer; expected None \(repeat forever\) or an integer",
-                 id="wrong-type-untyped-key"),
-    pytest.param(SPEC, ["train.lr_schedule='linear'"],
-                 r"train.lr_schedule='linear': is not a known choice; expected one of cosine, constant",
-                 id="unknown-choice"),
-    pytest.param(SPEC, ["train.lr=-0.1"], r"train.lr=-0.1: is out of range; expected a number in \(0.0, inf\)",
-                 id="out-of-range"),
-    pytest.param(SPEC, ["train.max_consecutive_nonfinite=0"],
-                 r"train.max_consecutive_nonfinite=0: is too small; expected an integer >= 1", id="too-small"),
-    pytest.param(SPEC, ["mesh.data=4", "mesh.tensor=4"],
-                 r"mesh=\{.*\}: uses 16 devices but 8 are available; expected axis sizes whose product is 8",
-                 id="mesh-size"),
-    pytest.param(SPEC, ["mesh.fsdp=-1"], r"mesh=\{.*\}: axes \['data', 'fsdp'\] are all -1; expected at most one",
-                 id="mesh-two-wildcards"),
-    pytest.param(SPEC, ["data.batch_size=6"],
-                 r"data.batch_size 6 is not divisible by the data-parallel size 8 \(mesh data=8 × fsdp=1\); "
-                 r"expected a multiple of 8", id="batch-vs-data-parallel"),
-    pytest.param(SPEC, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.batch_size=6"],
-                 r"data.batch_size 6 is not divisible by the data-parallel size 4 \(mesh data=2 × fsdp=2\)",
-                 id="batch-vs-data-x-fsdp"),
-    pytest.param(SPEC, ["train.grad_accum=3"],
-                 r"train.grad_accum=3: does not divide the per-process batch 8; expected a divisor of 8",
-                 id="grad-accum"),
-    pytest.param(SPEC, ["data.frames=5"], r"data.frames=5: not divisible by the temporal compression "
-                 r"autoencoder.temporal=2; expected a multiple of 2", id="frames-vs-codec"),
-    pytest.param(SPEC, ["data.height=15"], r"data.height=15: not divisible by the spatial compression "
-                 r"autoencoder.spatial=2; expected a multiple of 2", id="height-vs-codec"),
-    pytest.param(SPEC, ["data.width=18"], r"data.width=18: its latent size 9 .* is not divisible by "
-                 r"model.patch_size=2; expected a multiple of 4", id="width-vs-patch"),
-    pytest.param(STAGE2, ["model.adapters.motion.targets='q,k,qkv'"],
-                 r"model.adapters.motion.targets='q,k,qkv': names no such layer \['qkv'\]; expected a "
-                 r"comma-separated subset of q,k,v,out,ff_in,ff_out", id="lora-target"),
-    pytest.param(STAGE2, ["model.adapters.motion.blocks='every:3:5'"],
-                 r"model.adapters.motion.blocks='every:3:5': does not select blocks of model.num_layers=2; "
-                 r"expected 'all', 'every:K', 'every:K:OFFSET' or distinct indices in \[0, 2\)",
-                 id="lora-blocks"),
-    pytest.param(STAGE2, ["train.trainable_adapters=('content',)"],
-                 r"train.trainable_adapters=\('content',\): names adapter 'content', which model.adapters does "
-                 r"not define; expected names among \['motion'\]", id="lora-trainable-missing"),
-    pytest.param(SPEC, ["sampling.remove_adapters=('motion',)"],
-                 r"sampling.remove_adapters=\('motion',\): names adapter 'motion', which model.adapters does not "
-                 r"define; expected names among \[\]", id="lora-remove-missing"),
-    pytest.param(STAGE2, ["train.adapter_scale_keys.motion='speed'"],
-                 r"train.adapter_scale_keys.motion='speed': is not a batch key; expected one of video, tokens",
-                 id="adapter-scale-key"),
-    pytest.param(SPEC, ["diffusion.task_weights={'generate': 0.0, 'decompose': 0.0, 'fg2bg': 0.0, 'bg2fg': 0.0}"],
-                 r"diffusion.task_weights=\{.*\}: gives no task a positive weight", id="task-weights"),
-    pytest.param(SPEC, ["model.pad_tokens_to=64", "mesh.data=2", "mesh.sequence=4"],
-                 r"model.pad_tokens_to=64: pads the joint sequence, which sequence parallelism \(mesh sequence=4\) "
-                 r"cannot split; expected 0 with mesh.sequence > 1", id="pad-with-sequence-parallel"),
-    pytest.param(SPEC, ["model.pad_tokens_to=-8"], r"model.pad_tokens_to=-8: is too small; expected an integer >= 0",
-                 id="pad-negative"),
-    pytest.param(SPEC, ["train.init_from='/nonexistent/stage1_base'"],
-                 r"train.init_from='/nonexistent/stage1_base': does not exist; expected the work dir of a finished "
-                 r"earlier stage", id="chain-missing"),
-    pytest.param(STAGE2, ["train.init_from='{tmp}'"],
-                 r"train.init_from='.*': holds no finished checkpoint; expected the work dir of a finished",
-                 id="chain-no-checkpoint"),
+  pytest.param(
+    SPEC,
+    ["train.stepz=3"],
+    r"config key 'train.stepz' does not exist.*did you mean 'train.steps'",
+    id="unknown-key",
+  ),
+  pytest.param(
+    SPEC, ["nope.x=1"], r"config key 'nope' does not exist.*expected one of: autoencoder", id="unknown-group"
+  ),
+  pytest.param(
+    STAGE2,
+    ["model.adapters.motion.rnk=4"],
+    r"'model.adapters.motion.rnk' does not exist.*did you mean 'model.adapters.motion.rank'",
+    id="unknown-adapter-key",
+  ),
+  pytest.param(
+    SPEC,
+    ["data.mixture=[{'name': 'layerflow_synthetic', 'wieght': 1.0}]"],
+    r"data.mixture\[0\].wieght=1.0: is not a mixture key; expected keys among name, weight",
+    id="unknown-mixture-key",
+  ),
+  pytest.param(
+    SPEC,
+    ["train.lr='fast'"],
+    r"'train.lr': 'fast' is not a number \(expected float\)",
+    id="wrong-type-number",
+  ),
+  pytest.param(
+    SPEC,
+    ["train.lr_schedule=3"],
+    r"'train.lr_schedule': cannot set 3 \(a int\); expected a str",
+    id="wrong-type-str",
+  ),
+  pytest.param(
+    SPEC, ["train.steps=2.5"], r"'train.steps': 2.5 is not an integer; expected an int", id="wrong-type-int"
+  ),
+  pytest.param(
+    SPEC,
+    ["data.num_epochs='two'"],
+    r"data.num_epochs='two': is not a positive integer; expected None \(repeat forever\) or an integer",
+    id="wrong-type-untyped-key",
+  ),
+  pytest.param(
+    SPEC,
+    ["train.lr_schedule='linear'"],
+    r"train.lr_schedule='linear': is not a known choice; expected one of cosine, constant",
+    id="unknown-choice",
+  ),
+  pytest.param(
+    SPEC,
+    ["train.lr=-0.1"],
+    r"train.lr=-0.1: is out of range; expected a number in \(0.0, inf\)",
+    id="out-of-range",
+  ),
+  pytest.param(
+    SPEC,
+    ["train.max_consecutive_nonfinite=0"],
+    r"train.max_consecutive_nonfinite=0: is too small; expected an integer >= 1",
+    id="too-small",
+  ),
+  pytest.param(
+    SPEC,
+    ["mesh.data=4", "mesh.tensor=4"],
+    r"mesh=\{.*\}: uses 16 devices but 8 are available; expected axis sizes whose product is 8",
+    id="mesh-size",
+  ),
+  pytest.param(
+    SPEC,
+    ["mesh.fsdp=-1"],
+    r"mesh=\{.*\}: axes \['data', 'fsdp'\] are all -1; expected at most one",
+    id="mesh-two-wildcards",
+  ),
+  pytest.param(
+    SPEC,
+    ["data.batch_size=6"],
+    r"data.batch_size 6 is not divisible by the data-parallel size 8 \(mesh data=8 × fsdp=1\); "
+    r"expected a multiple of 8",
+    id="batch-vs-data-parallel",
+  ),
+  pytest.param(
+    SPEC,
+    ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2", "data.batch_size=6"],
+    r"data.batch_size 6 is not divisible by the data-parallel size 4 \(mesh data=2 × fsdp=2\)",
+    id="batch-vs-data-x-fsdp",
+  ),
+  pytest.param(
+    SPEC,
+    ["train.grad_accum=3"],
+    r"train.grad_accum=3: does not divide the per-process batch 8; expected a divisor of 8",
+    id="grad-accum",
+  ),
+  pytest.param(
+    SPEC,
+    ["data.frames=5"],
+    r"data.frames=5: not divisible by the temporal compression "
+    r"autoencoder.temporal=2; expected a multiple of 2",
+    id="frames-vs-codec",
+  ),
+  pytest.param(
+    SPEC,
+    ["data.height=15"],
+    r"data.height=15: not divisible by the spatial compression "
+    r"autoencoder.spatial=2; expected a multiple of 2",
+    id="height-vs-codec",
+  ),
+  pytest.param(
+    SPEC,
+    ["data.width=18"],
+    r"data.width=18: its latent size 9 .* is not divisible by "
+    r"model.patch_size=2; expected a multiple of 4",
+    id="width-vs-patch",
+  ),
+  pytest.param(
+    STAGE2,
+    ["model.adapters.motion.targets='q,k,qkv'"],
+    r"model.adapters.motion.targets='q,k,qkv': names no such layer \['qkv'\]; expected a "
+    r"comma-separated subset of q,k,v,out,ff_in,ff_out",
+    id="lora-target",
+  ),
+  pytest.param(
+    STAGE2,
+    ["model.adapters.motion.blocks='every:3:5'"],
+    r"model.adapters.motion.blocks='every:3:5': does not select blocks of model.num_layers=2; "
+    r"expected 'all', 'every:K', 'every:K:OFFSET' or distinct indices in \[0, 2\)",
+    id="lora-blocks",
+  ),
+  pytest.param(
+    STAGE2,
+    ["train.trainable_adapters=('content',)"],
+    r"train.trainable_adapters=\('content',\): names adapter 'content', which model.adapters does "
+    r"not define; expected names among \['motion'\]",
+    id="lora-trainable-missing",
+  ),
+  pytest.param(
+    SPEC,
+    ["sampling.remove_adapters=('motion',)"],
+    r"sampling.remove_adapters=\('motion',\): names adapter 'motion', which model.adapters does not "
+    r"define; expected names among \[\]",
+    id="lora-remove-missing",
+  ),
+  pytest.param(
+    STAGE2,
+    ["train.adapter_scale_keys.motion='speed'"],
+    r"train.adapter_scale_keys.motion='speed': is not a batch key; expected one of video, tokens",
+    id="adapter-scale-key",
+  ),
+  pytest.param(
+    SPEC,
+    ["diffusion.task_weights={'generate': 0.0, 'decompose': 0.0, 'fg2bg': 0.0, 'bg2fg': 0.0}"],
+    r"diffusion.task_weights=\{.*\}: gives no task a positive weight",
+    id="task-weights",
+  ),
+  pytest.param(
+    SPEC,
+    ["model.pad_tokens_to=64", "mesh.data=2", "mesh.sequence=4"],
+    r"model.pad_tokens_to=64: pads the joint sequence, which sequence parallelism \(mesh sequence=4\) "
+    r"cannot split; expected 0 with mesh.sequence > 1",
+    id="pad-with-sequence-parallel",
+  ),
+  pytest.param(
+    SPEC,
+    ["model.pad_tokens_to=-8"],
+    r"model.pad_tokens_to=-8: is too small; expected an integer >= 0",
+    id="pad-negative",
+  ),
+  pytest.param(
+    SPEC,
+    ["train.init_from='/nonexistent/stage1_base'"],
+    r"train.init_from='/nonexistent/stage1_base': does not exist; expected the work dir of a finished "
+    r"earlier stage",
+    id="chain-missing",
+  ),
+  pytest.param(
+    STAGE2,
+    ["train.init_from='{tmp}'"],
+    r"train.init_from='.*': holds no finished checkpoint; expected the work dir of a finished",
+    id="chain-no-checkpoint",
+  ),
 ]
 
 
@@ -199,8 +316,11 @@ def test_refused_before_anything_is_built(tmp_path):
   assert not (tmp_path / "w").exists()
   # a mesh that cannot split a parameter: found from the abstract model, before the state is created
   cfg = load_config(SPEC, ["mesh.data=1", "mesh.tensor=8", "model.num_heads=2", "model.head_dim=66"])
-  with pytest.raises(ConfigError, match=r"mesh.tensor=8: parameter blocks\..* has size 132 on dimension \d+, which "
-                     r"is split over tensor=8; expected mesh sizes that divide 132"):
+  with pytest.raises(
+    ConfigError,
+    match=r"mesh.tensor=8: parameter blocks\..* has size 132 on dimension \d+, which "
+    r"is split over tensor=8; expected mesh sizes that divide 132",
+  ):
     trainer.train(cfg, tmp_path / "w2", progress=False)
   assert not (tmp_path / "w2" / "checkpoints").exists()
 
@@ -216,7 +336,9 @@ def test_train_stages_checks_every_stage_first(tmp_path):
   """A bad stage-3 config is refused before stage 1 starts (no stage dir is created)."""
   from layerflow_jax import stages
 
-  with pytest.raises(ConfigError, match=r"model.adapters.content.rank=0: is not a positive integer; expected a rank"):
+  with pytest.raises(
+    ConfigError, match=r"model.adapters.content.rank=0: is not a positive integer; expected a rank"
+  ):
     stages.train_stages("configs/stages.py:size=tiny,content_rank=0", tmp_path, progress=False)
   assert not any(tmp_path.iterdir())
 
@@ -254,8 +376,11 @@ def test_nonfinite_state_is_never_written(tmp_path):
   ck = ckpt_lib.Checkpointer(tmp_path, keep=10, writer=True)
   assert ck.save(1, {"w": jnp.ones(3), "step": jnp.int32(1)})
   for bad in (jnp.array([1.0, jnp.nan]), jnp.array([jnp.inf, 0.0])):
-    with pytest.raises(ckpt_lib.NonFiniteStateError, match=r"step 2: the train state holds NaN/Inf; no "
-                       r"checkpoint written \(newest good one: .*/checkpoints/1\)"):
+    with pytest.raises(
+      ckpt_lib.NonFiniteStateError,
+      match=r"step 2: the train state holds NaN/Inf; no "
+      r"checkpoint written \(newest good one: .*/checkpoints/1\)",
+    ):
       ck.save(2, {"w": bad, "step": jnp.int32(2)})
   ck.close()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]
@@ -271,7 +396,9 @@ def test_partial_save_is_never_read(nan_run, tmp_path):
   (partial / "state").mkdir(parents=True)
   (partial / "state" / "_METADATA").write_text("{trunc")
   assert ckpt_lib.Checkpointer(work).steps()[-1] == newest
-  ck = ckpt_lib.Checkpointer(work, writer=True)  # deletes leftovers in the background (awaited by the next save)
+  ck = ckpt_lib.Checkpointer(
+    work, writer=True
+  )  # deletes leftovers in the background (awaited by the next save)
   deadline = time.time() + 30
   while partial.exists() and time.time() < deadline:
     time.sleep(0.05)
@@ -284,8 +411,10 @@ def test_truncated_newest_checkpoint_falls_back(nan_run, tmp_path, caplog):
   work = tmp_path / "w"
   shutil.copytree(src, work)
   prev, newest = ckpt_lib.Checkpointer(src).steps()[-2:]
-  files = sorted((p for p in (work / "checkpoints" / str(newest) / "state").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)
+  files = sorted(
+    (p for p in (work / "checkpoints" / str(newest) / "state").rglob("*") if p.is_file()),
+    key=lambda p: p.stat().st_size,
+  )
   victim = files[-1]  # the largest array-data file
   victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
   print(f"truncated {victim.relative_to(work)} to half")
@@ -297,8 +426,9 @@ def test_truncated_newest_checkpoint_falls_back(nan_run, tmp_path, caplog):
   with caplog.at_level("WARNING"):
     state, meta, step = ck.restore_latest(abstract, shardings, quarantine=True)
   assert step == prev and int(state.step) == prev and meta["step"] == prev
-  assert any(f"checkpoints/{newest} is unreadable" in r.message and "falling back" in r.message
-             for r in caplog.records)
+  assert any(
+    f"checkpoints/{newest} is unreadable" in r.message and "falling back" in r.message for r in caplog.records
+  )
   print("warning:", next(r.message for r in caplog.records if "unreadable" in r.message))
   assert (work / "checkpoints" / f"{newest}.damaged").is_dir() and ck.steps()[-1] == prev
   ref_state, _ = _restore(src, prev, cfg)  # the same values as the untouched checkpoint of that step
@@ -339,8 +469,10 @@ def test_nan_batches_are_skipped_counted_and_stop_the_run(nan_run):
   for skipped, before in ((2, 1), (5, 4)):
     _assert_trees_equal(states[skipped].trainable, states[before].trainable)
     _assert_trees_equal(states[skipped].opt_state.inner_state, states[before].opt_state.inner_state)
-  assert any(not np.array_equal(np.asarray(states[3].trainable[k]), np.asarray(states[2].trainable[k]))
-             for k in states[3].trainable)
+  assert any(
+    not np.array_equal(np.asarray(states[3].trainable[k]), np.asarray(states[2].trainable[k]))
+    for k in states[3].trainable
+  )
   assert [_applied_updates(states[s].opt_state) for s in (1, 2, 3, 4, 5)] == [1, 1, 2, 3, 3]
   assert [int(states[s].step) for s in (1, 2, 3, 4, 5)] == [1, 2, 3, 4, 5]
   assert int(states[5].opt_state.total_notfinite) == 2 and int(states[5].opt_state.notfinite_count) == 1
@@ -356,7 +488,9 @@ def _applied_updates(opt_state) -> int:
 # ----------------------------------------------------------------------------- SIGTERM
 
 
-def _signal_when(workdir: pathlib.Path, step: int, sig: int, pid: int, after_rows: int = 0) -> threading.Thread:
+def _signal_when(
+  workdir: pathlib.Path, step: int, sig: int, pid: int, after_rows: int = 0
+) -> threading.Thread:
   """Sends ``sig`` to ``pid`` once the run has logged ``step`` (train rows after the first ``after_rows``)."""
 
   def watch():
@@ -394,7 +528,8 @@ def test_second_signal_is_not_swallowed():
 def _same_rows(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
   """Equal steps and bit-identical losses (NaN where the other has NaN)."""
   return [s for s, _ in a] == [s for s, _ in b] and np.array_equal(
-      np.array([v for _, v in a]), np.array([v for _, v in b]), equal_nan=True)
+    np.array([v for _, v in a]), np.array([v for _, v in b]), equal_nan=True
+  )
 
 
 def test_sigterm_finishes_the_step_saves_it_and_exits_0(data_dir, nan_run, tmp_path, capsys):
@@ -404,7 +539,8 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_0(data_dir, nan_run, tmp_p
   ref_work, cfg, _ = nan_run
   work = tmp_path / "term"
   argv = ["train", "--config", SPEC, "--workdir", str(work), "--no-progress"] + _flags(
-      data_dir, NAN_RUN + ["train.checkpoint_every=100"])
+    data_dir, NAN_RUN + ["train.checkpoint_every=100"]
+  )
   capsys.readouterr()
   late = []
   old = signal.signal(signal.SIGTERM, lambda *a: late.append(a))  # a late signal must not kill pytest
@@ -416,10 +552,12 @@ def test_sigterm_finishes_the_step_saves_it_and_exits_0(data_dir, nan_run, tmp_p
     signal.signal(signal.SIGTERM, old)
   assert not late
   out = capsys.readouterr().out
-  summary = json.loads(out[out.index("{"):])
+  summary = json.loads(out[out.index("{") :])
   stopped = summary["end_step"]
   assert summary["interrupted_by_signal"] == signal.SIGTERM and 3 <= stopped < 6
-  assert ckpt_lib.Checkpointer(work).steps() == [stopped]  # off the every-100-steps grid: saved for the signal
+  assert ckpt_lib.Checkpointer(work).steps() == [
+    stopped
+  ]  # off the every-100-steps grid: saved for the signal
   assert _same_rows(_losses(work), _losses(ref_work)[:stopped])
   state, _ = _restore(work, stopped, cfg)
   ref_state, _ = _restore(ref_work, stopped, cfg)
@@ -438,10 +576,17 @@ def _layerflow() -> list[str]:
 
 
 def _popen(workdir, data_dir, extra, cache) -> subprocess.Popen:
-  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  cmd = _layerflow() + ["train", "--config", SPEC, "--workdir", str(workdir), "--no-progress"] + _flags(
-      data_dir, extra)
+  env = dict(
+    os.environ,
+    JAX_COMPILATION_CACHE_DIR=str(cache),
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
+  cmd = (
+    _layerflow()
+    + ["train", "--config", SPEC, "--workdir", str(workdir), "--no-progress"]
+    + _flags(data_dir, extra)
+  )
   with open(f"{workdir}.log", "a") as log:  # a file, not a pipe: a chatty child never blocks
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -508,8 +653,10 @@ def test_kill9_at_three_random_steps_resumes_bit_exactly(data_dir, process_refer
     assert p.returncode == -signal.SIGKILL, f"not killed (rc {p.returncode}): {out}"
     logged = _losses(work)[-1][0]
     steps = ckpt_lib.Checkpointer(work).steps()
-    print(f"  killed at step {logged} (target {target}); checkpoints {steps}, partial saves left: "
-          f"{_partial_saves(work)}")
+    print(
+      f"  killed at step {logged} (target {target}); checkpoints {steps}, partial saves left: "
+      f"{_partial_saves(work)}"
+    )
     if target == "save":
       assert seen and _partial_saves(work), "the kill did not land inside a save"
       assert all(int(name.split(".")[0]) > steps[-1] for name in _partial_saves(work))  # not listed as a step

@@ -26,24 +26,37 @@ GOLDEN = pathlib.Path(__file__).parent / "golden"
 
 # Frames 4 → 8 latent frames of 4×4 tokens: 128 video tokens (+ 96 text tokens); lr constant after a 1-step warm-up
 # (step 1's lr is 0, so three steps move every parameter twice).
-TINY = ["data.frames=4", "data.height=16", "data.width=16", "data.batch_size=8", "train.warmup_steps=1",
-        "train.lr_schedule='constant'", "train.lr=1e-3"]
+TINY = [
+  "data.frames=4",
+  "data.height=16",
+  "data.width=16",
+  "data.batch_size=8",
+  "train.warmup_steps=1",
+  "train.lr_schedule='constant'",
+  "train.lr=1e-3",
+]
 STEPS = 3
 RTOL = 1e-5
 
 MESHES = {
-    "data8": dict(data=8, fsdp=1, tensor=1, sequence=1),
-    "fsdp8": dict(data=1, fsdp=8, tensor=1, sequence=1),
-    "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2, sequence=1),
-    "sequence2_fsdp4": dict(data=1, fsdp=4, tensor=1, sequence=2),
+  "data8": dict(data=8, fsdp=1, tensor=1, sequence=1),
+  "fsdp8": dict(data=1, fsdp=8, tensor=1, sequence=1),
+  "data2_fsdp2_tensor2": dict(data=2, fsdp=2, tensor=2, sequence=1),
+  "sequence2_fsdp4": dict(data=1, fsdp=4, tensor=1, sequence=2),
 }
 
 
 def _batches(n: int) -> list[dict]:
   rng = np.random.default_rng(0)
-  return [dict(video=rng.uniform(-1, 1, (8, 16, 16, 16, 3)).astype(np.float32),
-               tokens=rng.integers(0, 256, (8, 3, 32)).astype(np.int32),
-               clip_valid=np.ones((8, 4), bool), motion_scale=np.zeros((8,), np.float32)) for _ in range(n)]
+  return [
+    dict(
+      video=rng.uniform(-1, 1, (8, 16, 16, 16, 3)).astype(np.float32),
+      tokens=rng.integers(0, 256, (8, 3, 32)).astype(np.int32),
+      clip_valid=np.ones((8, 4), bool),
+      motion_scale=np.zeros((8,), np.float32),
+    )
+    for _ in range(n)
+  ]
 
 
 def _train_steps(mesh_cfg: dict, devices) -> tuple[list[float], dict, Experiment]:
@@ -70,12 +83,15 @@ def reference():
   return losses, params
 
 
-@pytest.mark.parametrize("name", [
+@pytest.mark.parametrize(
+  "name",
+  [
     pytest.param("data8", marks=pytest.mark.slow),
     pytest.param("fsdp8", marks=pytest.mark.slow),
     pytest.param("data2_fsdp2_tensor2", marks=pytest.mark.slow),
     "sequence2_fsdp4",
-])
+  ],
+)
 def test_same_loss_and_params_on_every_mesh(name, reference):
   ref_losses, ref_params = reference
   losses, params, placed = _train_steps(MESHES[name], jax.devices())
@@ -104,7 +120,9 @@ def test_sequence_parallel_attention_is_exact():
     return jnp.sum(attention.joint_attention(q, k, v, text) * w)
 
   want = jax.nn.dot_product_attention(q, k, v)
-  want_grads = jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) * w), (0, 1, 2))(q, k, v)
+  want_grads = jax.grad(lambda q, k, v: jnp.sum(jax.nn.dot_product_attention(q, k, v) * w), (0, 1, 2))(
+    q, k, v
+  )
   mesh = shd.make_mesh(dict(data=2, fsdp=1, tensor=2, sequence=2))
   with shd.use_mesh(mesh):
     fwd = jax.jit(lambda q, k, v: attention.joint_attention(q, k, v, text))
@@ -163,8 +181,9 @@ def test_optimizer_state_sharded_like_params_2b():
   exp = Experiment(cfg, shd.make_mesh(cfg.mesh))
   abstract = exp.abstract_state()
   shardings = exp.state_shardings(abstract)
-  adam = [s for s in jax.tree.leaves(shardings.opt_state, is_leaf=lambda x: hasattr(x, "spec"))
-          if s.spec != P()]
+  adam = [
+    s for s in jax.tree.leaves(shardings.opt_state, is_leaf=lambda x: hasattr(x, "spec")) if s.spec != P()
+  ]
   # two moments per trainable leaf, each with its parameter's spec
   assert len(adam) == 2 * len(shardings.trainable)
   specs = sorted(str(s.spec) for s in shardings.trainable.values()) * 2
@@ -174,7 +193,9 @@ def test_optimizer_state_sharded_like_params_2b():
 
 
 def test_mesh_config_errors_and_hybrid():
-  assert shd.mesh_shape(dict(data=-1, fsdp=2, tensor=1, sequence=2), 8) == dict(data=2, fsdp=2, tensor=1, sequence=2)
+  assert shd.mesh_shape(dict(data=-1, fsdp=2, tensor=1, sequence=2), 8) == dict(
+    data=2, fsdp=2, tensor=1, sequence=2
+  )
   with pytest.raises(ValueError, match="only one axis may be -1"):
     shd.mesh_shape(dict(data=-1, fsdp=-1), 8)
   with pytest.raises(ValueError, match="uses 4 devices but 8 are available"):
@@ -204,12 +225,16 @@ def test_aot_compile_reports_per_device_memory():
     aot.parse_topology("ipu:8")
   with pytest.raises(ValueError, match="cannot read a device count from 'v5p'"):
     aot.parse_topology("tpu:v5p")
-  cfg = load_config("configs/default.py:size=tiny", ["data.frames=2", "data.height=16", "data.width=16",
-                                                     "data.batch_size=4", "model.num_layers=1"])
+  cfg = load_config(
+    "configs/default.py:size=tiny",
+    ["data.frames=2", "data.height=16", "data.width=16", "data.batch_size=4", "model.num_layers=1"],
+  )
   cfg.mesh.update(dict(data=1, fsdp=4, tensor=1, sequence=2))
   row = aot.compile_train_step(cfg, jax.devices(), label="tiny")
   assert row["devices"] == 8 and row["mesh"] == "fsdp=4×sequence=2"
   assert row["alias_GiB"] > 0 and row["args_GiB"] >= row["state_GiB"] > 0
-  assert row["peak_GiB"] == pytest.approx(row["args_GiB"] + row["out_GiB"] - row["alias_GiB"] + row["temp_GiB"])
+  assert row["peak_GiB"] == pytest.approx(
+    row["args_GiB"] + row["out_GiB"] - row["alias_GiB"] + row["temp_GiB"]
+  )
   table = aot.format_table([row], 80)
   assert "| tiny | 8 cpu | fsdp=4×sequence=2 | 4 |" in table and table.rstrip().endswith("| yes |")

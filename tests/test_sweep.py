@@ -20,11 +20,22 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # A constant learning rate keeps train.steps out of the compiled programs, so the four runs compile once (the runner's
 # persistent compilation cache serves the others) and the test stays fast on a 2-core CPU.
-TINY = ["data.frames=4", "data.height=16", "data.width=16", "data.num_train=16", "data.num_validation=8",
-        "data.batch_size=8", "train.log_every=1", "train.warmup_steps=1", "train.lr_schedule='constant'",
-        "train.checkpoint_every=100", "eval.num_batches=1", "sampling.num_steps=2"]
+TINY = [
+  "data.frames=4",
+  "data.height=16",
+  "data.width=16",
+  "data.num_train=16",
+  "data.num_validation=8",
+  "data.batch_size=8",
+  "train.log_every=1",
+  "train.warmup_steps=1",
+  "train.lr_schedule='constant'",
+  "train.checkpoint_every=100",
+  "eval.num_batches=1",
+  "sampling.num_steps=2",
+]
 
-SWEEP_2X2 = '''
+SWEEP_2X2 = """
 from configs import default
 from layerflow_jax import sweep as hyper
 
@@ -35,7 +46,7 @@ def get_config(arg=None):
 
 def get_sweep(arg=None):
   return hyper.product(hyper.axis("data.shuffle_seed", [0, 1]), hyper.axis("train.steps", [2, 3]))
-'''
+"""
 
 
 def _flags(data_dir, extra=()):
@@ -53,12 +64,16 @@ def _write(path: pathlib.Path, text: str) -> str:
 def test_product_and_zip():
   a = hyper.axis("model.layer_embed", ["none", "text"])
   b = hyper.axis("train.lr", [1e-3, 1e-4])
-  assert hyper.product(a, b) == [{"model.layer_embed": "none", "train.lr": 1e-3},
-                                 {"model.layer_embed": "none", "train.lr": 1e-4},
-                                 {"model.layer_embed": "text", "train.lr": 1e-3},
-                                 {"model.layer_embed": "text", "train.lr": 1e-4}]
-  assert hyper.zipit(a, b) == [{"model.layer_embed": "none", "train.lr": 1e-3},
-                               {"model.layer_embed": "text", "train.lr": 1e-4}]
+  assert hyper.product(a, b) == [
+    {"model.layer_embed": "none", "train.lr": 1e-3},
+    {"model.layer_embed": "none", "train.lr": 1e-4},
+    {"model.layer_embed": "text", "train.lr": 1e-3},
+    {"model.layer_embed": "text", "train.lr": 1e-4},
+  ]
+  assert hyper.zipit(a, b) == [
+    {"model.layer_embed": "none", "train.lr": 1e-3},
+    {"model.layer_embed": "text", "train.lr": 1e-4},
+  ]
   assert len(hyper.product(hyper.zipit(a, b), hyper.axis("seed", [0, 1, 2]))) == 6
   with pytest.raises(ValueError, match="different lengths"):
     hyper.zipit(a, hyper.axis("seed", [0, 1, 2]))
@@ -69,8 +84,11 @@ def test_product_and_zip():
 
 
 def test_names_and_specs():
-  runs = hyper.product(hyper.axis("model.layer_embed", ["text+video"]), hyper.axis("arg.image_weight", [0.25]),
-                       hyper.axis("model.adapters.content.rank", [64]))
+  runs = hyper.product(
+    hyper.axis("model.layer_embed", ["text+video"]),
+    hyper.axis("arg.image_weight", [0.25]),
+    hyper.axis("model.adapters.content.rank", [64]),
+  )
   assert hyper.run_name(runs[0]) == "layer_embed=text+video,image_weight=0.25,rank=64"
   spec, overrides = hyper.run_spec("configs/stages.py:demo", runs[0])
   assert spec == "configs/stages.py:demo,image_weight=0.25"
@@ -82,13 +100,17 @@ def test_names_and_specs():
 
 def test_shipped_ablations_expand_to_the_paper_runs():
   spec = "configs/ablations.py:demo,sweep="
-  names = {s: [r["name"] for r in hyper.expand(spec + s)] for s in
-           ("layer_embed", "data", "motion_lora", "content_rank", "mixture")}
-  assert names == {"layer_embed": ["layer_embed=none", "layer_embed=text", "layer_embed=text+video"],
-                   "data": ["data=video", "data=joint"],
-                   "motion_lora": ["motion_lora=True", "motion_lora=False"],
-                   "content_rank": ["rank=64", "rank=256"],
-                   "mixture": ["image_weight=0.25", "image_weight=0.5", "image_weight=0.75"]}
+  names = {
+    s: [r["name"] for r in hyper.expand(spec + s)]
+    for s in ("layer_embed", "data", "motion_lora", "content_rank", "mixture")
+  }
+  assert names == {
+    "layer_embed": ["layer_embed=none", "layer_embed=text", "layer_embed=text+video"],
+    "data": ["data=video", "data=joint"],
+    "motion_lora": ["motion_lora=True", "motion_lora=False"],
+    "content_rank": ["rank=64", "rank=256"],
+    "mixture": ["image_weight=0.25", "image_weight=0.5", "image_weight=0.75"],
+  }
   cfg = lambda s, r: load_config(r["spec"], r["overrides"])  # noqa: E731
   runs = hyper.expand(spec + "layer_embed")
   assert [cfg(None, r).model.layer_embed for r in runs] == ["none", "text", "text+video"]
@@ -108,7 +130,8 @@ def test_shipped_ablations_expand_to_the_paper_runs():
   assert [cfg(None, r).model.adapters.content.rank for r in hyper.expand(spec + "content_rank")] == [64, 256]
   mixes = [cfg(None, r).data.mixture for r in hyper.expand(spec + "mixture")]
   assert [[(e["transform"], e["weight"], e["motion_scale"]) for e in m] for m in mixes] == [
-      [("static", w, 1.0), ("video", 1.0 - w, 0.0)] for w in (0.25, 0.5, 0.75)]
+    [("static", w, 1.0), ("video", 1.0 - w, 0.0)] for w in (0.25, 0.5, 0.75)
+  ]
 
   with pytest.raises(ConfigError, match="sweep 'nope' unknown"):
     hyper.expand(spec + "nope")
@@ -118,7 +141,9 @@ def test_bad_sweeps_are_refused(tmp_path):
   bad_key = _write(tmp_path / "bad_key.py", SWEEP_2X2.replace("data.shuffle_seed", "data.shufle_seed"))
   with pytest.raises(ConfigError, match="'data.shufle_seed' does not exist"):
     hyper.expand(bad_key)
-  no_sweep = _write(tmp_path / "no_sweep.py", "from configs import default\nget_config = default.get_config\n")
+  no_sweep = _write(
+    tmp_path / "no_sweep.py", "from configs import default\nget_config = default.get_config\n"
+  )
   with pytest.raises(ConfigError, match="defines no get_sweep"):
     hyper.expand(no_sweep)
   spec = _write(tmp_path / "s.py", SWEEP_2X2)
@@ -128,8 +153,10 @@ def test_bad_sweeps_are_refused(tmp_path):
 
 
 def test_device_split_and_slurm_script(tmp_path):
-  assert hyper.split_devices([str(i) for i in range(8)], 2) == [{"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
-                                                              {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}]
+  assert hyper.split_devices([str(i) for i in range(8)], 2) == [
+    {"CUDA_VISIBLE_DEVICES": "0,1,2,3"},
+    {"CUDA_VISIBLE_DEVICES": "4,5,6,7"},
+  ]
   assert hyper.split_devices(["3", "5", "7"], 3) == [{"CUDA_VISIBLE_DEVICES": d} for d in ("3", "5", "7")]
   assert hyper.split_devices([], 3) == [{}, {}, {}]  # CPU: plain processes
   with pytest.raises(ValueError, match="needs at least 4 devices; found 2"):
@@ -137,7 +164,9 @@ def test_device_split_and_slurm_script(tmp_path):
 
   spec = _write(tmp_path / "s.py", SWEEP_2X2)
   work = tmp_path / "w"
-  assert cli.main(["sweep", "--config", spec, "--workdir", str(work), "--slurm", "--sbatch=--gres=gpu:8"]) == 0
+  assert (
+    cli.main(["sweep", "--config", spec, "--workdir", str(work), "--slurm", "--sbatch=--gres=gpu:8"]) == 0
+  )
   root, runs = hyper.prepare(spec, work)
   (work / runs[0]["name"] / hyper.RESULT_FILE).write_text("{}")  # pretend the first run finished
   script = hyper.write_slurm(root, runs).read_text()
@@ -152,9 +181,11 @@ def test_device_split_and_slurm_script(tmp_path):
 
 def _state(run_dir: pathlib.Path) -> dict:
   res = run_dir / hyper.RESULT_FILE
-  return {"result_mtime": res.stat().st_mtime_ns if res.exists() else None,
-          "attempts": (run_dir / hyper.ATTEMPTS_FILE).read_text(),
-          "metrics": (run_dir / "metrics.jsonl").read_text()}
+  return {
+    "result_mtime": res.stat().st_mtime_ns if res.exists() else None,
+    "attempts": (run_dir / hyper.ATTEMPTS_FILE).read_text(),
+    "metrics": (run_dir / "metrics.jsonl").read_text(),
+  }
 
 
 def _attempts(run_dir: pathlib.Path) -> list[dict]:
@@ -166,7 +197,12 @@ def test_sweep_2x2_stops_resumes_and_reports(tmp_path, capsys):
   work = tmp_path / "sweep"
   base = ["sweep", "--config", spec, "--workdir", str(work), "--sample-steps", "2"]
   flags = _flags(tmp_path / "tfds")
-  names = ["shuffle_seed=0,steps=2", "shuffle_seed=0,steps=3", "shuffle_seed=1,steps=2", "shuffle_seed=1,steps=3"]
+  names = [
+    "shuffle_seed=0,steps=2",
+    "shuffle_seed=0,steps=3",
+    "shuffle_seed=1,steps=2",
+    "shuffle_seed=1,steps=3",
+  ]
 
   # 1) every run trains at most 2 steps: the 2-step runs finish, the 3-step runs stop midway (checkpoint at 2)
   assert cli.main(base + ["--stop-after", "2", "--no-report"] + flags) == 1  # 1: not all finished
@@ -190,21 +226,33 @@ def test_sweep_2x2_stops_resumes_and_reports(tmp_path, capsys):
     attempts = _attempts(work / n)
     assert [a["event"] for a in attempts] == ["start", "end", "start", "end"]
     assert (attempts[1]["end_step"], attempts[3]["start_step"], attempts[3]["end_step"]) == (2, 2, 3)
-    steps = [json.loads(l)["step"] for l in (work / n / "metrics.jsonl").read_text().splitlines()
-             if "\"loss\"" in l]
+    steps = [
+      json.loads(l)["step"] for l in (work / n / "metrics.jsonl").read_text().splitlines() if '"loss"' in l
+    ]
     assert steps == [1, 2, 3]  # one row per step: nothing trained twice
 
   # 3) results: machine-readable per run, a 4-row table, a PNG of the loss curves
   for n in names:
     m = json.loads((work / n / hyper.RESULT_FILE).read_text())["metrics"]
     assert m["steps"] == int(n[-1])
-    for k in ("train_loss", "val_loss", "val_loss_decompose", "layer/decompose/alpha_iou", "steps_per_s",
-              "examples_per_s"):
+    for k in (
+      "train_loss",
+      "val_loss",
+      "val_loss_decompose",
+      "layer/decompose/alpha_iou",
+      "steps_per_s",
+      "examples_per_s",
+    ):
       assert np.isfinite(m[k]) and m[k] >= 0, (n, k, m.get(k))
   assert cli.main(["sweep-report", str(work), "--out", str(tmp_path / "report")]) == 0
   rows = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
   assert [r["run"] for r in rows] == names
-  assert [(r["data.shuffle_seed"], r["train.steps"]) for r in rows] == [("0", "2"), ("0", "3"), ("1", "2"), ("1", "3")]
+  assert [(r["data.shuffle_seed"], r["train.steps"]) for r in rows] == [
+    ("0", "2"),
+    ("0", "3"),
+    ("1", "2"),
+    ("1", "3"),
+  ]
   for r in rows:
     assert r["status"] == "done"
     assert np.isfinite(float(r["val_loss"])) and np.isfinite(float(r["train_loss"]))
@@ -234,18 +282,40 @@ def test_parallel_sweep_killed_midway_resumes(tmp_path):
   the rest without touching the finished ones."""
   spec = _write(tmp_path / "tiny_sweep.py", SWEEP_2X2.replace("[2, 3]", "[2, 40]"))
   work = tmp_path / "sweep"
-  cmd = [sys.executable, "-m", "layerflow_jax.cli", "sweep", "--config", spec, "--workdir", str(work),
-         "--parallel", "2", "--sample-steps", "0", "--no-report"] + _flags(tmp_path / "tfds",
-                                                                            ["train.checkpoint_every=1"])
+  cmd = [
+    sys.executable,
+    "-m",
+    "layerflow_jax.cli",
+    "sweep",
+    "--config",
+    spec,
+    "--workdir",
+    str(work),
+    "--parallel",
+    "2",
+    "--sample-steps",
+    "0",
+    "--no-report",
+  ] + _flags(tmp_path / "tfds", ["train.checkpoint_every=1"])
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+    cmd,
+    cwd=REPO,
+    env=env,
+    start_new_session=True,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   short = ["shuffle_seed=0,steps=2", "shuffle_seed=1,steps=2"]
   long = ["shuffle_seed=0,steps=40", "shuffle_seed=1,steps=40"]
   deadline = time.time() + 500
   while time.time() < deadline and proc.poll() is None:
-    if all(hyper.is_finished(work / n) for n in short) and any((work / n / "checkpoints").is_dir() and any(
-        p.name.isdigit() for p in (work / n / "checkpoints").iterdir()) for n in long):
+    if all(hyper.is_finished(work / n) for n in short) and any(
+      (work / n / "checkpoints").is_dir()
+      and any(p.name.isdigit() for p in (work / n / "checkpoints").iterdir())
+      for n in long
+    ):
       break
     time.sleep(0.2)
   assert proc.poll() is None, proc.stdout.read()
@@ -256,7 +326,9 @@ def test_parallel_sweep_killed_midway_resumes(tmp_path):
   before = {n: _state(work / n) for n in short}
   started = [n for n in unfinished if (work / n / "checkpoints").is_dir()]
   assert started
-  ckpt = {n: max(int(p.name) for p in (work / n / "checkpoints").iterdir() if p.name.isdigit()) for n in started}
+  ckpt = {
+    n: max(int(p.name) for p in (work / n / "checkpoints").iterdir() if p.name.isdigit()) for n in started
+  }
 
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stdout + rerun.stderr
@@ -267,16 +339,30 @@ def test_parallel_sweep_killed_midway_resumes(tmp_path):
     assert hyper.is_finished(work / n)
   for n, step in ckpt.items():
     ends = [a for a in _attempts(work / n) if a["event"] == "end"]
-    assert len(ends) == 1 and ends[0]["start_step"] == step > 0  # resumed from its checkpoint, not from scratch
+    assert (
+      len(ends) == 1 and ends[0]["start_step"] == step > 0
+    )  # resumed from its checkpoint, not from scratch
 
 
 @pytest.mark.slow
 def test_stage3_sweep_shares_earlier_stages(tmp_path):
   """motion LoRA on/off: stage 1 is trained once for both runs, stage 2 once (only the "on" run needs it)."""
   work = tmp_path / "sweep"
-  assert cli.main(["sweep", "--config", "configs/ablations.py:sweep=motion_lora,motion_rank=2,content_rank=4",
-                   "--workdir", str(work), "--sample-steps", "2"] + _flags(tmp_path / "tfds", [
-                       "train.steps=4", "train.checkpoint_every=4"])) == 0
+  assert (
+    cli.main(
+      [
+        "sweep",
+        "--config",
+        "configs/ablations.py:sweep=motion_lora,motion_rank=2,content_rank=4",
+        "--workdir",
+        str(work),
+        "--sample-steps",
+        "2",
+      ]
+      + _flags(tmp_path / "tfds", ["train.steps=4", "train.checkpoint_every=4"])
+    )
+    == 0
+  )
   shared = sorted(p.name.split("-")[0] for p in (work / hyper.SHARED_DIR).iterdir() if p.is_dir())
   assert shared == ["stage1_base", "stage2_motion_lora"]
   on = json.loads((work / "motion_lora=True" / hyper.RESULT_FILE).read_text())["metrics"]

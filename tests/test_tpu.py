@@ -39,8 +39,11 @@ def assert_close(got, want, what):
 
 def qkv(b=2, nq=256, nk=256, h=2, d=32, seed=0):
   k = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(k[0], (b, nq, h, d)), jax.random.normal(k[1], (b, nk, h, d)),
-          jax.random.normal(k[2], (b, nk, h, d)))
+  return (
+    jax.random.normal(k[0], (b, nq, h, d)),
+    jax.random.normal(k[1], (b, nk, h, d)),
+    jax.random.normal(k[2], (b, nk, h, d)),
+  )
 
 
 def value_and_grads(fn, *args):
@@ -55,30 +58,47 @@ def value_and_grads(fn, *args):
 def test_splash_kernel_matches_xla(num_valid):
   """Values and q/k/v gradients; with ``num_valid`` the keys from there on are padding (masked)."""
   q, k, v = qkv()
-  got = jax.jit(lambda *a: value_and_grads(lambda q, k, v: attention.splash_attention(q, k, v, num_valid), *a))(
-      q, k, v)
+  got = jax.jit(
+    lambda *a: value_and_grads(lambda q, k, v: attention.splash_attention(q, k, v, num_valid), *a)
+  )(q, k, v)
   want = value_and_grads(lambda q, k, v: attention.xla_attention(q, k, v, num_valid), q, k, v)
   assert_close(got[0], want[0], "output")
   for name, g, w in zip("qkv", got[1], want[1]):
     assert_close(g, w, f"d{name}")
   if num_valid is not None:  # the padded keys get no gradient: they were masked, not merely down-weighted
-    assert np.all(np.asarray(got[1][1])[:, num_valid:] == 0) and np.all(np.asarray(got[1][2])[:, num_valid:] == 0)
+    assert np.all(np.asarray(got[1][1])[:, num_valid:] == 0) and np.all(
+      np.asarray(got[1][2])[:, num_valid:] == 0
+    )
 
 
 def test_splash_pads_untiled_lengths_only_when_asked():
   q, k, v = qkv(nq=100, nk=200)
   with pytest.raises(ValueError, match=r"100 queries do not tile .* model.pad_tokens_to"):
     attention.splash_attention(q, k, v)
-  assert_close(attention.splash_attention(q, k, v, pad=True), attention.xla_attention(q, k, v), "padded output")
+  assert_close(
+    attention.splash_attention(q, k, v, pad=True), attention.xla_attention(q, k, v), "padded output"
+  )
 
 
-CFG = DiTConfig(num_layers=2, num_heads=2, head_dim=16, time_embed_dim=32, in_channels=8, out_channels=8,
-                text_embed_dim=24, num_clips=4)
+CFG = DiTConfig(
+  num_layers=2,
+  num_heads=2,
+  head_dim=16,
+  time_embed_dim=32,
+  in_channels=8,
+  out_channels=8,
+  text_embed_dim=24,
+  num_clips=4,
+)
 
 
 def _inputs(b=2, f=8, h=4, w=4, c=8, text=12, d=24):
   k = jax.random.split(jax.random.key(0), 3)
-  return (jax.random.normal(k[0], (b, f, h, w, c)), jnp.array([5, 900][:b]), jax.random.normal(k[1], (b, text, d)))
+  return (
+    jax.random.normal(k[0], (b, f, h, w, c)),
+    jnp.array([5, 900][:b]),
+    jax.random.normal(k[1], (b, text, d)),
+  )
 
 
 def _randomized_state(cfg):
@@ -86,7 +106,9 @@ def _randomized_state(cfg):
   state = nnx.state(create_model(cfg), nnx.Param)
   leaves, tree = jax.tree.flatten(state)
   keys = jax.random.split(jax.random.key(1), len(leaves))
-  return jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
+  return jax.tree.unflatten(
+    tree, [x + 0.05 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+  )
 
 
 @pytest.mark.parametrize("pos", ["sincos", "rope"])
@@ -124,8 +146,9 @@ def test_model_with_splash_matches_xla(pos):
     assert_close(got_grads[name], want_grads[name], f"{pos} d{name}")
 
 
-@pytest.mark.parametrize("mesh_axes", [dict(data=1, fsdp=4, tensor=1, sequence=2),
-                                       dict(data=1, fsdp=1, tensor=2, sequence=4)])
+@pytest.mark.parametrize(
+  "mesh_axes", [dict(data=1, fsdp=4, tensor=1, sequence=2), dict(data=1, fsdp=1, tensor=2, sequence=4)]
+)
 def test_splash_under_sequence_parallelism(mesh_axes):
   """``joint_attention`` on the 8 fake devices with the video tokens split over ``sequence``: each shard pads its
   queries (24 text, 256/s video) and the gathered 280 keys to the tiles; values and gradients as unsharded xla."""
@@ -134,8 +157,11 @@ def test_splash_under_sequence_parallelism(mesh_axes):
   want = value_and_grads(lambda q, k, v: attention.xla_attention(q, k, v), q, k, v)
   mesh = shd.make_mesh(mesh_axes, jax.devices())
   with shd.use_mesh(mesh):
-    fn = jax.jit(lambda *a: value_and_grads(
-        lambda q, k, v: attention.joint_attention(q, k, v, num_text, implementation="splash"), *a))
+    fn = jax.jit(
+      lambda *a: value_and_grads(
+        lambda q, k, v: attention.joint_attention(q, k, v, num_text, implementation="splash"), *a
+      )
+    )
     assert "shard_map" in str(fn.trace(q, k, v).jaxpr)  # it really took the sequence-parallel path
     got = fn(q, k, v)
   assert_close(got[0], want[0], "output")
@@ -148,8 +174,9 @@ def test_splash_on_a_batch_and_head_mesh():
   q, k, v = qkv(b=4, nq=256, nk=256, h=2)
   want = attention.xla_attention(q, k, v, 230)
   with shd.use_mesh(shd.make_mesh(dict(data=2, fsdp=2, tensor=2, sequence=1), jax.devices())):
-    got = jax.jit(lambda q, k, v: attention.joint_attention(q, k, v, 24, implementation="splash", num_valid=230))(
-        q, k, v)
+    got = jax.jit(
+      lambda q, k, v: attention.joint_attention(q, k, v, 24, implementation="splash", num_valid=230)
+    )(q, k, v)
   assert_close(got, want, "output")
 
 
@@ -174,11 +201,16 @@ def test_validate_refuses_a_sequence_splash_cannot_tile():
   exp = Experiment(c, None)
   video = exp.latent_shape[0] * exp.layout.num_clips * (exp.latent_shape[1] // 2) * (exp.latent_shape[2] // 2)
   assert validate.joint_tokens(c) == 3 * c.text_encoder.max_length + video == 352  # the model's own count
-  with pytest.raises(ConfigError, match=r"model.pad_tokens_to=0: the joint sequence of 352 tokens does not tile "
-                                        r"into model.attention='splash' blocks of 128"):
+  with pytest.raises(
+    ConfigError,
+    match=r"model.pad_tokens_to=0: the joint sequence of 352 tokens does not tile "
+    r"into model.attention='splash' blocks of 128",
+  ):
     validate.validate(c, num_devices=8)
   c96 = load_config("configs/default.py:size=tiny", ["model.attention=splash", "model.pad_tokens_to=96"])
-  validate.validate(c96, num_devices=8)  # 352 → 384 = 3 × 128: tiles, though 96 itself is not a multiple of 128
+  validate.validate(
+    c96, num_devices=8
+  )  # 352 → 384 = 3 × 128: tiles, though 96 itself is not a multiple of 128
   c80 = load_config("configs/default.py:size=tiny", ["model.attention=splash", "model.pad_tokens_to=80"])
   with pytest.raises(ConfigError, match=r"352 tokens padded to 400 does not tile"):
     validate.validate(c80, num_devices=8)
@@ -199,7 +231,9 @@ def test_multislice_config_puts_data_across_slices():
 def _tiny_tpu(config_overrides=()):
   """tiny with the TPU levers, blocks unrolled: XLA's cost analysis then counts every block (a scanned body it
   counts once, which ``aot.per_step_cost`` corrects with two more compiles: see the slow test below)."""
-  return load_config("configs/default.py:size=tiny,tpu=1", ["model.scan_layers=False"] + list(config_overrides))
+  return load_config(
+    "configs/default.py:size=tiny,tpu=1", ["model.scan_layers=False"] + list(config_overrides)
+  )
 
 
 @pytest.mark.parametrize("topology", ["v5e:2x2", "v5p:2x2x1"])
@@ -215,7 +249,9 @@ def test_train_step_compiles_for_tpu(topology):
   assert time.time() - t0 == pytest.approx(row["compile_s"], abs=5.0)
   assert (row["platform"], row["devices"], row["mesh"], row["slices"]) == ("tpu", 4, "fsdp=4", 1)
   assert row["chip"] == topology.split(":")[0] and row["fits"]
-  assert row["peak_GiB"] == pytest.approx(row["args_GiB"] + row["out_GiB"] - row["alias_GiB"] + row["temp_GiB"])
+  assert row["peak_GiB"] == pytest.approx(
+    row["args_GiB"] + row["out_GiB"] - row["alias_GiB"] + row["temp_GiB"]
+  )
   assert row["compiler_flops_per_chip"] > 0 and row["bytes_per_chip"] > 0 and row["splash_flops_per_chip"] > 0
   assert row["cost_compile_s"] == 0  # unrolled: the step's own cost analysis counts every block
   assert row["est_step_s"] == max(row["compute_s"], row["memory_s"]) > 0
@@ -228,9 +264,27 @@ def test_compile_command_two_slices(tmp_path):
   pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
   out = tmp_path / "rows.json"
-  proc = subprocess.run([sys.executable, "-m", "layerflow_jax.cli", "compile", "--config",
-                         "configs/default.py:size=tiny,tpu=1", "--topology", "tpu:v5p:2x2x1", "--num-slices", "2",
-                         "--json", str(out), "--config.model.scan_layers=False"], capture_output=True, text=True, env=env, timeout=600)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "layerflow_jax.cli",
+      "compile",
+      "--config",
+      "configs/default.py:size=tiny,tpu=1",
+      "--topology",
+      "tpu:v5p:2x2x1",
+      "--num-slices",
+      "2",
+      "--json",
+      str(out),
+      "--config.model.scan_layers=False",
+    ],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "8 compile-only TPU v5 devices (2 × v5p:2x2x1)" in proc.stdout
   assert "Compiler estimates, not measurements" in proc.stdout
@@ -253,7 +307,9 @@ def test_scanned_cost_is_extrapolated_from_one_and_two_blocks():
   flops, nbytes, _ = aot.per_step_cost(scanned, devices)
   compiled, *_ = aot._compile(_tiny_tpu(["model.num_layers=3"]), devices)
   cost = aot._cost(compiled)
-  assert flops == pytest.approx(cost["flops"], rel=1e-3)  # seen: 2e-4 (the unrolled programs fuse a little differently)
+  assert flops == pytest.approx(
+    cost["flops"], rel=1e-3
+  )  # seen: 2e-4 (the unrolled programs fuse a little differently)
   assert nbytes == pytest.approx(cost["bytes accessed"], rel=0.02)  # seen: 0.8%
   raw = aot._cost(aot._compile(scanned, devices)[0])["flops"]
   assert raw < 0.8 * flops  # the scanned step's own count misses blocks
@@ -264,8 +320,10 @@ def test_cpu_start_without_tpu_init_noise():
   INVALID_ARGUMENT error on stderr."""
   pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
   env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-  code = ("from layerflow_jax import platform; assert platform.skip_absent_tpu(); import jax; "
-          "print(jax.default_backend())")
+  code = (
+    "from layerflow_jax import platform; assert platform.skip_absent_tpu(); import jax; "
+    "print(jax.default_backend())"
+  )
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "cpu"

@@ -32,8 +32,9 @@ def given_frames_for(task_ids: jnp.ndarray, given_table, frames_per_clip: int) -
   return cast(jnp.ndarray, layers.clip_time_mask(per_clip, frames_per_clip))  # jnp in, jnp out
 
 
-def loss_frames_for(given_frames: jnp.ndarray,
-                    valid_frames: jnp.ndarray | np.ndarray | None = None) -> jnp.ndarray:
+def loss_frames_for(
+  given_frames: jnp.ndarray, valid_frames: jnp.ndarray | np.ndarray | None = None
+) -> jnp.ndarray:
   """bool [B, F]: frames in the loss = not given (and valid, when a validity mask is passed)."""
   out = ~given_frames
   return out if valid_frames is None else out & valid_frames
@@ -59,7 +60,7 @@ def sample_timesteps(rng: jax.Array, batch_size: int, num_timesteps: int, power:
 
 
 def noisy_input(
-    rng: jax.Array, x0: jnp.ndarray, given_frames: jnp.ndarray, sched: Schedule, *, timestep_power: float = 1.0
+  rng: jax.Array, x0: jnp.ndarray, given_frames: jnp.ndarray, sched: Schedule, *, timestep_power: float = 1.0
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]:
   """(x_t, t, eps): t from :func:`sample_timesteps` int32 [B], eps ~ N(0, 1), x_t = add_noise(x0, eps, t).
 
@@ -82,14 +83,14 @@ class MaskedLoss(NamedTuple):
 
 
 def masked_v_loss(
-    v_pred: jnp.ndarray,
-    x0: jnp.ndarray,
-    eps: jnp.ndarray,
-    t: jnp.ndarray,
-    loss_frames: jnp.ndarray,
-    *,
-    sched: Schedule,
-    num_clips: int,
+  v_pred: jnp.ndarray,
+  x0: jnp.ndarray,
+  eps: jnp.ndarray,
+  t: jnp.ndarray,
+  loss_frames: jnp.ndarray,
+  *,
+  sched: Schedule,
+  num_clips: int,
 ) -> MaskedLoss:
   """Mean squared v error over the elements of frames where ``loss_frames`` [B, F] is True.
 

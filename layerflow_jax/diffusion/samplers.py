@@ -134,8 +134,10 @@ def sat_dpmpp_2m_coefficients(sched: Schedule, num_steps: int) -> dict[str, np.n
   """
   n = sched.num_train_timesteps
   if sched.shifted_alphas_cumprod is None:
-    raise ValueError("sat_dpmpp_2m needs the schedule's alpha products before the zero-SNR rescale "
-                     "(Schedule.shifted_alphas_cumprod; make_schedule keeps them)")
+    raise ValueError(
+      "sat_dpmpp_2m needs the schedule's alpha products before the zero-SNR rescale "
+      "(Schedule.shifted_alphas_cumprod; make_schedule keeps them)"
+    )
   if not 2 <= num_steps <= n:
     raise ValueError(f"num_steps must be in [2, {n}], got {num_steps}")
   ts = np.linspace(n - 1, 0, num_steps, endpoint=False).astype(np.int64)  # descending
@@ -179,19 +181,19 @@ def guided_velocity(v_cond: jnp.ndarray, v_uncond: jnp.ndarray | None, g: jnp.nd
 
 
 def sample(
-    velocity_fn: VelocityFn,
-    x_T: jnp.ndarray,
-    *,
-    sched: Schedule,
-    num_steps: int,
-    sampler: str = "ddim",
-    guidance_scale: float,
-    dynamic_cfg: bool = False,
-    dynamic_cfg_steps: int = 0,
-    given_latents: jnp.ndarray | None = None,
-    given_frames: jnp.ndarray | None = None,
-    eta: float = 0.0,
-    rng: jax.Array | None = None,
+  velocity_fn: VelocityFn,
+  x_T: jnp.ndarray,
+  *,
+  sched: Schedule,
+  num_steps: int,
+  sampler: str = "ddim",
+  guidance_scale: float,
+  dynamic_cfg: bool = False,
+  dynamic_cfg_steps: int = 0,
+  given_latents: jnp.ndarray | None = None,
+  given_frames: jnp.ndarray | None = None,
+  eta: float = 0.0,
+  rng: jax.Array | None = None,
 ) -> jnp.ndarray:
   """Denoise x_T [B, F, h, w, c] over ``num_steps`` trailing timesteps; returns the final sample.
 
@@ -210,7 +212,9 @@ def sample(
     stochastic = eta > 0
   elif sampler == "sat_dpmpp_2m":
     if eta:
-      raise ValueError("eta applies to the DDIM sampler only (sat_dpmpp_2m is the official stochastic solver)")
+      raise ValueError(
+        "eta applies to the DDIM sampler only (sat_dpmpp_2m is the official stochastic solver)"
+      )
     coefs = sat_dpmpp_2m_coefficients(sched, num_steps)
     stochastic = True
   else:
@@ -228,11 +232,15 @@ def sample(
     g = np.full(num_steps, guidance_scale, np.float64)
   f32 = lambda a: jnp.asarray(np.asarray(a, np.float64), jnp.float32)
   xs = dict(
-      i=jnp.arange(num_steps, dtype=jnp.int32),
-      t=jnp.asarray(coefs["t"], jnp.int32),
-      sqrt_a=f32(np.sqrt(coefs["a_t"])),
-      sqrt_1ma=f32(np.sqrt(1.0 - coefs["a_t"])),
-      A=f32(coefs["A"]), B=f32(coefs["B"]), C=f32(coefs["C"]), D=f32(coefs["D"]), g=f32(g),
+    i=jnp.arange(num_steps, dtype=jnp.int32),
+    t=jnp.asarray(coefs["t"], jnp.int32),
+    sqrt_a=f32(np.sqrt(coefs["a_t"])),
+    sqrt_1ma=f32(np.sqrt(1.0 - coefs["a_t"])),
+    A=f32(coefs["A"]),
+    B=f32(coefs["B"]),
+    C=f32(coefs["C"]),
+    D=f32(coefs["D"]),
+    g=f32(g),
   )
   out_dtype = x_T.dtype
   batch = x_T.shape[0]
@@ -273,10 +281,10 @@ def sample_kwargs(sampling_cfg: Any) -> dict[str, Any]:
   Keys: sampler, num_steps, guidance_scale, dynamic_cfg, dynamic_cfg_steps, eta.
   """
   return dict(
-      sampler=str(sampling_cfg.sampler),
-      num_steps=int(sampling_cfg.num_steps),
-      guidance_scale=float(sampling_cfg.guidance_scale),
-      dynamic_cfg=bool(sampling_cfg.dynamic_cfg),
-      dynamic_cfg_steps=int(sampling_cfg.dynamic_cfg_steps),
-      eta=float(sampling_cfg.eta),
+    sampler=str(sampling_cfg.sampler),
+    num_steps=int(sampling_cfg.num_steps),
+    guidance_scale=float(sampling_cfg.guidance_scale),
+    dynamic_cfg=bool(sampling_cfg.dynamic_cfg),
+    dynamic_cfg_steps=int(sampling_cfg.dynamic_cfg_steps),
+    eta=float(sampling_cfg.eta),
   )

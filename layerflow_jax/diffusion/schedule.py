@@ -49,11 +49,11 @@ def _cfg_get(cfg: Any, key: str, default: Any) -> Any:
 
 
 def alphas_cumprod_f64(
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    snr_shift: float = 3.0,
-    zero_terminal_snr: bool = True,
+  num_train_timesteps: int = 1000,
+  beta_start: float = 0.00085,
+  beta_end: float = 0.012,
+  snr_shift: float = 3.0,
+  zero_terminal_snr: bool = True,
 ) -> np.ndarray:
   """float64 ``alphas_cumprod`` of CogVideoX: scaled-linear → cumprod → SNR shift → zero-SNR rescale."""
   betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=np.float64) ** 2
@@ -79,12 +79,17 @@ def make_schedule(diffusion_cfg: Any) -> Schedule:
   """
   n = int(_cfg_get(diffusion_cfg, "num_train_timesteps", 1000))
   kw: dict[str, Any] = dict(
-      num_train_timesteps=n, beta_start=float(_cfg_get(diffusion_cfg, "beta_start", 0.00085)),
-      beta_end=float(_cfg_get(diffusion_cfg, "beta_end", 0.012)),
-      snr_shift=float(_cfg_get(diffusion_cfg, "snr_shift", 3.0)))
+    num_train_timesteps=n,
+    beta_start=float(_cfg_get(diffusion_cfg, "beta_start", 0.00085)),
+    beta_end=float(_cfg_get(diffusion_cfg, "beta_end", 0.012)),
+    snr_shift=float(_cfg_get(diffusion_cfg, "snr_shift", 3.0)),
+  )
   ac = alphas_cumprod_f64(**kw, zero_terminal_snr=bool(_cfg_get(diffusion_cfg, "zero_terminal_snr", True)))
-  return Schedule(alphas_cumprod=ac.astype(np.float32), num_train_timesteps=n,
-                  shifted_alphas_cumprod=alphas_cumprod_f64(**kw, zero_terminal_snr=False))
+  return Schedule(
+    alphas_cumprod=ac.astype(np.float32),
+    num_train_timesteps=n,
+    shifted_alphas_cumprod=alphas_cumprod_f64(**kw, zero_terminal_snr=False),
+  )
 
 
 # ----------------------------------------------------------------------------- conversions

@@ -56,8 +56,10 @@ class T5Config:
 
   def __post_init__(self):
     if self.feed_forward_proj != "gated-gelu":
-      raise ValueError(f"T5 feed_forward_proj {self.feed_forward_proj!r} is not supported; this encoder is "
-                       "T5-v1.1 ('gated-gelu')")
+      raise ValueError(
+        f"T5 feed_forward_proj {self.feed_forward_proj!r} is not supported; this encoder is "
+        "T5-v1.1 ('gated-gelu')"
+      )
 
   @classmethod
   def from_dict(cls, d: dict) -> "T5Config":
@@ -66,8 +68,9 @@ class T5Config:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bool = True, num_buckets: int = 32,
-                             max_distance: int = 128) -> np.ndarray:
+def relative_position_bucket(
+  relative_position: np.ndarray, *, bidirectional: bool = True, num_buckets: int = 32, max_distance: int = 128
+) -> np.ndarray:
   """T5's bucket of each ``key − query`` offset; float32 arithmetic as transformers does, so boundaries agree."""
   rp = np.asarray(relative_position, dtype=np.int64)
   buckets = np.zeros_like(rp)
@@ -80,7 +83,9 @@ def relative_position_bucket(relative_position: np.ndarray, *, bidirectional: bo
   max_exact = num_buckets // 2
   is_small = rp < max_exact
   ratio = np.maximum(rp, 1).astype(np.float32) / np.float32(max_exact)
-  scaled = np.log(ratio) / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+  scaled = (
+    np.log(ratio) / np.float32(math.log(max_distance / max_exact)) * np.float32(num_buckets - max_exact)
+  )
   large = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
   return buckets + np.where(is_small, rp, large)
 
@@ -93,14 +98,25 @@ class T5Attention(nnx.Module):
     self.q, self.k, self.v = lin(cfg.d_model, inner), lin(cfg.d_model, inner), lin(cfg.d_model, inner)
     self.o = lin(inner, cfg.d_model)
     if has_relative_attention_bias:
-      self.relative_attention_bias = nnx.Embed(cfg.relative_attention_num_buckets, cfg.num_heads,
-                                               dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+      self.relative_attention_bias = nnx.Embed(
+        cfg.relative_attention_num_buckets,
+        cfg.num_heads,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        rngs=rngs,
+      )
 
   def __call__(self, x, position_bias, mask):
     b, l, _ = x.shape
     split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
-    out = jax.nn.dot_product_attention(split(self.q(x)), split(self.k(x)), split(self.v(x)),
-                                       bias=position_bias.astype(x.dtype), mask=mask, scale=1.0)
+    out = jax.nn.dot_product_attention(
+      split(self.q(x)),
+      split(self.k(x)),
+      split(self.v(x)),
+      bias=position_bias.astype(x.dtype),
+      mask=mask,
+      scale=1.0,
+    )
     return self.o(out.reshape(b, l, -1))
 
 
@@ -108,8 +124,9 @@ class T5RMSNorm(nnx.RMSNorm):
   """``T5LayerNorm``: RMS statistics in float32, result in the compute dtype."""
 
   def __init__(self, cfg: T5Config, *, param_dtype, rngs: nnx.Rngs):
-    super().__init__(cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, param_dtype=param_dtype,
-                     rngs=rngs)
+    super().__init__(
+      cfg.d_model, epsilon=cfg.layer_norm_epsilon, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs
+    )
 
   def __call__(self, x, mask=None):
     return super().__call__(x.astype(jnp.float32), mask).astype(x.dtype)
@@ -117,8 +134,9 @@ class T5RMSNorm(nnx.RMSNorm):
 
 class T5LayerSelfAttention(nnx.Module):
   def __init__(self, cfg: T5Config, has_relative_attention_bias: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.SelfAttention = T5Attention(cfg, has_relative_attention_bias, dtype=dtype, param_dtype=param_dtype,
-                                     rngs=rngs)
+    self.SelfAttention = T5Attention(
+      cfg, has_relative_attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+    )
     self.layer_norm = T5RMSNorm(cfg, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, position_bias, mask):
@@ -146,9 +164,14 @@ class T5LayerFF(nnx.Module):
 
 class T5Block(nnx.Module):
   def __init__(self, cfg: T5Config, has_relative_attention_bias: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.layer: nnx.List[Any] = nnx.List([  # the attention and the feed-forward sublayer
-        T5LayerSelfAttention(cfg, has_relative_attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
-        T5LayerFF(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)])
+    self.layer: nnx.List[Any] = nnx.List(
+      [  # the attention and the feed-forward sublayer
+        T5LayerSelfAttention(
+          cfg, has_relative_attention_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        ),
+        T5LayerFF(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+      ]
+    )
 
   def __call__(self, x, position_bias, mask):
     return self.layer[1](self.layer[0](x, position_bias, mask))
@@ -157,16 +180,20 @@ class T5Block(nnx.Module):
 class T5Stack(nnx.Module):
   def __init__(self, cfg: T5Config, *, dtype, param_dtype, rngs: nnx.Rngs):
     self.cfg = cfg
-    self.block = nnx.List([T5Block(cfg, i == 0, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                           for i in range(cfg.num_layers)])
+    self.block = nnx.List(
+      [T5Block(cfg, i == 0, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for i in range(cfg.num_layers)]
+    )
     self.final_layer_norm = T5RMSNorm(cfg, param_dtype=param_dtype, rngs=rngs)
 
   def position_bias(self, length: int):
     """[1, heads, L, L] from the first block's bucket embedding (shared by all blocks)."""
     pos = np.arange(length)
-    buckets = relative_position_bucket(pos[None, :] - pos[:, None], bidirectional=True,
-                                       num_buckets=self.cfg.relative_attention_num_buckets,
-                                       max_distance=self.cfg.relative_attention_max_distance)
+    buckets = relative_position_bucket(
+      pos[None, :] - pos[:, None],
+      bidirectional=True,
+      num_buckets=self.cfg.relative_attention_num_buckets,
+      max_distance=self.cfg.relative_attention_max_distance,
+    )
     table = self.block[0].layer[0].SelfAttention.relative_attention_bias(jnp.asarray(buckets, jnp.int32))
     return jnp.transpose(table, (2, 0, 1))[None]
 
@@ -191,18 +218,27 @@ class T5EncoderModel(nnx.Module):
     return self.encoder(self.shared(input_ids), mask)
 
 
-def from_state_dict(cfg: T5Config, state_dict, *, dtype=jnp.float32, param_dtype=jnp.float32) -> T5EncoderModel:
+def from_state_dict(
+  cfg: T5Config, state_dict, *, dtype=jnp.float32, param_dtype=jnp.float32
+) -> T5EncoderModel:
   """Our encoder with the parameters of a transformers ``T5EncoderModel`` state dict."""
   return weights_lib.build_module(
-      lambda: T5EncoderModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)), state_dict,
-      what="T5 encoder", aliases=_ALIASES)
+    lambda: T5EncoderModel(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+    state_dict,
+    what="T5 encoder",
+    aliases=_ALIASES,
+  )
 
 
 def load_pretrained(path: str, dtype: str = "float32", param_dtype: str = "float32") -> T5EncoderModel:
   """A ``T5EncoderModel`` checkpoint directory (``config.json`` + safetensors, sharded or not) → our encoder."""
   cfg = T5Config.from_dict(weights_lib.read_config(path))
-  return from_state_dict(cfg, weights_lib.read_safetensors(path), dtype=dtype_of(dtype, "text_encoder.dtype"),
-                         param_dtype=dtype_of(param_dtype, "text_encoder.param_dtype"))
+  return from_state_dict(
+    cfg,
+    weights_lib.read_safetensors(path),
+    dtype=dtype_of(dtype, "text_encoder.dtype"),
+    param_dtype=dtype_of(param_dtype, "text_encoder.param_dtype"),
+  )
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -239,8 +275,10 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_file=self.model_file)
     self.pad_id, self.eos_id = int(self._sp.pad_id()), int(self._sp.eos_id())
     if self.pad_id < 0 or self.eos_id < 0:
-      raise ValueError(f"{self.model_file}: a T5 SentencePiece model needs pad and eos ids "
-                       f"(got pad={self.pad_id}, eos={self.eos_id})")
+      raise ValueError(
+        f"{self.model_file}: a T5 SentencePiece model needs pad and eos ids "
+        f"(got pad={self.pad_id}, eos={self.eos_id})"
+      )
 
   def __getstate__(self):  # picklable for Grain worker processes: reload the model file there
     return {"model_file": self.model_file, "max_length": self.max_length}
@@ -275,9 +313,15 @@ class T5TextEncoder:
     cache_key: encoders with the same key (and mesh) share one loaded copy (see ``weights.load_frozen``).
   """
 
-  def __init__(self, tokenizer: SentencePieceTokenizer,
-               model: T5EncoderModel | Callable[[], T5EncoderModel], *, dim: int,
-               use_attention_mask: bool = False, cache_key: Any = None):
+  def __init__(
+    self,
+    tokenizer: SentencePieceTokenizer,
+    model: T5EncoderModel | Callable[[], T5EncoderModel],
+    *,
+    dim: int,
+    use_attention_mask: bool = False,
+    cache_key: Any = None,
+  ):
     self.tokenizer = tokenizer
     self.max_length = tokenizer.max_length
     self.dim = int(dim)
@@ -286,18 +330,32 @@ class T5TextEncoder:
     self._cache_key = cache_key
 
   @classmethod
-  def from_pretrained(cls, path: str, *, tokenizer: str = "", max_length: int = 226, dtype: str = "float32",
-                      param_dtype: str | None = None, use_attention_mask: bool = False) -> "T5TextEncoder":
+  def from_pretrained(
+    cls,
+    path: str,
+    *,
+    tokenizer: str = "",
+    max_length: int = 226,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    use_attention_mask: bool = False,
+  ) -> "T5TextEncoder":
     """``param_dtype`` None = ``dtype`` (frozen weights need no float32 master copy)."""
     cfg = T5Config.from_dict(weights_lib.read_config(path))
     tok = SentencePieceTokenizer(find_spiece(path, tokenizer), max_length)
     if tok._sp.get_piece_size() > cfg.vocab_size:
-      raise ValueError(f"tokenizer {tok.model_file} has {tok._sp.get_piece_size()} pieces but the T5 checkpoint "
-                       f"{path} embeds only {cfg.vocab_size}")
+      raise ValueError(
+        f"tokenizer {tok.model_file} has {tok._sp.get_piece_size()} pieces but the T5 checkpoint "
+        f"{path} embeds only {cfg.vocab_size}"
+      )
     param_dtype = param_dtype or dtype
-    return cls(tok, lambda: load_pretrained(str(path), dtype, param_dtype), dim=cfg.d_model,
-               use_attention_mask=use_attention_mask,
-               cache_key=("t5", str(pathlib.Path(path).resolve()), dtype, param_dtype))
+    return cls(
+      tok,
+      lambda: load_pretrained(str(path), dtype, param_dtype),
+      dim=cfg.d_model,
+      use_attention_mask=use_attention_mask,
+      cache_key=("t5", str(pathlib.Path(path).resolve()), dtype, param_dtype),
+    )
 
   def __getstate__(self):  # only the tokenizer travels to data workers; encode() there would reload
     return {**self.__dict__, "_model": None, "_load": None}

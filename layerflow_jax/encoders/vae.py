@@ -67,15 +67,18 @@ class VAEConfig:
     if self.act_fn != "silu":
       raise ValueError(f"CogVideoX VAE act_fn {self.act_fn!r} is not supported (expected 'silu')")
     if self.use_quant_conv or self.use_post_quant_conv:
-      raise ValueError("CogVideoX VAE with use_quant_conv / use_post_quant_conv is not supported "
-                       "(no CogVideoX checkpoint uses them)")
+      raise ValueError(
+        "CogVideoX VAE with use_quant_conv / use_post_quant_conv is not supported "
+        "(no CogVideoX checkpoint uses them)"
+      )
     ratio = self.temporal_compression_ratio
     if ratio < 1 or 2 ** int(round(math.log2(ratio))) != ratio:
       raise ValueError(f"CogVideoX VAE temporal_compression_ratio must be a power of 2, got {ratio}")
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad:
-      raise ValueError(f"CogVideoX VAE block_out_channels {bad} are not divisible by norm_num_groups "
-                       f"{self.norm_num_groups}")
+      raise ValueError(
+        f"CogVideoX VAE block_out_channels {bad} are not divisible by norm_num_groups {self.norm_num_groups}"
+      )
 
   @classmethod
   def from_dict(cls, d: dict) -> "VAEConfig":
@@ -98,7 +101,7 @@ class VAEConfig:
 
   @property
   def temporal_factor(self) -> int:
-    return 2 ** self.compress_levels
+    return 2**self.compress_levels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,11 +165,12 @@ def latent_frames(cfg: VAEConfig, frames: int) -> int:
   above = next(f for f in range(frames + 1, 2 * frames + 4 * SAMPLE_FRAMES_PER_BATCH) if ok(f))
   r = cfg.temporal_factor
   raise ValueError(
-      f"clip frames {frames}: CogVideoX's VAE needs 1 + {r}k frames (causal first frame), and with diffusers' "
-      f"frame batching ({SAMPLE_FRAMES_PER_BATCH} frames / {LATENT_FRAMES_PER_BATCH} latents at a time) only "
-      f"1 + {SAMPLE_FRAMES_PER_BATCH}k (e.g. 49) or {SAMPLE_FRAMES_PER_BATCH}k (e.g. 16) frames decode back to "
-      f"the same count; {frames} → {latent} latents → {decoded_frames(cfg, latent)} frames. Nearest valid: "
-      f"{below} or {above}")
+    f"clip frames {frames}: CogVideoX's VAE needs 1 + {r}k frames (causal first frame), and with diffusers' "
+    f"frame batching ({SAMPLE_FRAMES_PER_BATCH} frames / {LATENT_FRAMES_PER_BATCH} latents at a time) only "
+    f"1 + {SAMPLE_FRAMES_PER_BATCH}k (e.g. 49) or {SAMPLE_FRAMES_PER_BATCH}k (e.g. 16) frames decode back to "
+    f"the same count; {frames} → {latent} latents → {decoded_frames(cfg, latent)} frames. Nearest valid: "
+    f"{below} or {above}"
+  )
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -205,7 +209,7 @@ class CausalConv3d(nnx.Module):
       return self.conv(x), None
     pad = jnp.repeat(x[:, :1], k - 1, axis=1) if cache is None else cache.astype(x.dtype)
     x = jnp.concatenate([pad, x], axis=1)
-    return self.conv(x), x[:, -(k - 1):]
+    return self.conv(x), x[:, -(k - 1) :]
 
 
 class SpatialNorm3D(nnx.Module):
@@ -219,7 +223,9 @@ class SpatialNorm3D(nnx.Module):
   def __call__(self, f, zq):
     t, h, w = f.shape[1:4]
     if t > 1 and t % 2 == 1:
-      zq = jnp.concatenate([_resize_nearest(zq[:, :1], (1, h, w)), _resize_nearest(zq[:, 1:], (t - 1, h, w))], 1)
+      zq = jnp.concatenate(
+        [_resize_nearest(zq[:, :1], (1, h, w)), _resize_nearest(zq[:, 1:], (t - 1, h, w))], 1
+      )
     else:
       zq = _resize_nearest(zq, (t, h, w))
     return self.norm_layer(f) * self.conv_y(zq)[0] + self.conv_b(zq)[0]
@@ -290,10 +296,17 @@ class Upsample3D(nnx.Module):
 class _ResnetStack(nnx.Module):
   """Down / mid / up block: resnets, then an optional resampler (``downsamplers`` or ``upsamplers``)."""
 
-  def __init__(self, cin: int, cout: int, num_layers: int, *, groups: int, eps: float, spatial_norm_dim, kw: dict):
-    self.resnets = nnx.List([
-        ResnetBlock3D(cin if i == 0 else cout, cout, groups=groups, eps=eps, spatial_norm_dim=spatial_norm_dim,
-                      kw=kw) for i in range(num_layers)])
+  def __init__(
+    self, cin: int, cout: int, num_layers: int, *, groups: int, eps: float, spatial_norm_dim, kw: dict
+  ):
+    self.resnets = nnx.List(
+      [
+        ResnetBlock3D(
+          cin if i == 0 else cout, cout, groups=groups, eps=eps, spatial_norm_dim=spatial_norm_dim, kw=kw
+        )
+        for i in range(num_layers)
+      ]
+    )
 
   def _resnets(self, x, zq, cache):
     cache, new = cache or {}, {}
@@ -305,7 +318,9 @@ class _ResnetStack(nnx.Module):
 class DownBlock3D(_ResnetStack):
   def __init__(self, cin, cout, num_layers, *, add_downsample: bool, compress_time: bool, **kwargs):
     super().__init__(cin, cout, num_layers, spatial_norm_dim=None, **kwargs)
-    self.downsamplers = (nnx.List([Downsample3D(cout, compress_time, kwargs["kw"])]) if add_downsample else None)
+    self.downsamplers = (
+      nnx.List([Downsample3D(cout, compress_time, kwargs["kw"])]) if add_downsample else None
+    )
 
   def __call__(self, x, cache=None):
     x, cache = self._resnets(x, None, cache)
@@ -335,9 +350,21 @@ class Encoder3D(nnx.Module):
   def __init__(self, cfg: VAEConfig, kw: dict):
     boc, g, eps = cfg.block_out_channels, cfg.norm_num_groups, cfg.norm_eps
     self.conv_in = CausalConv3d(cfg.in_channels, boc[0], 3, kw)
-    self.down_blocks = nnx.List([
-        DownBlock3D(boc[max(i - 1, 0)], boc[i], cfg.layers_per_block, add_downsample=i < len(boc) - 1,
-                    compress_time=i < cfg.compress_levels, groups=g, eps=eps, kw=kw) for i in range(len(boc))])
+    self.down_blocks = nnx.List(
+      [
+        DownBlock3D(
+          boc[max(i - 1, 0)],
+          boc[i],
+          cfg.layers_per_block,
+          add_downsample=i < len(boc) - 1,
+          compress_time=i < cfg.compress_levels,
+          groups=g,
+          eps=eps,
+          kw=kw,
+        )
+        for i in range(len(boc))
+      ]
+    )
     self.mid_block = MidBlock3D(boc[-1], boc[-1], 2, groups=g, eps=eps, spatial_norm_dim=None, kw=kw)
     self.norm_out = _group_norm(boc[-1], g, 1e-6, kw)
     self.conv_out = CausalConv3d(boc[-1], 2 * cfg.latent_channels, 3, kw)
@@ -357,10 +384,22 @@ class Decoder3D(nnx.Module):
     rev, g, eps, zc = cfg.block_out_channels[::-1], cfg.norm_num_groups, cfg.norm_eps, cfg.latent_channels
     self.conv_in = CausalConv3d(zc, rev[0], 3, kw)
     self.mid_block = MidBlock3D(rev[0], rev[0], 2, groups=g, eps=eps, spatial_norm_dim=zc, kw=kw)
-    self.up_blocks = nnx.List([
-        UpBlock3D(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, add_upsample=i < len(rev) - 1,
-                  compress_time=i < cfg.compress_levels, groups=g, eps=eps, spatial_norm_dim=zc, kw=kw)
-        for i in range(len(rev))])
+    self.up_blocks = nnx.List(
+      [
+        UpBlock3D(
+          rev[max(i - 1, 0)],
+          rev[i],
+          cfg.layers_per_block + 1,
+          add_upsample=i < len(rev) - 1,
+          compress_time=i < cfg.compress_levels,
+          groups=g,
+          eps=eps,
+          spatial_norm_dim=zc,
+          kw=kw,
+        )
+        for i in range(len(rev))
+      ]
+    )
     self.norm_out = SpatialNorm3D(rev[-1], zc, g, kw)
     self.conv_out = CausalConv3d(rev[-1], cfg.out_channels, 3, kw)
 
@@ -380,10 +419,10 @@ class Decoder3D(nnx.Module):
 def _over_time(fn: Callable, x, batch: int):
   """diffusers' frame batching: ``fn(chunk, cache) -> (out, cache)`` over time, the cache carried along."""
   spans = frame_batches(x.shape[1], batch)
-  first, cache = fn(x[:, spans[0][0]:spans[0][1]], None)
+  first, cache = fn(x[:, spans[0][0] : spans[0][1]], None)
   if len(spans) == 1:
     return first
-  rest, n = x[:, spans[0][1]:], len(spans) - 1
+  rest, n = x[:, spans[0][1] :], len(spans) - 1
   xs = jnp.moveaxis(rest.reshape(rest.shape[0], n, batch, *rest.shape[2:]), 1, 0)
 
   def step(c, chunk):
@@ -408,11 +447,18 @@ def _blend(a, b, extent: int, axis: int):
   return jnp.concatenate([head, jax.lax.slice_in_dim(b, extent, b.shape[axis], axis=axis)], axis=axis)
 
 
-def _tiled(fn: Callable, x, *, tile: tuple[int, int], stride: tuple[int, int], blend: tuple[int, int],
-           limit: tuple[int, int]):
+def _tiled(
+  fn: Callable,
+  x,
+  *,
+  tile: tuple[int, int],
+  stride: tuple[int, int],
+  blend: tuple[int, int],
+  limit: tuple[int, int],
+):
   """diffusers' tiled encode / decode over (H, W) of ``[B, T, H, W, C]``; ``fn`` maps one tile."""
   hs, ws = range(0, x.shape[2], stride[0]), range(0, x.shape[3], stride[1])
-  tiles = {(i, j): x[:, :, i:i + tile[0], j:j + tile[1]] for i in hs for j in ws}
+  tiles = {(i, j): x[:, :, i : i + tile[0], j : j + tile[1]] for i in hs for j in ws}
   groups: dict[tuple, list] = {}
   for key, t in tiles.items():
     groups.setdefault(t.shape, []).append(key)
@@ -434,7 +480,7 @@ def _tiled(fn: Callable, x, *, tile: tuple[int, int], stride: tuple[int, int], b
       if c > 0:
         t = _blend(rows[r][c - 1], t, blend[1], axis=3)
       rows[r][c] = t  # diffusers blends in place: later tiles see the blended neighbours
-      row.append(t[:, :, :limit[0], :limit[1]])
+      row.append(t[:, :, : limit[0], : limit[1]])
     result.append(jnp.concatenate(row, axis=3))
   return jnp.concatenate(result, axis=2)
 
@@ -458,10 +504,17 @@ class AutoencoderKLCogVideoX(nnx.Module):
     f = self.cfg.spatial_factor
     lat = (int(tiling.sample_height / f), int(tiling.sample_width / f))
     blend = (int(lat[0] * tiling.overlap_height), int(lat[1] * tiling.overlap_width))
-    return _tiled(run, x, tile=(tiling.sample_height, tiling.sample_width),
-                  stride=(int(tiling.sample_height * (1 - tiling.overlap_height)),
-                          int(tiling.sample_width * (1 - tiling.overlap_width))),
-                  blend=blend, limit=(lat[0] - blend[0], lat[1] - blend[1]))
+    return _tiled(
+      run,
+      x,
+      tile=(tiling.sample_height, tiling.sample_width),
+      stride=(
+        int(tiling.sample_height * (1 - tiling.overlap_height)),
+        int(tiling.sample_width * (1 - tiling.overlap_width)),
+      ),
+      blend=blend,
+      limit=(lat[0] - blend[0], lat[1] - blend[1]),
+    )
 
   def encode(self, x, tiling: Tiling | None = None):
     """The posterior mode (its mean), unscaled."""
@@ -476,25 +529,42 @@ class AutoencoderKLCogVideoX(nnx.Module):
     lat = (int(tiling.sample_height / f), int(tiling.sample_width / f))
     if z.shape[3] <= lat[1] and z.shape[2] <= lat[0]:
       return run(z)
-    blend = (int(tiling.sample_height * tiling.overlap_height), int(tiling.sample_width * tiling.overlap_width))
-    return _tiled(run, z, tile=lat,
-                  stride=(int(lat[0] * (1 - tiling.overlap_height)), int(lat[1] * (1 - tiling.overlap_width))),
-                  blend=blend, limit=(tiling.sample_height - blend[0], tiling.sample_width - blend[1]))
+    blend = (
+      int(tiling.sample_height * tiling.overlap_height),
+      int(tiling.sample_width * tiling.overlap_width),
+    )
+    return _tiled(
+      run,
+      z,
+      tile=lat,
+      stride=(int(lat[0] * (1 - tiling.overlap_height)), int(lat[1] * (1 - tiling.overlap_width))),
+      blend=blend,
+      limit=(tiling.sample_height - blend[0], tiling.sample_width - blend[1]),
+    )
 
 
-def from_state_dict(cfg: VAEConfig, state_dict, *, dtype=jnp.float32,
-                    param_dtype=jnp.float32) -> AutoencoderKLCogVideoX:
+def from_state_dict(
+  cfg: VAEConfig, state_dict, *, dtype=jnp.float32, param_dtype=jnp.float32
+) -> AutoencoderKLCogVideoX:
   """Our VAE with the parameters of a diffusers ``AutoencoderKLCogVideoX`` state dict."""
   return weights_lib.build_module(
-      lambda: AutoencoderKLCogVideoX(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)), state_dict,
-      what="CogVideoX VAE")
+    lambda: AutoencoderKLCogVideoX(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)),
+    state_dict,
+    what="CogVideoX VAE",
+  )
 
 
-def load_pretrained(path: str, dtype: str = "float32", param_dtype: str = "float32") -> AutoencoderKLCogVideoX:
+def load_pretrained(
+  path: str, dtype: str = "float32", param_dtype: str = "float32"
+) -> AutoencoderKLCogVideoX:
   """A diffusers VAE directory (``config.json`` + ``diffusion_pytorch_model.safetensors``) → our VAE."""
   cfg = VAEConfig.from_dict(weights_lib.read_config(path))
-  return from_state_dict(cfg, weights_lib.read_safetensors(path), dtype=dtype_of(dtype, "autoencoder.dtype"),
-                         param_dtype=dtype_of(param_dtype, "autoencoder.param_dtype"))
+  return from_state_dict(
+    cfg,
+    weights_lib.read_safetensors(path),
+    dtype=dtype_of(dtype, "autoencoder.dtype"),
+    param_dtype=dtype_of(param_dtype, "autoencoder.param_dtype"),
+  )
 
 
 # ----------------------------------------------------------------------------- the Autoencoder
@@ -515,9 +585,15 @@ class CogVideoXCodec:
     cache_key: codecs with the same key (and mesh) share one loaded copy (see ``weights.load_frozen``).
   """
 
-  def __init__(self, cfg: VAEConfig,
-               model: AutoencoderKLCogVideoX | Callable[[], AutoencoderKLCogVideoX], *, dtype=jnp.float32,
-               tiling: Tiling | None = None, cache_key: Any = None):
+  def __init__(
+    self,
+    cfg: VAEConfig,
+    model: AutoencoderKLCogVideoX | Callable[[], AutoencoderKLCogVideoX],
+    *,
+    dtype=jnp.float32,
+    tiling: Tiling | None = None,
+    cache_key: Any = None,
+  ):
     self.cfg = cfg
     self.spatial_factor = cfg.spatial_factor
     self.temporal_factor = cfg.temporal_factor
@@ -529,15 +605,26 @@ class CogVideoXCodec:
     self._cache_key = cache_key
 
   @classmethod
-  def from_pretrained(cls, path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                      tiling: bool = True, tile_height: int = 0, tile_width: int = 0) -> "CogVideoXCodec":
+  def from_pretrained(
+    cls,
+    path: str,
+    *,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    tiling: bool = True,
+    tile_height: int = 0,
+    tile_width: int = 0,
+  ) -> "CogVideoXCodec":
     """``param_dtype`` None = ``dtype`` (frozen weights need no float32 master copy)."""
     cfg = VAEConfig.from_dict(weights_lib.read_config(path))
     param_dtype = param_dtype or dtype
-    return cls(cfg, lambda: load_pretrained(str(path), dtype, param_dtype),
-               dtype=dtype_of(dtype, "autoencoder.dtype"),
-               tiling=Tiling.default(cfg, tile_height, tile_width) if tiling else None,
-               cache_key=("cogvideox_vae", str(pathlib.Path(path).resolve()), dtype, param_dtype))
+    return cls(
+      cfg,
+      lambda: load_pretrained(str(path), dtype, param_dtype),
+      dtype=dtype_of(dtype, "autoencoder.dtype"),
+      tiling=Tiling.default(cfg, tile_height, tile_width) if tiling else None,
+      cache_key=("cogvideox_vae", str(pathlib.Path(path).resolve()), dtype, param_dtype),
+    )
 
   @property
   def model(self) -> AutoencoderKLCogVideoX:
@@ -570,11 +657,15 @@ class CogVideoXCodec:
     video = jnp.asarray(video)
     if video.shape[-1] != self.cfg.in_channels:
       raise ValueError(f"VAE input has {video.shape[-1]} channels, expected {self.cfg.in_channels}")
-    m = self.model.moments(video.astype(self.dtype), None, frames_per_batch=video.shape[1]).astype(jnp.float32)
-    mean, logvar = m[..., :self.latent_channels], m[..., self.latent_channels:]
+    m = self.model.moments(video.astype(self.dtype), None, frames_per_batch=video.shape[1]).astype(
+      jnp.float32
+    )
+    mean, logvar = m[..., : self.latent_channels], m[..., self.latent_channels :]
     z = mean
     if rng is not None:
-      z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(rng, mean.shape, jnp.float32)
+      z = mean + jnp.exp(0.5 * jnp.clip(logvar, -30.0, 20.0)) * jax.random.normal(
+        rng, mean.shape, jnp.float32
+      )
     return jax.lax.stop_gradient(z * self.scaling_factor)
 
   def decode(self, latents):

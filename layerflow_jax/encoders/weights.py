@@ -94,8 +94,9 @@ def _convert(leaf: str, array: np.ndarray) -> np.ndarray:
   return array
 
 
-def torch_to_nnx(state_dict: Mapping[str, Any], abstract: Mapping, *, what: str,
-                 aliases: Mapping[str, str] | None = None) -> dict:
+def torch_to_nnx(
+  state_dict: Mapping[str, Any], abstract: Mapping, *, what: str, aliases: Mapping[str, str] | None = None
+) -> dict:
   """A nested pure dict (NumPy leaves, our layouts) for ``abstract`` (an NNX pure dict of shapes).
 
   ``aliases`` maps alternative keys (e.g. a tied embedding's second name) to the key they stand for; an alias is
@@ -129,12 +130,15 @@ def torch_to_nnx(state_dict: Mapping[str, Any], abstract: Mapping, *, what: str,
     if items:
       problems.append(f"{label} ({len(items)}): {items[:8]}{' …' if len(items) > 8 else ''}")
   if problems:
-    raise ValueError(f"{what}: the checkpoint does not fit the model's configuration — " + "; ".join(problems))
+    raise ValueError(
+      f"{what}: the checkpoint does not fit the model's configuration — " + "; ".join(problems)
+    )
   return traverse_util.unflatten_dict(filled)
 
 
-def build_module(make: Callable[[], M], state_dict: Mapping[str, Any], *, what: str,
-                 aliases: Mapping[str, str] | None = None) -> M:
+def build_module(
+  make: Callable[[], M], state_dict: Mapping[str, Any], *, what: str, aliases: Mapping[str, str] | None = None
+) -> M:
   """``make()``'s module with its parameters taken from ``state_dict`` (no random initialisation is run).
 
   Each array is cast to the parameter dtype the module declares (``param_dtype``).

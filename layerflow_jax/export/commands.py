@@ -37,14 +37,19 @@ def _config_spec(spec: str) -> str:
 
 
 def add_import_arguments(p) -> None:
-  p.add_argument("src", help="a diffusers CogVideoXTransformer3DModel folder (config.json + safetensors, sharded "
-                 "or not)")
+  p.add_argument(
+    "src", help="a diffusers CogVideoXTransformer3DModel folder (config.json + safetensors, sharded or not)"
+  )
   p.add_argument("--out", required=True, help="the work dir to create (OUT/checkpoints/0)")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace a non-empty --out folder (default: refuse)")
-  p.add_argument("--config", default=DEFAULT_BASE_CONFIG,
-                 help="base config whose data, encoders, layout and LayerFlow options are kept (model sizes come "
-                 "from config.json); configs/FILE.py[:ARG]")
+  p.add_argument(
+    "--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)"
+  )
+  p.add_argument(
+    "--config",
+    default=DEFAULT_BASE_CONFIG,
+    help="base config whose data, encoders, layout and LayerFlow options are kept (model sizes come "
+    "from config.json); configs/FILE.py[:ARG]",
+  )
 
 
 def run_import(args, overrides) -> int:
@@ -69,16 +74,28 @@ def run_import(args, overrides) -> int:
 
 
 def add_import_official_arguments(p) -> None:
-  p.add_argument("src", help="an official LayerFlow SAT variant folder (latest + <iteration>/"
-                 "mp_rank_00_model_states.pt) or the .pt file")
+  p.add_argument(
+    "src",
+    help="an official LayerFlow SAT variant folder (latest + <iteration>/"
+    "mp_rank_00_model_states.pt) or the .pt file",
+  )
   p.add_argument("--out", required=True, help="the work dir to create (OUT/checkpoints/0)")
-  p.add_argument("--variant", default=None, help="gen_rgba, seg_rgba, fg2bg_rgba, bg2fg_rgba, gen_rgb, seg_rgb, "
-                 "fg2bg_rgb or bg2fg_rgb (default: detected from the keys and shapes)")
-  p.add_argument("--pipeline", default="", help="a diffusers CogVideoX-2b pipeline folder: its text_encoder/ "
-                 "(T5) and vae/ are used for sampling (default: byte text encoder, latents-only codec)")
+  p.add_argument(
+    "--variant",
+    default=None,
+    help="gen_rgba, seg_rgba, fg2bg_rgba, bg2fg_rgba, gen_rgb, seg_rgb, "
+    "fg2bg_rgb or bg2fg_rgb (default: detected from the keys and shapes)",
+  )
+  p.add_argument(
+    "--pipeline",
+    default="",
+    help="a diffusers CogVideoX-2b pipeline folder: its text_encoder/ "
+    "(T5) and vae/ are used for sampling (default: byte text encoder, latents-only codec)",
+  )
   p.add_argument("--config", default=DEFAULT_BASE_CONFIG, help="base config whose other settings are kept")
-  p.add_argument("--overwrite", action="store_true",
-                 help="replace a non-empty --out folder (default: refuse)")
+  p.add_argument(
+    "--overwrite", action="store_true", help="replace a non-empty --out folder (default: refuse)"
+  )
 
 
 def run_import_official(args, overrides) -> int:
@@ -90,8 +107,9 @@ def run_import_official(args, overrides) -> int:
   out = pathlib.Path(args.out).absolute()
   try:
     with outputs.staged(out, overwrite=args.overwrite) as tmp:  # a failed import leaves --out as it was
-      summary = outputs.relocate(official.import_official(args.src, tmp, base, variant=args.variant,
-                                                          pipeline=args.pipeline), tmp, out)
+      summary = outputs.relocate(
+        official.import_official(args.src, tmp, base, variant=args.variant, pipeline=args.pipeline), tmp, out
+      )
   except (official.OfficialImportError, ValueError, FileNotFoundError) as e:
     return _fail(str(e).splitlines()[0] if str(e) else e)
   print(f"variant {summary['variant']} ({summary['network']}), decided by:", file=sys.stderr)
@@ -107,18 +125,31 @@ def run_import_official(args, overrides) -> int:
 def add_export_arguments(p) -> None:
   from layerflow_jax import cliargs
 
-  p.add_argument("--checkpoint", required=True, type=cliargs.checkpoint,
-                 help="a work dir with checkpoints/ (the newest readable step is exported; the step is "
-                 "printed)")
+  p.add_argument(
+    "--checkpoint",
+    required=True,
+    type=cliargs.checkpoint,
+    help="a work dir with checkpoints/ (the newest readable step is exported; the step is printed)",
+  )
   p.add_argument("--out", required=True, help="the diffusers folder to write")
   cliargs.add_overwrite(p)
-  p.add_argument("--merge-lora", action="store_true",
-                 help="fold the adapters kept at sampling into the base weights (at their sampling scale); "
-                 "adapters removed at sampling are still written as separate files")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                 help="cast every exported tensor (default: each parameter's own dtype)")
-  p.add_argument("--max-shard-size", default="5GB",
-                 help="shard the weights above this size (e.g. 5GB, 200MB, or bytes), with an index file")
+  p.add_argument(
+    "--merge-lora",
+    action="store_true",
+    help="fold the adapters kept at sampling into the base weights (at their sampling scale); "
+    "adapters removed at sampling are still written as separate files",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default=None,
+    help="cast every exported tensor (default: each parameter's own dtype)",
+  )
+  p.add_argument(
+    "--max-shard-size",
+    default="5GB",
+    help="shard the weights above this size (e.g. 5GB, 200MB, or bytes), with an index file",
+  )
 
 
 def run_export(args, overrides) -> int:
@@ -129,9 +160,18 @@ def run_export(args, overrides) -> int:
   out = pathlib.Path(args.out).absolute()
   try:
     with outputs.staged(out, overwrite=args.overwrite) as tmp:  # a failed export leaves --out as it was
-      summary = outputs.relocate(convert.export_checkpoint(args.checkpoint, tmp, overrides=overrides,
-                                                           merge_lora=args.merge_lora, dtype=args.dtype,
-                                                           max_shard_size=size), tmp, out)
+      summary = outputs.relocate(
+        convert.export_checkpoint(
+          args.checkpoint,
+          tmp,
+          overrides=overrides,
+          merge_lora=args.merge_lora,
+          dtype=args.dtype,
+          max_shard_size=size,
+        ),
+        tmp,
+        out,
+      )
   except (convert.ExportError, ValueError, FileNotFoundError) as e:
     return _fail(str(e).splitlines()[0] if isinstance(e, convert.ExportError) else e)
   print(f"checkpoint: {summary['checkpoint']['used']}", file=sys.stderr)
@@ -140,10 +180,19 @@ def run_export(args, overrides) -> int:
 
 
 COMMANDS = {
-    "import-diffusers": ("diffusers CogVideoX transformer folder → a LayerFlow checkpoint work dir",
-                         add_import_arguments, run_import),
-    "import-official": ("an official LayerFlow SAT checkpoint (8 variants) → a LayerFlow checkpoint work dir",
-                        add_import_official_arguments, run_import_official),
-    "export": ("checkpoint → diffusers folder + PEFT LoRA files + LayerFlow extras", add_export_arguments,
-               run_export),
+  "import-diffusers": (
+    "diffusers CogVideoX transformer folder → a LayerFlow checkpoint work dir",
+    add_import_arguments,
+    run_import,
+  ),
+  "import-official": (
+    "an official LayerFlow SAT checkpoint (8 variants) → a LayerFlow checkpoint work dir",
+    add_import_official_arguments,
+    run_import_official,
+  ),
+  "export": (
+    "checkpoint → diffusers folder + PEFT LoRA files + LayerFlow extras",
+    add_export_arguments,
+    run_export,
+  ),
 }

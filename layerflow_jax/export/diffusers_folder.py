@@ -30,28 +30,48 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 # ``CogVideoXTransformer3DModel.__init__`` defaults (diffusers 0.40–0.42): what a config.json that omits a key
 # means. These are the 2B values.
 DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "num_attention_heads": 30, "attention_head_dim": 64, "in_channels": 16, "out_channels": 16,
-    "flip_sin_to_cos": True, "freq_shift": 0, "time_embed_dim": 512, "ofs_embed_dim": None,
-    "text_embed_dim": 4096, "num_layers": 30, "dropout": 0.0, "attention_bias": True, "sample_width": 90,
-    "sample_height": 60, "sample_frames": 49, "patch_size": 2, "patch_size_t": None,
-    "temporal_compression_ratio": 4, "max_text_seq_length": 226, "activation_fn": "gelu-approximate",
-    "timestep_activation_fn": "silu", "norm_elementwise_affine": True, "norm_eps": 1e-5,
-    "spatial_interpolation_scale": 1.875, "temporal_interpolation_scale": 1.0,
-    "use_rotary_positional_embeddings": False, "use_learned_positional_embeddings": False, "patch_bias": True,
+  "num_attention_heads": 30,
+  "attention_head_dim": 64,
+  "in_channels": 16,
+  "out_channels": 16,
+  "flip_sin_to_cos": True,
+  "freq_shift": 0,
+  "time_embed_dim": 512,
+  "ofs_embed_dim": None,
+  "text_embed_dim": 4096,
+  "num_layers": 30,
+  "dropout": 0.0,
+  "attention_bias": True,
+  "sample_width": 90,
+  "sample_height": 60,
+  "sample_frames": 49,
+  "patch_size": 2,
+  "patch_size_t": None,
+  "temporal_compression_ratio": 4,
+  "max_text_seq_length": 226,
+  "activation_fn": "gelu-approximate",
+  "timestep_activation_fn": "silu",
+  "norm_elementwise_affine": True,
+  "norm_eps": 1e-5,
+  "spatial_interpolation_scale": 1.875,
+  "temporal_interpolation_scale": 1.0,
+  "use_rotary_positional_embeddings": False,
+  "use_learned_positional_embeddings": False,
+  "patch_bias": True,
 }
 
 # Features of the diffusers class that our DiT does not have: (key, the value we support, what it would be).
 _SUPPORTED: tuple[tuple[str, Any, str], ...] = (
-    ("patch_size_t", None, "CogVideoX 1.5 temporal patching"),
-    ("ofs_embed_dim", None, "the CogVideoX 1.5 I2V offset embedding"),
-    ("use_learned_positional_embeddings", False, "learned positional embeddings (5B I2V)"),
-    ("attention_bias", True, "q/k/v projections without bias"),
-    ("patch_bias", True, "a patch embedding without bias"),
-    ("activation_fn", "gelu-approximate", "another feed-forward activation"),
-    ("timestep_activation_fn", "silu", "another time-embedding activation"),
-    ("flip_sin_to_cos", True, "a sin-first timestep embedding"),
-    ("freq_shift", 0, "a shifted timestep embedding"),
-    ("norm_elementwise_affine", True, "LayerNorms without affine parameters"),
+  ("patch_size_t", None, "CogVideoX 1.5 temporal patching"),
+  ("ofs_embed_dim", None, "the CogVideoX 1.5 I2V offset embedding"),
+  ("use_learned_positional_embeddings", False, "learned positional embeddings (5B I2V)"),
+  ("attention_bias", True, "q/k/v projections without bias"),
+  ("patch_bias", True, "a patch embedding without bias"),
+  ("activation_fn", "gelu-approximate", "another feed-forward activation"),
+  ("timestep_activation_fn", "silu", "another time-embedding activation"),
+  ("flip_sin_to_cos", True, "a sin-first timestep embedding"),
+  ("freq_shift", 0, "a shifted timestep embedding"),
+  ("norm_elementwise_affine", True, "LayerNorms without affine parameters"),
 )
 
 
@@ -87,17 +107,25 @@ def model_fields(conf: Mapping[str, Any]) -> dict:
   conf = {**DIFFUSERS_DEFAULTS, **conf}
   bad = [f"{key}={conf[key]!r} ({what})" for key, want, what in _SUPPORTED if conf[key] != want]
   if conf["in_channels"] != conf["out_channels"]:
-    bad.append(f"in_channels={conf['in_channels']} != out_channels={conf['out_channels']} (our DiT predicts "
-               "the latent it is given)")
+    bad.append(
+      f"in_channels={conf['in_channels']} != out_channels={conf['out_channels']} (our DiT predicts "
+      "the latent it is given)"
+    )
   if bad:
     raise FolderError(f"unsupported CogVideoXTransformer3DModel config: {'; '.join(bad)}")
   return dict(
-      num_layers=int(conf["num_layers"]), num_heads=int(conf["num_attention_heads"]),
-      head_dim=int(conf["attention_head_dim"]), time_embed_dim=int(conf["time_embed_dim"]),
-      pos_embed="rope" if conf["use_rotary_positional_embeddings"] else "sincos",
-      patch_size=int(conf["patch_size"]), mlp_ratio=4, norm_eps=float(conf["norm_eps"]), qk_norm_eps=1e-6,
-      spatial_interpolation_scale=float(conf["spatial_interpolation_scale"]),
-      temporal_interpolation_scale=float(conf["temporal_interpolation_scale"]))
+    num_layers=int(conf["num_layers"]),
+    num_heads=int(conf["num_attention_heads"]),
+    head_dim=int(conf["attention_head_dim"]),
+    time_embed_dim=int(conf["time_embed_dim"]),
+    pos_embed="rope" if conf["use_rotary_positional_embeddings"] else "sincos",
+    patch_size=int(conf["patch_size"]),
+    mlp_ratio=4,
+    norm_eps=float(conf["norm_eps"]),
+    qk_norm_eps=1e-6,
+    spatial_interpolation_scale=float(conf["spatial_interpolation_scale"]),
+    temporal_interpolation_scale=float(conf["temporal_interpolation_scale"]),
+  )
 
 
 def weight_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
@@ -145,8 +173,13 @@ def read_state_dict(folder: str | pathlib.Path) -> dict[str, np.ndarray]:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_folder(folder: str | pathlib.Path, config: Mapping[str, Any], state_dict: Mapping[str, np.ndarray], *,
-                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[pathlib.Path]:
+def write_folder(
+  folder: str | pathlib.Path,
+  config: Mapping[str, Any],
+  state_dict: Mapping[str, np.ndarray],
+  *,
+  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> list[pathlib.Path]:
   """Writes ``config.json`` and the weights (sharded with an index above ``max_shard_size``); returns the files.
 
   Stale weight files of an earlier export in the same folder are removed first, so ``from_pretrained`` can
@@ -157,7 +190,11 @@ def write_folder(folder: str | pathlib.Path, config: Mapping[str, Any], state_di
 
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  for old in [folder / WEIGHTS_NAME, folder / INDEX_NAME, *folder.glob("diffusion_pytorch_model-*.safetensors")]:
+  for old in [
+    folder / WEIGHTS_NAME,
+    folder / INDEX_NAME,
+    *folder.glob("diffusion_pytorch_model-*.safetensors"),
+  ]:
     if old.is_file():
       old.unlink()
   conf = dict(config)
@@ -170,12 +207,18 @@ def write_folder(folder: str | pathlib.Path, config: Mapping[str, Any], state_di
     pass
   (folder / CONFIG_NAME).write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n")
   split = split_state_dict_into_shards_factory(
-      dict(state_dict), get_storage_size=lambda a: int(a.nbytes), filename_pattern=SHARD_PATTERN,
-      max_shard_size=max_shard_size)
+    dict(state_dict),
+    get_storage_size=lambda a: int(a.nbytes),
+    filename_pattern=SHARD_PATTERN,
+    max_shard_size=max_shard_size,
+  )
   written = [folder / CONFIG_NAME]
   for filename, keys in split.filename_to_tensors.items():
-    save_file({k: np.ascontiguousarray(state_dict[k]) for k in keys}, str(folder / filename),
-              metadata={"format": "pt"})
+    save_file(
+      {k: np.ascontiguousarray(state_dict[k]) for k in keys},
+      str(folder / filename),
+      metadata={"format": "pt"},
+    )
     written.append(folder / filename)
   if split.is_sharded:
     index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

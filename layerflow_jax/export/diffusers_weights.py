@@ -29,50 +29,63 @@ TEMPORAL_COMPRESSION = 4
 
 # (diffusers prefix, our path, kind) — kind: "linear" | "conv" | "norm".
 _TOP: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("patch_embed.proj", ("patch_proj",), "conv"),
-    ("patch_embed.text_proj", ("text_proj",), "linear"),
-    ("time_embedding.linear_1", ("time_linear_1",), "linear"),
-    ("time_embedding.linear_2", ("time_linear_2",), "linear"),
-    ("norm_final", ("norm_final", "norm"), "norm"),
-    ("norm_out.linear", ("norm_out_linear",), "linear"),
-    ("norm_out.norm", ("norm_out", "norm"), "norm"),
-    ("proj_out", ("proj_out",), "linear"),
+  ("patch_embed.proj", ("patch_proj",), "conv"),
+  ("patch_embed.text_proj", ("text_proj",), "linear"),
+  ("time_embedding.linear_1", ("time_linear_1",), "linear"),
+  ("time_embedding.linear_2", ("time_linear_2",), "linear"),
+  ("norm_final", ("norm_final", "norm"), "norm"),
+  ("norm_out.linear", ("norm_out_linear",), "linear"),
+  ("norm_out.norm", ("norm_out", "norm"), "norm"),
+  ("proj_out", ("proj_out",), "linear"),
 )
 
 # Inside ``transformer_blocks.N`` / ``blocks`` (our paths without the leading "blocks").
 _BLOCK: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("norm1.linear", ("norm1", "linear"), "linear"),
-    ("norm1.norm", ("norm1", "norm", "norm"), "norm"),
-    ("attn1.norm_q", ("attn1", "norm_q", "norm"), "norm"),
-    ("attn1.norm_k", ("attn1", "norm_k", "norm"), "norm"),
-    ("attn1.to_q", ("attn1", "to_q"), "linear"),
-    ("attn1.to_k", ("attn1", "to_k"), "linear"),
-    ("attn1.to_v", ("attn1", "to_v"), "linear"),
-    ("attn1.to_out.0", ("attn1", "to_out"), "linear"),
-    ("norm2.linear", ("norm2", "linear"), "linear"),
-    ("norm2.norm", ("norm2", "norm", "norm"), "norm"),
-    ("ff.net.0.proj", ("ff", "proj_in"), "linear"),
-    ("ff.net.2", ("ff", "proj_out"), "linear"),
+  ("norm1.linear", ("norm1", "linear"), "linear"),
+  ("norm1.norm", ("norm1", "norm", "norm"), "norm"),
+  ("attn1.norm_q", ("attn1", "norm_q", "norm"), "norm"),
+  ("attn1.norm_k", ("attn1", "norm_k", "norm"), "norm"),
+  ("attn1.to_q", ("attn1", "to_q"), "linear"),
+  ("attn1.to_k", ("attn1", "to_k"), "linear"),
+  ("attn1.to_v", ("attn1", "to_v"), "linear"),
+  ("attn1.to_out.0", ("attn1", "to_out"), "linear"),
+  ("norm2.linear", ("norm2", "linear"), "linear"),
+  ("norm2.norm", ("norm2", "norm", "norm"), "norm"),
+  ("ff.net.0.proj", ("ff", "proj_in"), "linear"),
+  ("ff.net.2", ("ff", "proj_out"), "linear"),
 )
 
 # (diffusers suffix, our leaf, to-diffusers transform, from-diffusers transform).
 _LEAVES = {
-    "linear": (("weight", "kernel", lambda a: np.swapaxes(a, -1, -2), lambda a: np.swapaxes(a, -1, -2)),
-               ("bias", "bias", None, None)),
-    "conv": (("weight", "kernel",
-              lambda a: np.transpose(a, (3, 2, 0, 1)),   # (kh, kw, I, O) → (O, I, kh, kw)
-              lambda a: np.transpose(a, (2, 3, 1, 0))),  # (O, I, kh, kw) → (kh, kw, I, O)
-             ("bias", "bias", None, None)),
-    "norm": (("weight", "scale", None, None), ("bias", "bias", None, None)),
+  "linear": (
+    ("weight", "kernel", lambda a: np.swapaxes(a, -1, -2), lambda a: np.swapaxes(a, -1, -2)),
+    ("bias", "bias", None, None),
+  ),
+  "conv": (
+    (
+      "weight",
+      "kernel",
+      lambda a: np.transpose(a, (3, 2, 0, 1)),  # (kh, kw, I, O) → (O, I, kh, kw)
+      lambda a: np.transpose(a, (2, 3, 1, 0)),
+    ),  # (O, I, kh, kw) → (kh, kw, I, O)
+    ("bias", "bias", None, None),
+  ),
+  "norm": (("weight", "scale", None, None), ("bias", "bias", None, None)),
 }
 
 # LoRA targets of our adapters ↔ diffusers module names inside a block.
-_LORA_MODULES = {"q": "attn1.to_q", "k": "attn1.to_k", "v": "attn1.to_v", "out": "attn1.to_out.0",
-                 "ff_in": "ff.net.0.proj", "ff_out": "ff.net.2"}
+_LORA_MODULES = {
+  "q": "attn1.to_q",
+  "k": "attn1.to_k",
+  "v": "attn1.to_v",
+  "out": "attn1.to_out.0",
+  "ff_in": "ff.net.0.proj",
+  "ff_out": "ff.net.2",
+}
 
 _EXTRAS = (
-    ("layer_embed.linear", ("layer_embed_linear",), "linear"),
-    ("layer_embed.norm", ("layer_embed_norm", "norm"), "norm"),
+  ("layer_embed.linear", ("layer_embed_linear",), "linear"),
+  ("layer_embed.norm", ("layer_embed_norm", "norm"), "norm"),
 )
 
 
@@ -86,6 +99,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     if str(t.dtype) == "torch.bfloat16":
       import ml_dtypes
       import torch
+
       return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
   if isinstance(x, nnx.Variable):
@@ -136,6 +150,7 @@ def _entries(num_layers: int):
 def _np_dtype(dtype) -> np.dtype:
   if str(dtype) in ("bfloat16", "torch.bfloat16"):
     import ml_dtypes
+
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(str(dtype).replace("torch.", ""))
 
@@ -173,8 +188,9 @@ def to_diffusers_state_dict(model_or_state, cfg=None, *, dtype=None) -> dict[str
     arr = flat[path]
     if layer is not None:
       if arr.shape[0] != cfg.num_layers:
-        raise ValueError(f"{'/'.join(path)}: leading (layers) axis is {arr.shape[0]}, cfg.num_layers is "
-                         f"{cfg.num_layers}")
+        raise ValueError(
+          f"{'/'.join(path)}: leading (layers) axis is {arr.shape[0]}, cfg.num_layers is {cfg.num_layers}"
+        )
       arr = arr[layer]
     out[key] = _export(arr, kind, i)
     if dtype is not None:
@@ -190,21 +206,28 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
   inner = cfg.mlp_ratio * d
   lin = lambda i, o: ((o, i), (o,))
   top = {
-      "patch_embed.proj": ((d, cfg.in_channels, p, p), (d,)),
-      "patch_embed.text_proj": lin(cfg.text_embed_dim, d),
-      "time_embedding.linear_1": lin(d, t),
-      "time_embedding.linear_2": lin(t, t),
-      "norm_final": ((d,), (d,)),
-      "norm_out.linear": lin(t, 2 * d),
-      "norm_out.norm": ((d,), (d,)),
-      "proj_out": lin(d, p * p * cfg.out_channels),
+    "patch_embed.proj": ((d, cfg.in_channels, p, p), (d,)),
+    "patch_embed.text_proj": lin(cfg.text_embed_dim, d),
+    "time_embedding.linear_1": lin(d, t),
+    "time_embedding.linear_2": lin(t, t),
+    "norm_final": ((d,), (d,)),
+    "norm_out.linear": lin(t, 2 * d),
+    "norm_out.norm": ((d,), (d,)),
+    "proj_out": lin(d, p * p * cfg.out_channels),
   }
   block = {
-      "norm1.linear": lin(t, 6 * d), "norm1.norm": ((d,), (d,)),
-      "attn1.norm_q": ((cfg.head_dim,), (cfg.head_dim,)), "attn1.norm_k": ((cfg.head_dim,), (cfg.head_dim,)),
-      "attn1.to_q": lin(d, d), "attn1.to_k": lin(d, d), "attn1.to_v": lin(d, d), "attn1.to_out.0": lin(d, d),
-      "norm2.linear": lin(t, 6 * d), "norm2.norm": ((d,), (d,)),
-      "ff.net.0.proj": lin(d, inner), "ff.net.2": lin(inner, d),
+    "norm1.linear": lin(t, 6 * d),
+    "norm1.norm": ((d,), (d,)),
+    "attn1.norm_q": ((cfg.head_dim,), (cfg.head_dim,)),
+    "attn1.norm_k": ((cfg.head_dim,), (cfg.head_dim,)),
+    "attn1.to_q": lin(d, d),
+    "attn1.to_k": lin(d, d),
+    "attn1.to_v": lin(d, d),
+    "attn1.to_out.0": lin(d, d),
+    "norm2.linear": lin(t, 6 * d),
+    "norm2.norm": ((d,), (d,)),
+    "ff.net.0.proj": lin(d, inner),
+    "ff.net.2": lin(inner, d),
   }
   out = {}
   for prefix, (w, b) in top.items():
@@ -219,8 +242,11 @@ def expected_shapes(cfg) -> dict[str, tuple[int, ...]]:
 def _check_keys(given: Mapping[str, np.ndarray], expected: Mapping[str, tuple[int, ...]], what: str) -> None:
   missing = sorted(k for k in expected if k not in given)
   unexpected = sorted(k for k in given if k not in expected)
-  mismatched = sorted(f"{k}: got {tuple(given[k].shape)}, expected {tuple(expected[k])}"
-                      for k in expected if k in given and tuple(given[k].shape) != tuple(expected[k]))
+  mismatched = sorted(
+    f"{k}: got {tuple(given[k].shape)}, expected {tuple(expected[k])}"
+    for k in expected
+    if k in given and tuple(given[k].shape) != tuple(expected[k])
+  )
   if missing or unexpected or mismatched:
     lines = [f"{what} does not fit the model:"]
     if missing:
@@ -241,8 +267,9 @@ def _assign(model, updates: Mapping[tuple[str, ...], np.ndarray]) -> None:
     var = flat[path]
     old = var[...]
     if tuple(arr.shape) != tuple(old.shape):
-      raise ValueError(f"{'/'.join(path)}: converted shape {tuple(arr.shape)} != model shape "
-                       f"{tuple(old.shape)}")
+      raise ValueError(
+        f"{'/'.join(path)}: converted shape {tuple(arr.shape)} != model shape {tuple(old.shape)}"
+      )
     new = np.asarray(arr).astype(old.dtype)
     sharding = getattr(old, "sharding", None)
     new = jax.device_put(new, sharding) if sharding is not None else jnp.asarray(new)
@@ -332,15 +359,17 @@ def from_extras_state_dict(model, state_dict: Mapping[str, Any]) -> None:
       base = lambda blk, spec=spec, t=t: f"adapters.{spec.name}.transformer_blocks.{blk}.{_LORA_MODULES[t]}"
       for ab, leaf in (("A", "a"), ("B", "b")):
         updates[("adapters", spec.name, f"{t}_{leaf}")] = np.stack(
-            [sd[f"{base(blk)}.lora_{ab}.weight"].T for blk in spec.blocks])
+          [sd[f"{base(blk)}.lora_{ab}.weight"].T for blk in spec.blocks]
+        )
   _assign(model, updates)
 
 
 # ----------------------------------------------------------------------------- config.json
 
 
-def diffusers_config(cfg, sample_frames: int, sample_height: int, sample_width: int,
-                     max_text_seq_length: int) -> dict:
+def diffusers_config(
+  cfg, sample_frames: int, sample_height: int, sample_width: int, max_text_seq_length: int
+) -> dict:
   """``config.json`` of the equivalent ``CogVideoXTransformer3DModel``.
 
   All sizes are in our model's (latent) units, like its input ``[B, F, h, w, c]``: ``sample_frames`` is the
@@ -358,36 +387,37 @@ def diffusers_config(cfg, sample_frames: int, sample_height: int, sample_width: 
   if abs(cfg.qk_norm_eps - 1e-6) > 1e-12:
     raise ValueError(f"qk_norm_eps {cfg.qk_norm_eps}: diffusers' CogVideoX attention uses 1e-6")
   if sample_frames < 1 or sample_height % cfg.patch_size or sample_width % cfg.patch_size:
-    raise ValueError(f"sample size {sample_frames}x{sample_height}x{sample_width} does not fit patch size "
-                     f"{cfg.patch_size}")
+    raise ValueError(
+      f"sample size {sample_frames}x{sample_height}x{sample_width} does not fit patch size {cfg.patch_size}"
+    )
   return {
-      "_class_name": "CogVideoXTransformer3DModel",
-      "num_attention_heads": cfg.num_heads,
-      "attention_head_dim": cfg.head_dim,
-      "in_channels": cfg.in_channels,
-      "out_channels": cfg.out_channels,
-      "flip_sin_to_cos": True,
-      "freq_shift": 0,
-      "time_embed_dim": cfg.time_embed_dim,
-      "ofs_embed_dim": None,
-      "text_embed_dim": cfg.text_embed_dim,
-      "num_layers": cfg.num_layers,
-      "dropout": 0.0,
-      "attention_bias": True,
-      "sample_width": int(sample_width),
-      "sample_height": int(sample_height),
-      "sample_frames": (int(sample_frames) - 1) * TEMPORAL_COMPRESSION + 1,
-      "patch_size": cfg.patch_size,
-      "patch_size_t": None,
-      "temporal_compression_ratio": TEMPORAL_COMPRESSION,
-      "max_text_seq_length": int(max_text_seq_length),
-      "activation_fn": "gelu-approximate",
-      "timestep_activation_fn": "silu",
-      "norm_elementwise_affine": True,
-      "norm_eps": cfg.norm_eps,
-      "spatial_interpolation_scale": cfg.spatial_interpolation_scale,
-      "temporal_interpolation_scale": cfg.temporal_interpolation_scale,
-      "use_rotary_positional_embeddings": cfg.pos_embed == "rope",
-      "use_learned_positional_embeddings": False,
-      "patch_bias": True,
+    "_class_name": "CogVideoXTransformer3DModel",
+    "num_attention_heads": cfg.num_heads,
+    "attention_head_dim": cfg.head_dim,
+    "in_channels": cfg.in_channels,
+    "out_channels": cfg.out_channels,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "time_embed_dim": cfg.time_embed_dim,
+    "ofs_embed_dim": None,
+    "text_embed_dim": cfg.text_embed_dim,
+    "num_layers": cfg.num_layers,
+    "dropout": 0.0,
+    "attention_bias": True,
+    "sample_width": int(sample_width),
+    "sample_height": int(sample_height),
+    "sample_frames": (int(sample_frames) - 1) * TEMPORAL_COMPRESSION + 1,
+    "patch_size": cfg.patch_size,
+    "patch_size_t": None,
+    "temporal_compression_ratio": TEMPORAL_COMPRESSION,
+    "max_text_seq_length": int(max_text_seq_length),
+    "activation_fn": "gelu-approximate",
+    "timestep_activation_fn": "silu",
+    "norm_elementwise_affine": True,
+    "norm_eps": cfg.norm_eps,
+    "spatial_interpolation_scale": cfg.spatial_interpolation_scale,
+    "temporal_interpolation_scale": cfg.temporal_interpolation_scale,
+    "use_rotary_positional_embeddings": cfg.pos_embed == "rope",
+    "use_learned_positional_embeddings": False,
+    "patch_bias": True,
   }

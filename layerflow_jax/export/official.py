@@ -62,7 +62,9 @@ class Variant:
     return NETWORKS[(self.layer_embed, self.num_prompts, self.table_frames)]
 
 
-VARIANTS = {v.name: v for v in (
+VARIANTS = {
+  v.name: v
+  for v in (
     Variant("gen_rgba", "rgba", "generate", 3, 16, 0, True, False),
     Variant("seg_rgba", "rgba", "decompose", 2, 16, 0, False, True),
     Variant("fg2bg_rgba", "rgba", "fg2bg", 3, 17, 1, True, False),
@@ -71,10 +73,16 @@ VARIANTS = {v.name: v for v in (
     Variant("seg_rgb", "rgb", "decompose", 2, 13, 0, False, True, given_latent_frames=(10, 11)),
     Variant("fg2bg_rgb", "rgb", "fg2bg", 3, 13, 0, False, True),
     Variant("bg2fg_rgb", "rgb", "bg2fg", 3, 13, 0, False, True),
-)}
+  )
+}
 # The five distinct networks: (layer embedder, prompts, table frames) → a name.
-NETWORKS = {(True, 3, 16): "gen RGBA", (False, 2, 16): "seg RGBA", (True, 3, 17): "fg2bg/bg2fg RGBA (17 frames)",
-            (False, 3, 13): "gen/fg2bg/bg2fg RGB", (False, 2, 13): "seg RGB"}
+NETWORKS = {
+  (True, 3, 16): "gen RGBA",
+  (False, 2, 16): "seg RGBA",
+  (True, 3, 17): "fg2bg/bg2fg RGBA (17 frames)",
+  (False, 3, 13): "gen/fg2bg/bg2fg RGB",
+  (False, 2, 13): "seg RGB",
+}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -86,11 +94,15 @@ def checkpoint_file(src: str | pathlib.Path) -> pathlib.Path:
   if src.is_file():
     return src
   if not src.is_dir():
-    raise OfficialImportError(f"{src}: no such file or folder (expected a variant folder with latest and "
-                              f"<iteration>/{CHECKPOINT_NAME}, or the .pt file)")
+    raise OfficialImportError(
+      f"{src}: no such file or folder (expected a variant folder with latest and "
+      f"<iteration>/{CHECKPOINT_NAME}, or the .pt file)"
+    )
   latest = src / "latest"
   if not latest.is_file():
-    raise OfficialImportError(f"{latest}: missing (a SAT checkpoint folder names its iteration there, e.g. 1000)")
+    raise OfficialImportError(
+      f"{latest}: missing (a SAT checkpoint folder names its iteration there, e.g. 1000)"
+    )
   iteration = latest.read_text().strip()
   if not iteration:
     raise OfficialImportError(f"{latest}: empty (expected the iteration, e.g. 1000)")
@@ -116,15 +128,21 @@ def read_network(path: pathlib.Path) -> tuple[dict[str, np.ndarray], int]:
   try:
     import torch
   except ImportError:
-    raise OfficialImportError("reading an official .pt needs PyTorch: pip install 'layerflow-jax[torch]'") from None
+    raise OfficialImportError(
+      "reading an official .pt needs PyTorch: pip install 'layerflow-jax[torch]'"
+    ) from None
   try:
     obj = torch.load(str(path), map_location="cpu", weights_only=True)
   except Exception as e:  # truncated zip, not a pickle, a pickle with objects weights_only refuses …
     first = (str(e).strip().splitlines() or [""])[0][:160]
-    raise OfficialImportError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})") from None
+    raise OfficialImportError(
+      f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {first})"
+    ) from None
   sd = obj.get("module", obj) if isinstance(obj, Mapping) else None
   if not isinstance(sd, Mapping):
-    raise OfficialImportError(f"{path}: expected a dict with the state dict under 'module', got {type(obj).__name__}")
+    raise OfficialImportError(
+      f"{path}: expected a dict with the state dict under 'module', got {type(obj).__name__}"
+    )
   net, ignored = {}, 0
   for k, v in sd.items():
     if not isinstance(k, str) or not k.startswith(PREFIX):
@@ -132,10 +150,12 @@ def read_network(path: pathlib.Path) -> tuple[dict[str, np.ndarray], int]:
       continue
     if not isinstance(v, torch.Tensor):
       raise OfficialImportError(f"{path}: {k} is a {type(v).__name__}, expected a tensor")
-    net[k[len(PREFIX):]] = _to_numpy(v)
+    net[k[len(PREFIX) :]] = _to_numpy(v)
   if not net:
-    raise OfficialImportError(f"{path}: no key starts with {PREFIX!r} (expected the network of a SAT LayerFlow "
-                              f"checkpoint, e.g. {PREFIX}mixins.patch_embed.proj.weight [1920, 16, 2, 2])")
+    raise OfficialImportError(
+      f"{path}: no key starts with {PREFIX!r} (expected the network of a SAT LayerFlow "
+      f"checkpoint, e.g. {PREFIX}mixins.patch_embed.proj.weight [1920, 16, 2, 2])"
+    )
   return net, ignored
 
 
@@ -182,51 +202,92 @@ def read_dims(net: Mapping[str, np.ndarray]) -> Dims:
   layers = {int(m.group(1)) for k in net for m in [re.match(r"transformer\.layers\.(\d+)\.", k)] if m}
   n = max(layers) + 1
   if p != p2 or d % head_dim or out % (p * p) or mlp % d:
-    raise OfficialImportError(f"{PREFIX}mixins.patch_embed.proj.weight {[d, c, p, p2]} / head dim {head_dim} / "
-                              f"final linear {out} / mlp {mlp}: no CogVideoX network has these sizes")
-  return Dims(hidden=d, num_layers=n, head_dim=head_dim, time_embed_dim=temb, in_channels=c,
-              out_channels=out // (p * p), patch_size=p, text_dim=text_dim, mlp=mlp, motion_rank=rm, content_rank=rc)
+    raise OfficialImportError(
+      f"{PREFIX}mixins.patch_embed.proj.weight {[d, c, p, p2]} / head dim {head_dim} / "
+      f"final linear {out} / mlp {mlp}: no CogVideoX network has these sizes"
+    )
+  return Dims(
+    hidden=d,
+    num_layers=n,
+    head_dim=head_dim,
+    time_embed_dim=temb,
+    in_channels=c,
+    out_channels=out // (p * p),
+    patch_size=p,
+    text_dim=text_dim,
+    mlp=mlp,
+    motion_rank=rm,
+    content_rank=rc,
+  )
 
 
 def expected_shapes(dims: Dims, layer_embed: bool, table_rows: int) -> dict[str, tuple[int, ...]]:
   """Every network key (after the prefix) of a layout and its shape."""
   d, t, p = dims.hidden, dims.time_embed_dim, dims.patch_size
   out = {
-      "time_embed.0.weight": (t, d), "time_embed.0.bias": (t,),
-      "time_embed.2.weight": (t, t), "time_embed.2.bias": (t,),
-      "mixins.patch_embed.proj.weight": (d, dims.in_channels, p, p), "mixins.patch_embed.proj.bias": (d,),
-      "mixins.patch_embed.text_proj.weight": (d, dims.text_dim), "mixins.patch_embed.text_proj.bias": (d,),
-      "mixins.pos_embed.pos_embedding": (1, table_rows, d),
-      "transformer.final_layernorm.weight": (d,), "transformer.final_layernorm.bias": (d,),
-      "mixins.final_layer.norm_final.weight": (d,), "mixins.final_layer.norm_final.bias": (d,),
-      "mixins.final_layer.linear.weight": (p * p * dims.out_channels, d),
-      "mixins.final_layer.linear.bias": (p * p * dims.out_channels,),
-      "mixins.final_layer.adaLN_modulation.1.weight": (2 * d, t),
-      "mixins.final_layer.adaLN_modulation.1.bias": (2 * d,),
+    "time_embed.0.weight": (t, d),
+    "time_embed.0.bias": (t,),
+    "time_embed.2.weight": (t, t),
+    "time_embed.2.bias": (t,),
+    "mixins.patch_embed.proj.weight": (d, dims.in_channels, p, p),
+    "mixins.patch_embed.proj.bias": (d,),
+    "mixins.patch_embed.text_proj.weight": (d, dims.text_dim),
+    "mixins.patch_embed.text_proj.bias": (d,),
+    "mixins.pos_embed.pos_embedding": (1, table_rows, d),
+    "transformer.final_layernorm.weight": (d,),
+    "transformer.final_layernorm.bias": (d,),
+    "mixins.final_layer.norm_final.weight": (d,),
+    "mixins.final_layer.norm_final.bias": (d,),
+    "mixins.final_layer.linear.weight": (p * p * dims.out_channels, d),
+    "mixins.final_layer.linear.bias": (p * p * dims.out_channels,),
+    "mixins.final_layer.adaLN_modulation.1.weight": (2 * d, t),
+    "mixins.final_layer.adaLN_modulation.1.bias": (2 * d,),
   }
   if layer_embed:
-    out.update({"mixins.pos_embed.txt_embedder.0.weight": (d, 1), "mixins.pos_embed.txt_embedder.0.bias": (d,),
-                "mixins.pos_embed.txt_embedder.1.weight": (d,), "mixins.pos_embed.txt_embedder.1.bias": (d,)})
+    out.update(
+      {
+        "mixins.pos_embed.txt_embedder.0.weight": (d, 1),
+        "mixins.pos_embed.txt_embedder.0.bias": (d,),
+        "mixins.pos_embed.txt_embedder.1.weight": (d,),
+        "mixins.pos_embed.txt_embedder.1.bias": (d,),
+      }
+    )
   rm, rc, hd = dims.motion_rank, dims.content_rank, dims.head_dim
   for n in range(dims.num_layers):
     a, tl = "mixins.adaln_layer.", f"transformer.layers.{n}."
-    out.update({
-        f"{a}adaLN_modulations.{n}.1.weight": (12 * d, t), f"{a}adaLN_modulations.{n}.1.bias": (12 * d,),
-        f"{a}query_layernorm_list.{n}.weight": (hd,), f"{a}query_layernorm_list.{n}.bias": (hd,),
-        f"{a}key_layernorm_list.{n}.weight": (hd,), f"{a}key_layernorm_list.{n}.bias": (hd,),
-        f"{tl}input_layernorm.weight": (d,), f"{tl}input_layernorm.bias": (d,),
-        f"{tl}post_attention_layernorm.weight": (d,), f"{tl}post_attention_layernorm.bias": (d,),
+    out.update(
+      {
+        f"{a}adaLN_modulations.{n}.1.weight": (12 * d, t),
+        f"{a}adaLN_modulations.{n}.1.bias": (12 * d,),
+        f"{a}query_layernorm_list.{n}.weight": (hd,),
+        f"{a}query_layernorm_list.{n}.bias": (hd,),
+        f"{a}key_layernorm_list.{n}.weight": (hd,),
+        f"{a}key_layernorm_list.{n}.bias": (hd,),
+        f"{tl}input_layernorm.weight": (d,),
+        f"{tl}input_layernorm.bias": (d,),
+        f"{tl}post_attention_layernorm.weight": (d,),
+        f"{tl}post_attention_layernorm.bias": (d,),
         f"{tl}attention.query_key_value.original.weight": (3 * d, d),
         f"{tl}attention.query_key_value.original.bias": (3 * d,),
-        f"{tl}attention.dense.original.weight": (d, d), f"{tl}attention.dense.original.bias": (d,),
-        f"{tl}mlp.dense_h_to_4h.weight": (dims.mlp, d), f"{tl}mlp.dense_h_to_4h.bias": (dims.mlp,),
-        f"{tl}mlp.dense_4h_to_h.weight": (d, dims.mlp), f"{tl}mlp.dense_4h_to_h.bias": (d,),
-    })
+        f"{tl}attention.dense.original.weight": (d, d),
+        f"{tl}attention.dense.original.bias": (d,),
+        f"{tl}mlp.dense_h_to_4h.weight": (dims.mlp, d),
+        f"{tl}mlp.dense_h_to_4h.bias": (dims.mlp,),
+        f"{tl}mlp.dense_4h_to_h.weight": (d, dims.mlp),
+        f"{tl}mlp.dense_4h_to_h.bias": (d,),
+      }
+    )
     for proj, parts in (("query_key_value", 3), ("dense", 1)):
       for i in range(parts):
         base = f"{tl}attention.{proj}."
-        out.update({f"{base}matrix_A.{i}": (rm, d), f"{base}matrix_B.{i}": (d, rm),
-                    f"{base}matrix_C.{i}": (rc, d), f"{base}matrix_D.{i}": (d, rc)})
+        out.update(
+          {
+            f"{base}matrix_A.{i}": (rm, d),
+            f"{base}matrix_B.{i}": (d, rm),
+            f"{base}matrix_C.{i}": (rc, d),
+            f"{base}matrix_D.{i}": (d, rc),
+          }
+        )
   return out
 
 
@@ -248,7 +309,9 @@ def _check(net: Mapping[str, np.ndarray], want: Mapping[str, tuple[int, ...]], w
       raise OfficialImportError(f"{PREFIX}{k}: shape {list(net[k].shape)}, expected {list(want[k])} ({what})")
   unknown = sorted(set(net) - set(want))
   if unknown:
-    raise OfficialImportError(f"{PREFIX}{unknown[0]}: unknown key ({len(unknown)} unknown; {what} has none such)")
+    raise OfficialImportError(
+      f"{PREFIX}{unknown[0]}: unknown key ({len(unknown)} unknown; {what} has none such)"
+    )
 
 
 def _grids(tokens: int) -> list[tuple[int, int]]:
@@ -266,7 +329,7 @@ def _sincos_grid(table: np.ndarray, text: int, frames: int, hidden: int) -> tupl
   for rows, cols in grids:  # the first two frames decide (temporal positions 0 and 1)
     n = min(frames, 2)
     ref = emb.sincos_3d(hidden, n, rows, cols, 1.875, 1.0)
-    if np.max(np.abs(ref - np.asarray(table[text:text + n * tokens], np.float32))) <= 1e-2:  # bf16: < 4e-3
+    if np.max(np.abs(ref - np.asarray(table[text : text + n * tokens], np.float32))) <= 1e-2:  # bf16: < 4e-3
       return rows, cols
   return None
 
@@ -286,10 +349,14 @@ def detect(net: dict[str, np.ndarray], src: str | pathlib.Path, variant: str | N
   dims = read_dims(net)
   embed_key = "mixins.pos_embed.txt_embedder.0.weight"
   has_embed = embed_key in net
-  (_, rows, width) = _need(net, "mixins.pos_embed.pos_embedding", f"[1, text + frames·tokens, {dims.hidden}]", 3)
+  (_, rows, width) = _need(
+    net, "mixins.pos_embed.pos_embedding", f"[1, text + frames·tokens, {dims.hidden}]", 3
+  )
   table = net["mixins.pos_embed.pos_embedding"][0]
-  reasons = [f"{PREFIX}{embed_key} {'present' if has_embed else 'absent'} (layer embedding "
-             f"{'on' if has_embed else 'off'})"]
+  reasons = [
+    f"{PREFIX}{embed_key} {'present' if has_embed else 'absent'} (layer embedding "
+    f"{'on' if has_embed else 'off'})"
+  ]
   fits = []
   for (embed, prompts, frames), network in NETWORKS.items():
     text = prompts * TEXT_TOKENS_PER_PROMPT
@@ -301,21 +368,30 @@ def detect(net: dict[str, np.ndarray], src: str | pathlib.Path, variant: str | N
     fits = [f for f in fits if f[0] == (named.layer_embed, named.num_prompts, named.table_frames)]
   if not fits:
     want = (named.num_prompts * TEXT_TOKENS_PER_PROMPT, named.table_frames) if named else None
-    shape = (f"[1, {want[0]} + {want[1]}·tokens, {dims.hidden}]" if want else
-             "[1, 678 + 16 or 17 × tokens per frame, D] with txt_embedder, [1, 452 + 16 or 13 × tokens, D] or "
-             "[1, 678 + 13 × tokens, D] without")
-    raise OfficialImportError(f"{PREFIX}mixins.pos_embed.pos_embedding: shape [1, {rows}, {width}] fits no "
-                              f"{'layout of ' + variant if variant else 'official layout'} (expected {shape})")
+    shape = (
+      f"[1, {want[0]} + {want[1]}·tokens, {dims.hidden}]"
+      if want
+      else "[1, 678 + 16 or 17 × tokens per frame, D] with txt_embedder, [1, 452 + 16 or 13 × tokens, D] or "
+      "[1, 678 + 13 × tokens, D] without"
+    )
+    raise OfficialImportError(
+      f"{PREFIX}mixins.pos_embed.pos_embedding: shape [1, {rows}, {width}] fits no "
+      f"{'layout of ' + variant if variant else 'official layout'} (expected {shape})"
+    )
   if len(fits) > 1:  # a never-trained table tells its frames; else the released 30 × 45 token grid
     sincos = [f for f in fits if _sincos_grid(table, f[2], f[0][2], dims.hidden)]
     released = [f for f in fits if f[3] == 1350]
     fits = sincos if len(sincos) == 1 else released if len(released) == 1 else fits
   if len(fits) > 1:
-    raise OfficialImportError(f"{PREFIX}mixins.pos_embed.pos_embedding: [1, {rows}, {width}] fits the layouts "
-                              f"{' and '.join(f[1] for f in fits)}; name one with --variant")
+    raise OfficialImportError(
+      f"{PREFIX}mixins.pos_embed.pos_embedding: [1, {rows}, {width}] fits the layouts "
+      f"{' and '.join(f[1] for f in fits)}; name one with --variant"
+    )
   (embed, prompts, frames), network, text, tokens = fits[0]
-  reasons.append(f"{PREFIX}mixins.pos_embed.pos_embedding [1, {rows}, {width}] = {prompts} prompts × "
-                 f"{TEXT_TOKENS_PER_PROMPT} text rows + {frames} latent frames × {tokens} tokens")
+  reasons.append(
+    f"{PREFIX}mixins.pos_embed.pos_embedding [1, {rows}, {width}] = {prompts} prompts × "
+    f"{TEXT_TOKENS_PER_PROMPT} text rows + {frames} latent frames × {tokens} tokens"
+  )
   candidates = [v for v in VARIANTS.values() if v.network == network]
   grid = _sincos_grid(table, text, frames, dims.hidden)
   if named is not None:
@@ -334,17 +410,23 @@ def detect(net: dict[str, np.ndarray], src: str | pathlib.Path, variant: str | N
       learned = [v for v in candidates if v.learned_table]
       if fixed and learned:
         chosen = fixed[0] if grid else learned[0]
-        reasons.append(f"position table {'never trained (zero text rows, sin-cos video rows)' if grid else 'trained'}"
-                       f" → {chosen.name}")
+        reasons.append(
+          f"position table {'never trained (zero text rows, sin-cos video rows)' if grid else 'trained'}"
+          f" → {chosen.name}"
+        )
       else:
         chosen = candidates[0]
       others = [v.name for v in candidates if v is not chosen and v.learned_table == chosen.learned_table]
       if others:
-        reasons.append(f"{chosen.name} assumed: {', '.join(others)} has the same network (pass --variant for it)")
+        reasons.append(
+          f"{chosen.name} assumed: {', '.join(others)} has the same network (pass --variant for it)"
+        )
   if grid is None:
     grid = (30, 45) if tokens == 1350 else min(_grids(tokens), key=lambda g: (abs(g[1] / g[0] - 1.5), g[0]))
-    reasons.append(f"token grid {grid[0]}×{grid[1]} (chosen for data.height/width; the network takes any grid "
-                   f"of {tokens} tokens)")
+    reasons.append(
+      f"token grid {grid[0]}×{grid[1]} (chosen for data.height/width; the network takes any grid "
+      f"of {tokens} tokens)"
+    )
   else:
     reasons.append(f"token grid {grid[0]}×{grid[1]} read from the sin-cos table")
   want = expected_shapes(dims, embed, rows)
@@ -356,10 +438,17 @@ def detect(net: dict[str, np.ndarray], src: str | pathlib.Path, variant: str | N
 
 
 def _lora_blocks(net: Mapping[str, np.ndarray], n: int, up: str) -> list[int]:
-  nonzero = [i for i in range(n) for k in (f"transformer.layers.{i}.attention.query_key_value.{up}.{j}"
-                                            for j in range(3)) if np.any(np.asarray(net[k], np.float32) != 0)]
-  nonzero += [i for i in range(n)
-              if np.any(np.asarray(net[f"transformer.layers.{i}.attention.dense.{up}.0"], np.float32) != 0)]
+  nonzero = [
+    i
+    for i in range(n)
+    for k in (f"transformer.layers.{i}.attention.query_key_value.{up}.{j}" for j in range(3))
+    if np.any(np.asarray(net[k], np.float32) != 0)
+  ]
+  nonzero += [
+    i
+    for i in range(n)
+    if np.any(np.asarray(net[f"transformer.layers.{i}.attention.dense.{up}.0"], np.float32) != 0)
+  ]
   blocks = sorted(set(nonzero) | {i for i in range(n) if i % TRAINED_EVERY == TRAINED_EVERY - 1})
   return blocks or list(range(n))
 
@@ -389,7 +478,7 @@ def to_diffusers(net: Mapping[str, np.ndarray], dims: Dims) -> dict[str, np.ndar
       sd[f"{b}norm2.linear.{kind}"] = np.concatenate([chunks[i] for i in (3, 4, 5, 9, 10, 11)], axis=0)
       qkv = net[f"{tl}attention.query_key_value.original.{kind}"]
       for i, name in enumerate(("to_q", "to_k", "to_v")):
-        sd[f"{b}attn1.{name}.{kind}"] = qkv[i * d:(i + 1) * d]
+        sd[f"{b}attn1.{name}.{kind}"] = qkv[i * d : (i + 1) * d]
     lin(f"{b}attn1.norm_q", f"mixins.adaln_layer.query_layernorm_list.{n}")
     lin(f"{b}attn1.norm_k", f"mixins.adaln_layer.key_layernorm_list.{n}")
     lin(f"{b}norm1.norm", f"{tl}input_layernorm")
@@ -400,16 +489,24 @@ def to_diffusers(net: Mapping[str, np.ndarray], dims: Dims) -> dict[str, np.ndar
   return sd
 
 
-def to_extras(net: Mapping[str, np.ndarray], dims: Dims, adapters: Mapping[str, tuple[str, str, list[int]]],
-              layer_embed: bool) -> dict[str, np.ndarray]:
+def to_extras(
+  net: Mapping[str, np.ndarray],
+  dims: Dims,
+  adapters: Mapping[str, tuple[str, str, list[int]]],
+  layer_embed: bool,
+) -> dict[str, np.ndarray]:
   """Layer embedder, learned table and adapters in the project's extras names (see ``extras_state_dict``)."""
   out = {"pos_embedding.weight": net["mixins.pos_embed.pos_embedding"][0]}
   if layer_embed:
     for i, part in ((0, "linear"), (1, "norm")):
       for kind in ("weight", "bias"):
         out[f"layer_embed.{part}.{kind}"] = net[f"mixins.pos_embed.txt_embedder.{i}.{kind}"]
-  modules = (("query_key_value", 0, "attn1.to_q"), ("query_key_value", 1, "attn1.to_k"),
-             ("query_key_value", 2, "attn1.to_v"), ("dense", 0, "attn1.to_out.0"))
+  modules = (
+    ("query_key_value", 0, "attn1.to_q"),
+    ("query_key_value", 1, "attn1.to_k"),
+    ("query_key_value", 2, "attn1.to_v"),
+    ("dense", 0, "attn1.to_out.0"),
+  )
   for name, (down, up, blocks) in adapters.items():
     for n in blocks:
       for proj, i, module in modules:
@@ -423,8 +520,13 @@ def _all_bf16(net: Mapping[str, np.ndarray]) -> bool:
   return all(str(v.dtype) == "bfloat16" for v in net.values())
 
 
-def make_config(base: mlc.ConfigDict, det: Detected, net: Mapping[str, np.ndarray],
-                adapters: Mapping[str, tuple[str, str, list[int]]], pipeline: str = "") -> mlc.ConfigDict:
+def make_config(
+  base: mlc.ConfigDict,
+  det: Detected,
+  net: Mapping[str, np.ndarray],
+  adapters: Mapping[str, tuple[str, str, list[int]]],
+  pipeline: str = "",
+) -> mlc.ConfigDict:
   """``base`` with the variant's model, layout, task and sampling (a copy)."""
   from layerflow_jax.export import convert
 
@@ -432,30 +534,53 @@ def make_config(base: mlc.ConfigDict, det: Detected, net: Mapping[str, np.ndarra
   config = mlc.ConfigDict(base.to_dict())
   config.layout = v.layout
   m = config.model
-  m.update(num_layers=dims.num_layers, num_heads=dims.num_heads, head_dim=dims.head_dim,
-           time_embed_dim=dims.time_embed_dim, patch_size=dims.patch_size, mlp_ratio=dims.mlp // dims.hidden,
-           norm_eps=1e-5, qk_norm_eps=1e-6, pos_embed="learned", pos_table_frames=v.table_frames,
-           lead_frames=v.lead_frames, num_prompts=v.num_prompts, layer_embed="text" if v.layer_embed else "none",
-           final_norm_eps=1e-6, spatial_interpolation_scale=1.875, temporal_interpolation_scale=1.0,
-           clip_positions="video", given_embed=False, param_dtype="bfloat16" if _all_bf16(net) else "float32")
+  m.update(
+    num_layers=dims.num_layers,
+    num_heads=dims.num_heads,
+    head_dim=dims.head_dim,
+    time_embed_dim=dims.time_embed_dim,
+    patch_size=dims.patch_size,
+    mlp_ratio=dims.mlp // dims.hidden,
+    norm_eps=1e-5,
+    qk_norm_eps=1e-6,
+    pos_embed="learned",
+    pos_table_frames=v.table_frames,
+    lead_frames=v.lead_frames,
+    num_prompts=v.num_prompts,
+    layer_embed="text" if v.layer_embed else "none",
+    final_norm_eps=1e-6,
+    spatial_interpolation_scale=1.875,
+    temporal_interpolation_scale=1.0,
+    clip_positions="video",
+    given_embed=False,
+    param_dtype="bfloat16" if _all_bf16(net) else "float32",
+  )
   try:
     from configs import common
 
     sizes = common.MODEL_SIZES
   except ImportError:
     sizes = {}
-  m.size = next((name for name, s in sizes.items() if all(m.get(k) == val for k, val in s.items()
-                                                           if k != "pos_embed")), "imported")
+  m.size = next(
+    (name for name, s in sizes.items() if all(m.get(k) == val for k, val in s.items() if k != "pos_embed")),
+    "imported",
+  )
   m.adapters = mlc.ConfigDict()
   for name, (_, _, blocks) in adapters.items():
     rank = dims.motion_rank if name == "motion" else dims.content_rank
-    m.adapters[name] = mlc.ConfigDict(dict(rank=rank, alpha=1.0, targets="q,k,v,out", blocks=list(blocks),
-                                           switch=name == "motion"))
+    m.adapters[name] = mlc.ConfigDict(
+      dict(rank=rank, alpha=1.0, targets="q,k,v,out", blocks=list(blocks), switch=name == "motion")
+    )
   root = pipeline.rstrip("/")
   has = lambda sub: bool(root) and (pathlib.Path(root) / sub / "config.json").is_file()
   if has("text_encoder"):
-    config.text_encoder.update(kind="t5", path=f"{root}/text_encoder", tokenizer=f"{root}/tokenizer",
-                               dtype="bfloat16", attention_mask=False)
+    config.text_encoder.update(
+      kind="t5",
+      path=f"{root}/text_encoder",
+      tokenizer=f"{root}/tokenizer",
+      dtype="bfloat16",
+      attention_mask=False,
+    )
   else:  # prompts need T5-v1.1-XXL embeddings: the byte encoder only keeps the shapes (cached text, tests)
     config.text_encoder.update(kind="byte", path="", tokenizer="")
   config.text_encoder.update(max_length=TEXT_TOKENS_PER_PROMPT, dim=dims.text_dim)
@@ -464,29 +589,52 @@ def make_config(base: mlc.ConfigDict, det: Detected, net: Mapping[str, np.ndarra
   if has("vae"):
     import json
 
-    spatial = 2 ** (len(json.loads((pathlib.Path(root) / "vae" / "config.json").read_text()).get(
-        "block_out_channels", (0,) * 4)) - 1)
-  config.data.update(frames=16, height=rows * dims.patch_size * spatial, width=cols * dims.patch_size * spatial)
-  config.autoencoder = convert.default_autoencoder(config.autoencoder, dims.in_channels,
-                                                   f"{root}/vae" if root else "")
+    spatial = 2 ** (
+      len(
+        json.loads((pathlib.Path(root) / "vae" / "config.json").read_text()).get(
+          "block_out_channels", (0,) * 4
+        )
+      )
+      - 1
+    )
+  config.data.update(
+    frames=16, height=rows * dims.patch_size * spatial, width=cols * dims.patch_size * spatial
+  )
+  config.autoencoder = convert.default_autoencoder(
+    config.autoencoder, dims.in_channels, f"{root}/vae" if root else ""
+  )
   # The official VAE encodes the packed stack in one pass and samples the posterior (no tiling there).
   config.autoencoder.update(packed_pass=True, sample_posterior=True, tiling=False)
   tasks = {t: 1.0 if t == v.task else 0.0 for t in config.diffusion.task_weights}
   config.diffusion.task_weights = mlc.ConfigDict(tasks)
   config.diffusion.curriculum_steps = 0
   config.diffusion.given_latent_frames = mlc.ConfigDict(
-      {v.task: list(v.given_latent_frames)} if v.given_latent_frames else {})
+    {v.task: list(v.given_latent_frames)} if v.given_latent_frames else {}
+  )
   # Official stage 2: the content LoRA trains with the motion LoRA switched per sample (batch key motion_scale).
   config.train.update(trainable="adapters", trainable_adapters=("content",), ema_decay=0.0)
   config.train.adapter_scale_keys = mlc.ConfigDict({"motion": "motion_scale"})
   # Official sampling: SAT DPM-Solver++(2M), 50 steps, DynamicCFG(6, exp 5, 50 steps), motion LoRA off.
-  config.sampling.update(remove_adapters=("motion",), sampler="sat_dpmpp_2m", guidance_scale=6.0, num_steps=50,
-                         dynamic_cfg=True, dynamic_cfg_steps=50, eta=0.0)
+  config.sampling.update(
+    remove_adapters=("motion",),
+    sampler="sat_dpmpp_2m",
+    guidance_scale=6.0,
+    num_steps=50,
+    dynamic_cfg=True,
+    dynamic_cfg_steps=50,
+    eta=0.0,
+  )
   return config
 
 
-def import_official(src: str | pathlib.Path, out: str | pathlib.Path, base: mlc.ConfigDict, *,
-                    variant: str | None = None, pipeline: str = "") -> dict:
+def import_official(
+  src: str | pathlib.Path,
+  out: str | pathlib.Path,
+  base: mlc.ConfigDict,
+  *,
+  variant: str | None = None,
+  pipeline: str = "",
+) -> dict:
   """Writes ``out/checkpoints/0`` from an official checkpoint; returns a summary (nothing written on error)."""
   import jax
   from flax import nnx
@@ -505,8 +653,10 @@ def import_official(src: str | pathlib.Path, out: str | pathlib.Path, base: mlc.
   net = _plain_aliases(net)
   det = detect(net, src, variant)
   dims = det.dims
-  adapters = {"motion": ("matrix_A", "matrix_B", _lora_blocks(net, dims.num_layers, "matrix_B")),
-              "content": ("matrix_C", "matrix_D", _lora_blocks(net, dims.num_layers, "matrix_D"))}
+  adapters = {
+    "motion": ("matrix_A", "matrix_B", _lora_blocks(net, dims.num_layers, "matrix_B")),
+    "content": ("matrix_C", "matrix_D", _lora_blocks(net, dims.num_layers, "matrix_D")),
+  }
   config = make_config(base, det, net, adapters, pipeline)
   exp = Experiment(config)
   model = dit.create_model(exp.model_cfg, seed=int(config.seed))
@@ -516,13 +666,30 @@ def import_official(src: str | pathlib.Path, out: str | pathlib.Path, base: mlc.
   state = exp.init_state(params=params)
   ck = ckpt_lib.Checkpointer(out)
   try:
-    ck.save(0, state, meta={"config": ckpt_lib.config_to_meta(config), "step": 0,
-                            "imported_from": str(path.absolute()), "official_variant": det.variant.name,
-                            "decided_by": det.reasons})
+    ck.save(
+      0,
+      state,
+      meta={
+        "config": ckpt_lib.config_to_meta(config),
+        "step": 0,
+        "imported_from": str(path.absolute()),
+        "official_variant": det.variant.name,
+        "decided_by": det.reasons,
+      },
+    )
   finally:
     ck.close()
-  return {"out": str(out), "variant": det.variant.name, "network": det.variant.network, "task": det.variant.task,
-          "decided_by": det.reasons, "source": str(path), "tensors": len(net), "ignored_keys": ignored,
-          "dtype": "bfloat16" if _all_bf16(net) else "as stored (float32 model)",
-          "adapters": {k: v[2] for k, v in adapters.items()}, "autoencoder": config.autoencoder.kind,
-          "text_encoder": config.text_encoder.kind}
+  return {
+    "out": str(out),
+    "variant": det.variant.name,
+    "network": det.variant.network,
+    "task": det.variant.task,
+    "decided_by": det.reasons,
+    "source": str(path),
+    "tensors": len(net),
+    "ignored_keys": ignored,
+    "dtype": "bfloat16" if _all_bf16(net) else "as stored (float32 model)",
+    "adapters": {k: v[2] for k, v in adapters.items()},
+    "autoencoder": config.autoencoder.kind,
+    "text_encoder": config.text_encoder.kind,
+  }

@@ -45,8 +45,15 @@ def target_modules(spec) -> list[str]:
 
 def lora_config(spec) -> dict[str, Any]:
   """The ``LoraConfig`` fields (unprefixed) that reproduce the adapter in PEFT: scale ``lora_alpha / r``."""
-  return {"r": int(spec.rank), "lora_alpha": float(spec.alpha), "target_modules": target_modules(spec),
-          "lora_dropout": 0.0, "bias": "none", "use_rslora": False, "use_dora": False}
+  return {
+    "r": int(spec.rank),
+    "lora_alpha": float(spec.alpha),
+    "target_modules": target_modules(spec),
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "use_rslora": False,
+    "use_dora": False,
+  }
 
 
 def adapter_state_dict(model, name: str, *, dtype=None) -> dict[str, np.ndarray]:
@@ -57,7 +64,7 @@ def adapter_state_dict(model, name: str, *, dtype=None) -> dict[str, np.ndarray]
   for key, value in dw.extras_state_dict(model).items():
     if key.startswith(own):
       arr = value if dtype is None else value.astype(dw._np_dtype(dtype))
-      out[f"{PREFIX}.{key[len(own):]}"] = np.ascontiguousarray(arr)
+      out[f"{PREFIX}.{key[len(own) :]}"] = np.ascontiguousarray(arr)
   return out
 
 
@@ -70,8 +77,11 @@ def save_adapter(folder: str | pathlib.Path, model, name: str, *, dtype=None) ->
   folder.mkdir(parents=True, exist_ok=True)
   meta = {f"{PREFIX}.{k}": v for k, v in lora_config(spec).items()}
   path = folder / WEIGHT_NAME
-  save_file(adapter_state_dict(model, name, dtype=dtype), str(path),
-            metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)})
+  save_file(
+    adapter_state_dict(model, name, dtype=dtype),
+    str(path),
+    metadata={"format": "pt", METADATA_KEY: json.dumps(meta, indent=2, sort_keys=True)},
+  )
   return path
 
 
@@ -86,7 +96,7 @@ def read_adapter(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[
     sd = {k: f.get_tensor(k) for k in f.keys()}
     meta = f.metadata() or {}
   raw = json.loads(meta[METADATA_KEY]) if METADATA_KEY in meta else {}
-  conf = {k[len(PREFIX) + 1:]: v for k, v in raw.items() if k.startswith(PREFIX + ".")}
+  conf = {k[len(PREFIX) + 1 :]: v for k, v in raw.items() if k.startswith(PREFIX + ".")}
   return sd, conf
 
 
@@ -95,13 +105,20 @@ def load_adapter(model, path: str | pathlib.Path, name: str) -> None:
   spec = _spec(model, name)
   sd, conf = read_adapter(path)
   want = lora_config(spec)
-  wrong = [f"{k}: file {conf.get(k)!r}, model {want[k]!r}" for k in ("r", "lora_alpha")
-           if k in conf and conf[k] != want[k]]
+  wrong = [
+    f"{k}: file {conf.get(k)!r}, model {want[k]!r}"
+    for k in ("r", "lora_alpha")
+    if k in conf and conf[k] != want[k]
+  ]
   if "target_modules" in conf and sorted(conf["target_modules"]) != sorted(want["target_modules"]):
-    wrong.append(f"target_modules: file {sorted(conf['target_modules'])}, model {sorted(want['target_modules'])}")
+    wrong.append(
+      f"target_modules: file {sorted(conf['target_modules'])}, model {sorted(want['target_modules'])}"
+    )
   if wrong:
     raise ValueError(f"{path}: LoRA file does not fit adapter {name!r}: {'; '.join(wrong)}")
-  stripped = {f"adapters.{name}.{k[len(PREFIX) + 1:]}": v for k, v in sd.items() if k.startswith(PREFIX + ".")}
+  stripped = {
+    f"adapters.{name}.{k[len(PREFIX) + 1 :]}": v for k, v in sd.items() if k.startswith(PREFIX + ".")
+  }
   others = [k for k in sd if not k.startswith(PREFIX + ".")]
   own = {k: v for k, v in dw.extras_state_dict(model).items() if k.startswith(f"adapters.{name}.")}
   expected = {k: v.shape for k, v in own.items()}
@@ -111,7 +128,9 @@ def load_adapter(model, path: str | pathlib.Path, name: str) -> None:
     module = dw._LORA_MODULES[t]
     for ab, leaf in (("A", "a"), ("B", "b")):
       updates[("adapters", name, f"{t}_{leaf}")] = np.stack(
-          [dw._to_numpy(stripped[f"adapters.{name}.transformer_blocks.{blk}.{module}.lora_{ab}.weight"]).T
-           for blk in spec.blocks])
+        [
+          dw._to_numpy(stripped[f"adapters.{name}.transformer_blocks.{blk}.{module}.lora_{ab}.weight"]).T
+          for blk in spec.blocks
+        ]
+      )
   dw._assign(model, updates)
-

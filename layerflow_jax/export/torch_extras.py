@@ -81,10 +81,16 @@ class LayerFlowExtras(torch.nn.Module):
       path = path / EXTRAS_NAME
     module = cls(read_info(path))
     sd = load_file(str(path))
-    state = {k.replace("layer_embed.linear.", "layer_embed_linear.").replace("layer_embed.norm.", "layer_embed_norm.")
-             .replace("clip_embed.weight", "clip_embed").replace("pos_embedding.weight", "pos_embedding"): v
-             for k, v in sd.items()}
-    module.load_state_dict(state, strict=True)  # kept float32 (exact for bfloat16 files); sums cast to the input dtype
+    state = {
+      k.replace("layer_embed.linear.", "layer_embed_linear.")
+      .replace("layer_embed.norm.", "layer_embed_norm.")
+      .replace("clip_embed.weight", "clip_embed")
+      .replace("pos_embedding.weight", "pos_embedding"): v
+      for k, v in sd.items()
+    }
+    module.load_state_dict(
+      state, strict=True
+    )  # kept float32 (exact for bfloat16 files); sums cast to the input dtype
     return module
 
   def given_clips(self, task: str) -> list[bool]:
@@ -109,8 +115,10 @@ class LayerFlowExtras(torch.nn.Module):
     table = None
     if self.learned_table:
       if num_text != self.pos_text_tokens or total - num_text > self.pos_embedding.shape[0] - num_text:
-        raise ValueError(f"{num_text} text + {total - num_text} video tokens do not fit the learned table "
-                         f"({self.pos_text_tokens} text rows of {self.pos_embedding.shape[0]})")
+        raise ValueError(
+          f"{num_text} text + {total - num_text} video tokens do not fit the learned table "
+          f"({self.pos_text_tokens} text rows of {self.pos_embedding.shape[0]})"
+        )
       table = self.pos_embedding.to(embeds.dtype)[:total][None]
     if self.layer_embed == "none":
       return embeds if table is None else embeds + table
@@ -153,8 +161,13 @@ def rotary_embedding(transformer, frames: int, height: int, width: int, device=N
 
   p = conf.patch_size
   gh, gw = height // p, width // p
-  return get_3d_rotary_pos_embed(embed_dim=conf.attention_head_dim, crops_coords=((0, 0), (gh, gw)),
-                                 grid_size=(gh, gw), temporal_size=frames, device=device)
+  return get_3d_rotary_pos_embed(
+    embed_dim=conf.attention_head_dim,
+    crops_coords=((0, 0), (gh, gw)),
+    grid_size=(gh, gw),
+    temporal_size=frames,
+    device=device,
+  )
 
 
 class LayerFlowTransformer(torch.nn.Module):
@@ -175,8 +188,13 @@ class LayerFlowTransformer(torch.nn.Module):
     return self.extras.info
 
   @classmethod
-  def from_export(cls, folder: str | pathlib.Path, *, adapters: str | Sequence[str] = "inference",
-                  torch_dtype: torch.dtype | None = None) -> "LayerFlowTransformer":
+  def from_export(
+    cls,
+    folder: str | pathlib.Path,
+    *,
+    adapters: str | Sequence[str] = "inference",
+    torch_dtype: torch.dtype | None = None,
+  ) -> "LayerFlowTransformer":
     """Loads an export: the transformer, the extras, and LoRA adapters through diffusers' ``load_lora_adapter``.
 
     ``adapters``: ``"inference"`` (the adapters sampling keeps, at their sampling scale; the default),
@@ -207,14 +225,27 @@ class LayerFlowTransformer(torch.nn.Module):
   def load_adapter(self, path: str | pathlib.Path, name: str) -> None:
     """One PEFT LoRA file through diffusers' ``load_lora_adapter`` (alpha / r from the file's metadata)."""
     path = pathlib.Path(path)
-    self.transformer.load_lora_adapter(str(path.parent), weight_name=path.name, adapter_name=name,
-                                       prefix="transformer")
+    self.transformer.load_lora_adapter(
+      str(path.parent), weight_name=path.name, adapter_name=name, prefix="transformer"
+    )
 
-  def forward(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, timestep,
-              image_rotary_emb: Any = None, **kwargs) -> torch.Tensor:
+  def forward(
+    self,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor,
+    timestep,
+    image_rotary_emb: Any = None,
+    **kwargs,
+  ) -> torch.Tensor:
     """Velocity [B, F, C, H, W] (diffusers' ``return_dict=False`` output, unwrapped)."""
     _, f, _, h, w = hidden_states.shape
     if image_rotary_emb is None:
       image_rotary_emb = rotary_embedding(self.transformer, f, h, w, device=hidden_states.device)
-    return self.transformer(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
-                            timestep=timestep, image_rotary_emb=image_rotary_emb, return_dict=False, **kwargs)[0]
+    return self.transformer(
+      hidden_states=hidden_states,
+      encoder_hidden_states=encoder_hidden_states,
+      timestep=timestep,
+      image_rotary_emb=image_rotary_emb,
+      return_dict=False,
+      **kwargs,
+    )[0]

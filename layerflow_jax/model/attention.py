@@ -66,8 +66,9 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | Non
   return jnp.swapaxes(jnp.einsum("bhnm,bhmd->bhnd", probs, vh), 1, 2)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None,
-           num_valid: int | None = None) -> jax.Array:
+def attend(
+  q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None = None, num_valid: int | None = None
+) -> jax.Array:
   """:func:`xla_attention` (``None``/``"xla"``), :func:`chunked_attention` (``"chunked"``),
   :func:`splash_attention` (``"splash"``; on one device or inside ``shard_map``), cuDNN's FP8 flash attention
   (``"cudnn_fp8"``, forward only: :func:`layerflow_jax.model.fp8.attention`) or
@@ -83,12 +84,18 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None 
     from layerflow_jax.model import fp8
 
     return fp8.attention(q, k, v, num_valid)
-  return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=_kv_lengths(k, num_valid),
-                                      implementation="cudnn" if implementation == "cudnn" else None)
+  return jax.nn.dot_product_attention(
+    q,
+    k,
+    v,
+    key_value_seq_lengths=_kv_lengths(k, num_valid),
+    implementation="cudnn" if implementation == "cudnn" else None,
+  )
 
 
-def chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK,
-                      num_valid: int | None = None) -> jax.Array:
+def chunked_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, chunk: int = QUERY_CHUNK, num_valid: int | None = None
+) -> jax.Array:
   """Exact attention, ``chunk`` queries at a time (``lax.map`` over rematerialised chunks): peak memory for the
   scores is ``B·H·chunk·Nk`` in forward and backward instead of ``B·H·Nq·Nk``."""
   b, n, h, d = q.shape
@@ -119,19 +126,36 @@ def _splash_kernel(num_heads: int, nq: int, nk: int, interpret: bool):
 
   bq, bk = splash_block(nq), splash_block(nk)
   if bq is None or bk is None:
-    raise ValueError(f"splash attention: {nq} queries / {nk} keys do not tile into blocks {SPLASH_BLOCKS}; pad "
-                     f"them to a multiple of {SPLASH_TILE} (model.pad_tokens_to)")
-  blocks = splash.BlockSizes(block_q=bq, block_kv=bk, block_kv_compute=bk, block_q_dkv=bq, block_kv_dkv=bk,
-                             block_kv_dkv_compute=bk, block_q_dq=bq, block_kv_dq=bk)
+    raise ValueError(
+      f"splash attention: {nq} queries / {nk} keys do not tile into blocks {SPLASH_BLOCKS}; pad "
+      f"them to a multiple of {SPLASH_TILE} (model.pad_tokens_to)"
+    )
+  blocks = splash.BlockSizes(
+    block_q=bq,
+    block_kv=bk,
+    block_kv_compute=bk,
+    block_q_dkv=bq,
+    block_kv_dkv=bk,
+    block_kv_dkv_compute=bk,
+    block_q_dq=bq,
+    block_kv_dq=bk,
+  )
   mask = splash.MultiHeadMask([splash.FullMask((nq, nk))] * num_heads)  # padding is masked by segment ids
   # The residuals (output, log-sum-exp) carry the name "attention_out": remat="save_attention" keeps them, so the
   # backward pass does not run the forward kernel again.
-  return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1,
-                                residual_checkpoint_name="attention_out", interpret=interpret)
+  return splash.make_splash_mha(
+    mask,
+    block_sizes=blocks,
+    head_shards=1,
+    q_seq_shards=1,
+    residual_checkpoint_name="attention_out",
+    interpret=interpret,
+  )
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = None, *,
-                     pad: bool = False) -> jax.Array:
+def splash_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = None, *, pad: bool = False
+) -> jax.Array:
   """Exact attention with the Pallas splash kernel: ``q`` [B, Nq, H, D], ``k, v`` [B, Nk, H, D] → [B, Nq, H, D];
   keys from ``num_valid`` on are masked (key segment id 1, every query's 0), so no query row is fully masked.
 
@@ -148,14 +172,19 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | 
     k, v = (jnp.pad(x, ((0, 0), (0, pk), (0, 0), (0, 0))) for x in (k, v))
   for name, n in (("queries", q.shape[1]), ("keys", k.shape[1])):
     if splash_block(n) is None:
-      raise ValueError(f"model.attention='splash': {n} {name} do not tile into blocks of {SPLASH_TILE}; set "
-                       f"model.pad_tokens_to to a multiple of {SPLASH_TILE} (e.g. 512)")
+      raise ValueError(
+        f"model.attention='splash': {n} {name} do not tile into blocks of {SPLASH_TILE}; set "
+        f"model.pad_tokens_to to a multiple of {SPLASH_TILE} (e.g. 512)"
+      )
   from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-  segments = splash.SegmentIds(q=jnp.zeros((q.shape[1],), jnp.int32),
-                               kv=(jnp.arange(k.shape[1]) >= valid).astype(jnp.int32))
-  scale = d ** -0.5
-  qh = jnp.swapaxes((q.astype(jnp.float32) * scale).astype(q.dtype), 1, 2)  # [B, H, N, D]: the kernel's layout
+  segments = splash.SegmentIds(
+    q=jnp.zeros((q.shape[1],), jnp.int32), kv=(jnp.arange(k.shape[1]) >= valid).astype(jnp.int32)
+  )
+  scale = d**-0.5
+  qh = jnp.swapaxes(
+    (q.astype(jnp.float32) * scale).astype(q.dtype), 1, 2
+  )  # [B, H, N, D]: the kernel's layout
   kh, vh = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
 
   def run(interpret):
@@ -179,7 +208,9 @@ def _batch_head_axes(mesh, b: int, h: int):
   return batch_axes, head_axes
 
 
-def sharded_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = None) -> jax.Array:
+def sharded_splash_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = None
+) -> jax.Array:
   """:func:`splash_attention` on the active mesh: under ``shard_map`` with batch and heads split (a Pallas kernel
   cannot be partitioned by GSPMD); on one device (or none) directly."""
   mesh = jax.sharding.get_abstract_mesh()
@@ -187,8 +218,12 @@ def sharded_splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid
     return splash_attention(q, k, v, num_valid)
   batch_axes, head_axes = _batch_head_axes(mesh, q.shape[0], q.shape[2])
   spec = P(batch_axes, None, head_axes, None)
-  return jax.shard_map(functools.partial(splash_attention, num_valid=num_valid), in_specs=(spec,) * 3,
-                       out_specs=spec, check_vma=False)(q, k, v)  # (pallas_call outputs carry no varying axes)
+  return jax.shard_map(
+    functools.partial(splash_attention, num_valid=num_valid),
+    in_specs=(spec,) * 3,
+    out_specs=spec,
+    check_vma=False,
+  )(q, k, v)  # (pallas_call outputs carry no varying axes)
 
 
 def _axes(names: tuple[str, ...]):
@@ -206,8 +241,15 @@ def _size(mesh, axes) -> int:
   return out
 
 
-def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_text: int, *,
-                    implementation: str | None = None, num_valid: int | None = None) -> jax.Array:
+def joint_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  num_text: int,
+  *,
+  implementation: str | None = None,
+  num_valid: int | None = None,
+) -> jax.Array:
   """Attention over ``[text; video]`` tokens: ``q, k, v`` [B, T+N, H, D] → [B, T+N, H, D]; with ``num_valid`` the
   tokens from there on are padding (``model.pad_tokens_to``), masked as keys.
 
@@ -219,13 +261,16 @@ def joint_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_text: int, *,
       return sharded_splash_attention(q, k, v, num_valid)
     return attend(q, k, v, implementation, num_valid)
   if num_valid is not None:
-    raise ValueError("model.pad_tokens_to: padding the joint sequence does not combine with sequence parallelism "
-                     "(mesh.sequence > 1); set model.pad_tokens_to=0")
+    raise ValueError(
+      "model.pad_tokens_to: padding the joint sequence does not combine with sequence parallelism "
+      "(mesh.sequence > 1); set model.pad_tokens_to=0"
+    )
   return sequence_parallel_attention(q, k, v, num_text, implementation=implementation)
 
 
-def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_text: int, *,
-                                implementation: str | None = None) -> jax.Array:
+def sequence_parallel_attention(
+  q: jax.Array, k: jax.Array, v: jax.Array, num_text: int, *, implementation: str | None = None
+) -> jax.Array:
   """All-gathered-K/V attention under ``shard_map`` with video tokens split over the sequence axes."""
   mesh = jax.sharding.get_abstract_mesh()
   b, n, h, _ = q.shape
@@ -233,13 +278,17 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_te
   shards = _size(mesh, seq_axes)
   num_video = n - num_text
   if num_video % shards:
-    raise ValueError(f"sequence parallelism: {num_video} video tokens are not divisible by the {shards} "
-                     f"sequence shards (mesh axes {seq_axes}); change the clip size or mesh.sequence")
+    raise ValueError(
+      f"sequence parallelism: {num_video} video tokens are not divisible by the {shards} "
+      f"sequence shards (mesh axes {seq_axes}); change the clip size or mesh.sequence"
+    )
   batch_axes, head_axes = _batch_head_axes(mesh, b, h)
   text_spec = P(batch_axes, None, head_axes, None)
   video_spec = P(batch_axes, seq_axes, head_axes, None)
 
-  if implementation == "splash":  # no model.pad_tokens_to here: each shard pads its queries and keys to the tiles
+  if (
+    implementation == "splash"
+  ):  # no model.pad_tokens_to here: each shard pads its queries and keys to the tiles
     one = functools.partial(splash_attention, pad=True)
   else:
     one = functools.partial(attend, implementation=implementation)
@@ -257,7 +306,9 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_te
   split = lambda x: (x[:, :num_text], x[:, num_text:])
   (qt, qv), (kt, kv), (vt, vv) = split(q), split(k), split(v)
   out_text, out_video = jax.shard_map(
-      local, in_specs=(text_spec,) * 3 + (video_spec,) * 3, out_specs=(text_spec, video_spec),
-      check_vma=implementation != "splash")(
-          qt, kt, vt, qv, kv, vv)
+    local,
+    in_specs=(text_spec,) * 3 + (video_spec,) * 3,
+    out_specs=(text_spec, video_spec),
+    check_vma=implementation != "splash",
+  )(qt, kt, vt, qv, kv, vv)
   return jnp.concatenate([out_text, out_video], axis=1)

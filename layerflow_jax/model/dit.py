@@ -97,21 +97,30 @@ class DiTConfig:
     layout = layers.get_layout(config.layout)
     latent_c = codec_lib.make_codec(config.autoencoder).latent_channels
     if m.layer_embed not in ("none", "text", "text+video"):
-      raise ValueError(f"model.layer_embed: {m.layer_embed!r} unknown; expected 'none', 'text' or 'text+video'")
+      raise ValueError(
+        f"model.layer_embed: {m.layer_embed!r} unknown; expected 'none', 'text' or 'text+video'"
+      )
     if m.pos_embed not in ("sincos", "rope", "none", "learned"):
-      raise ValueError(f"model.pos_embed: {m.pos_embed!r} unknown; expected 'sincos', 'rope', 'none' or 'learned'")
+      raise ValueError(
+        f"model.pos_embed: {m.pos_embed!r} unknown; expected 'sincos', 'rope', 'none' or 'learned'"
+      )
     lead = int(m.lead_frames)
     if lead < 0 or (lead and (m.layer_embed == "text+video" or m.clip_positions == "clip")):
-      raise ValueError(f"model.lead_frames: {lead} must be >= 0, and 0 with layer_embed 'text+video' or "
-                       "clip_positions 'clip' (lead frames belong to no sub-clip)")
+      raise ValueError(
+        f"model.lead_frames: {lead} must be >= 0, and 0 with layer_embed 'text+video' or "
+        "clip_positions 'clip' (lead frames belong to no sub-clip)"
+      )
     num_prompts = int(m.num_prompts)
     pos_text, pos_grid = 0, (0, 0, 0)
     if m.pos_embed == "learned":
       t, h, w, _ = codec_lib.make_codec(config.autoencoder).latent_shape(
-          config.data.frames, config.data.height, config.data.width)
+        config.data.frames, config.data.height, config.data.width
+      )
       frames = int(m.pos_table_frames) or lead + layout.num_clips * t
-      pos_text, pos_grid = num_prompts * int(config.text_encoder.max_length), (frames, h // m.patch_size,
-                                                                                 w // m.patch_size)
+      pos_text, pos_grid = (
+        num_prompts * int(config.text_encoder.max_length),
+        (frames, h // m.patch_size, w // m.patch_size),
+      )
     if m.clip_positions not in ("video", "clip"):
       raise ValueError(f"model.clip_positions: {m.clip_positions!r} unknown; expected 'video' or 'clip'")
     if m.remat not in REMAT_POLICIES:
@@ -124,18 +133,39 @@ class DiTConfig:
     if precision not in fp8_lib.PRECISIONS:
       raise ValueError(f"model.precision: {precision!r} unknown; expected one of {fp8_lib.PRECISIONS}")
     return cls(
-        num_layers=m.num_layers, num_heads=m.num_heads, head_dim=m.head_dim, time_embed_dim=m.time_embed_dim,
-        in_channels=latent_c, out_channels=latent_c, text_embed_dim=config.text_encoder.dim,
-        patch_size=m.patch_size, mlp_ratio=m.mlp_ratio, norm_eps=m.norm_eps, qk_norm_eps=m.qk_norm_eps,
-        pos_embed=m.pos_embed, spatial_interpolation_scale=m.spatial_interpolation_scale,
-        temporal_interpolation_scale=m.temporal_interpolation_scale,
-        clip_positions=m.clip_positions, given_embed=bool(m.given_embed),
-        layer_embed=m.layer_embed, pos_text_tokens=pos_text, pos_grid=pos_grid,
-        num_prompts=num_prompts, num_clips=layout.num_clips, lead_frames=lead,
-        final_norm_eps=float(m.final_norm_eps), dtype=m.dtype, param_dtype=m.param_dtype,
-        scan_layers=m.scan_layers, remat=m.remat, attention=m.attention,
-        fused_qkv=bool(m.fused_qkv), pad_tokens_to=int(m.pad_tokens_to),
-        adapters=adapters, precision=precision)
+      num_layers=m.num_layers,
+      num_heads=m.num_heads,
+      head_dim=m.head_dim,
+      time_embed_dim=m.time_embed_dim,
+      in_channels=latent_c,
+      out_channels=latent_c,
+      text_embed_dim=config.text_encoder.dim,
+      patch_size=m.patch_size,
+      mlp_ratio=m.mlp_ratio,
+      norm_eps=m.norm_eps,
+      qk_norm_eps=m.qk_norm_eps,
+      pos_embed=m.pos_embed,
+      spatial_interpolation_scale=m.spatial_interpolation_scale,
+      temporal_interpolation_scale=m.temporal_interpolation_scale,
+      clip_positions=m.clip_positions,
+      given_embed=bool(m.given_embed),
+      layer_embed=m.layer_embed,
+      pos_text_tokens=pos_text,
+      pos_grid=pos_grid,
+      num_prompts=num_prompts,
+      num_clips=layout.num_clips,
+      lead_frames=lead,
+      final_norm_eps=float(m.final_norm_eps),
+      dtype=m.dtype,
+      param_dtype=m.param_dtype,
+      scan_layers=m.scan_layers,
+      remat=m.remat,
+      attention=m.attention,
+      fused_qkv=bool(m.fused_qkv),
+      pad_tokens_to=int(m.pad_tokens_to),
+      adapters=adapters,
+      precision=precision,
+    )
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -146,11 +176,25 @@ _ones = nnx.initializers.ones_init()
 _xavier = nnx.initializers.xavier_uniform()
 
 
-def _linear(cfg: DiTConfig, din: int, dout: int, names: tuple[str | None, str | None], rngs: nnx.Rngs, *,
-            kernel_init=_xavier, bias_init=_zeros) -> nnx.Linear:
+def _linear(
+  cfg: DiTConfig,
+  din: int,
+  dout: int,
+  names: tuple[str | None, str | None],
+  rngs: nnx.Rngs,
+  *,
+  kernel_init=_xavier,
+  bias_init=_zeros,
+) -> nnx.Linear:
   return nnx.Linear(
-      din, dout, dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype],
-      kernel_init=shd.param(kernel_init, names), bias_init=shd.param(bias_init, (names[1],)), rngs=rngs)
+    din,
+    dout,
+    dtype=DTYPES[cfg.dtype],
+    param_dtype=DTYPES[cfg.param_dtype],
+    kernel_init=shd.param(kernel_init, names),
+    bias_init=shd.param(bias_init, (names[1],)),
+    rngs=rngs,
+  )
 
 
 class LayerNorm(nnx.Module):
@@ -158,8 +202,15 @@ class LayerNorm(nnx.Module):
 
   def __init__(self, dim: int, eps: float, rngs: nnx.Rngs, *, affine: bool = True):
     self.norm = nnx.LayerNorm(
-        dim, epsilon=eps, use_bias=affine, use_scale=affine, dtype=jnp.float32,
-        scale_init=shd.param(_ones, ("norm",)), bias_init=shd.param(_zeros, ("norm",)), rngs=rngs)
+      dim,
+      epsilon=eps,
+      use_bias=affine,
+      use_scale=affine,
+      dtype=jnp.float32,
+      scale_init=shd.param(_ones, ("norm",)),
+      bias_init=shd.param(_zeros, ("norm",)),
+      rngs=rngs,
+    )
 
   def __call__(self, x):
     return self.norm(x.astype(jnp.float32)).astype(x.dtype)
@@ -170,8 +221,9 @@ class LayerNormZero(nnx.Module):
 
   def __init__(self, cfg: DiTConfig, rngs: nnx.Rngs):
     # adaLN-zero: modulation starts at zero (identity norms, closed gates); diffusers weights overwrite it.
-    self.linear = _linear(cfg, cfg.time_embed_dim, 6 * cfg.hidden, ("time_embed", "modulation"), rngs,
-                          kernel_init=_zeros)
+    self.linear = _linear(
+      cfg, cfg.time_embed_dim, 6 * cfg.hidden, ("time_embed", "modulation"), rngs, kernel_init=_zeros
+    )
     self.norm = LayerNorm(cfg.hidden, cfg.norm_eps, rngs)
 
   def __call__(self, x, enc, temb):
@@ -195,8 +247,15 @@ class Attention(nnx.Module):
     self.norm_k = LayerNorm(cfg.head_dim, cfg.qk_norm_eps, rngs)
     self.to_out = _linear(cfg, d, d, ("heads", "embed"), rngs)
 
-  def __call__(self, x, num_text: int, rope, lora: lora_lib.BlockLora | None, num_valid: int | None = None,
-               fp8: dict | None = None):
+  def __call__(
+    self,
+    x,
+    num_text: int,
+    rope,
+    lora: lora_lib.BlockLora | None,
+    num_valid: int | None = None,
+    fp8: dict | None = None,
+  ):
     """``x`` [B, T+N(+pad), D]; with ``num_valid`` the tokens from there on are padding: masked as keys. ``fp8``:
     this block's delayed-scaling state of its FP8 GEMMs (None: current scaling; read only with FP8 GEMMs)."""
     cfg = self.cfg
@@ -204,35 +263,48 @@ class Attention(nnx.Module):
     qkv_lora = lora is not None and any(t in w for w in lora.weights.values() for t in ("q", "k", "v"))
     gemm_fp8 = fp8_lib.gemm_fp8(cfg.precision)
     meta = lambda site: None if fp8 is None else fp8[site]  # noqa: E731
-    if gemm_fp8:  # one FP8 GEMM (one kernel scale) for q, k, v in every block; LoRA deltas added in model.dtype
+    if (
+      gemm_fp8
+    ):  # one FP8 GEMM (one kernel scale) for q, k, v in every block; LoRA deltas added in model.dtype
       base = self.fused_qkv(x, meta("qkv"))
-      q, k, v = (lora_lib.project(lin, x, lora, t, base=y) for lin, t, y in zip((self.to_q, self.to_k, self.to_v),
-                                                                               "qkv", base))
+      q, k, v = (
+        lora_lib.project(lin, x, lora, t, base=y)
+        for lin, t, y in zip((self.to_q, self.to_k, self.to_v), "qkv", base)
+      )
     elif cfg.fused_qkv and not qkv_lora:
       q, k, v = self.fused_qkv(x)
     else:
       q = lora_lib.project(self.to_q, x, lora, "q")
       k = lora_lib.project(self.to_k, x, lora, "k")
       v = lora_lib.project(self.to_v, x, lora, "v")
-    heads = lambda t: shd.constrain(t.reshape(b, n, cfg.num_heads, cfg.head_dim),
-                                    ("batch", None, "act_heads", "act_kv"))
+    heads = lambda t: shd.constrain(
+      t.reshape(b, n, cfg.num_heads, cfg.head_dim), ("batch", None, "act_heads", "act_kv")
+    )
     q, k, v = heads(q), heads(k), heads(v)
     q, k = self.norm_q(q), self.norm_k(k)
     if rope is not None:
       cos, sin = rope
       end = n if num_valid is None else num_valid
-      rot = lambda t: jnp.concatenate([t[:, :num_text], emb.apply_rope(t[:, num_text:end], cos, sin), t[:, end:]],
-                                      axis=1)
+      rot = lambda t: jnp.concatenate(
+        [t[:, :num_text], emb.apply_rope(t[:, num_text:end], cos, sin), t[:, end:]], axis=1
+      )
       q, k = rot(q), rot(k)
     impl = None if cfg.attention == "xla" else cfg.attention
     if fp8_lib.attention_fp8(cfg.precision):
       impl = "cudnn_fp8"
-    out = attention_lib.joint_attention(q, k, v, num_text, implementation=impl,  # sequence-parallel if meshed
-                                        num_valid=None if num_valid == n else num_valid)
+    out = attention_lib.joint_attention(
+      q,
+      k,
+      v,
+      num_text,
+      implementation=impl,  # sequence-parallel if meshed
+      num_valid=None if num_valid == n else num_valid,
+    )
     out = checkpoint_name(out, "attention_out")
     out = out.reshape(b, n, cfg.hidden)
-    return lora_lib.project(self.to_out, out, lora, "out",
-                            base=fp8_lib.dense(self.to_out, out, meta("out")) if gemm_fp8 else None)
+    return lora_lib.project(
+      self.to_out, out, lora, "out", base=fp8_lib.dense(self.to_out, out, meta("out")) if gemm_fp8 else None
+    )
 
   def fused_qkv(self, x, fp8_meta: dict | None = None):
     """q, k, v from one matmul over the stacked kernels [in, 3, out]: one larger GEMM (and one for each gradient)
@@ -257,10 +329,14 @@ class FeedForward(nnx.Module):
     self.proj_out = _linear(cfg, inner, cfg.hidden, ("mlp", "embed"), rngs)
 
   def __call__(self, x, lora: lora_lib.BlockLora | None, fp8: dict | None = None):
-    base = lambda lin, t, site: (fp8_lib.dense(lin, t, None if fp8 is None else fp8[site])  # noqa: E731
-                                 if self.gemm_fp8 else None)
-    h = jax.nn.gelu(lora_lib.project(self.proj_in, x, lora, "ff_in", base=base(self.proj_in, x, "ff_in")),
-                    approximate=True)
+    base = lambda lin, t, site: (
+      fp8_lib.dense(lin, t, None if fp8 is None else fp8[site])  # noqa: E731
+      if self.gemm_fp8
+      else None
+    )
+    h = jax.nn.gelu(
+      lora_lib.project(self.proj_in, x, lora, "ff_in", base=base(self.proj_in, x, "ff_in")), approximate=True
+    )
     h = shd.constrain(h, ("batch", None, "act_mlp"))
     return lora_lib.project(self.proj_out, h, lora, "ff_out", base=base(self.proj_out, h, "ff_out"))
 
@@ -305,12 +381,15 @@ def _attention_kernel_saveable(prim, *_, **__) -> bool:
 
 _cp = jax.checkpoint_policies
 REMAT_POLICIES = {
-    "none": None,
-    "full": _cp.nothing_saveable,
-    "dots": _cp.dots_with_no_batch_dims_saveable,
-    "save_attention": _cp.save_from_both_policies(_cp.save_only_these_names("attention_out"),
-                                                  _attention_kernel_saveable),
-    "dots_attention": _cp.save_from_both_policies(_cp.dots_with_no_batch_dims_saveable, _attention_kernel_saveable),
+  "none": None,
+  "full": _cp.nothing_saveable,
+  "dots": _cp.dots_with_no_batch_dims_saveable,
+  "save_attention": _cp.save_from_both_policies(
+    _cp.save_only_these_names("attention_out"), _attention_kernel_saveable
+  ),
+  "dots_attention": _cp.save_from_both_policies(
+    _cp.dots_with_no_batch_dims_saveable, _attention_kernel_saveable
+  ),
 }
 
 
@@ -332,9 +411,17 @@ class LayerFlowDiT(nnx.Module):
     d, p = cfg.hidden, cfg.patch_size
     pd = DTYPES[cfg.param_dtype]
     self.patch_proj = nnx.Conv(
-        cfg.in_channels, d, kernel_size=(p, p), strides=(p, p), padding="VALID", dtype=DTYPES[cfg.dtype],
-        param_dtype=pd, kernel_init=shd.param(_xavier, ("patch", "patch", "channels", "embed")),
-        bias_init=shd.param(_zeros, ("embed",)), rngs=rngs)
+      cfg.in_channels,
+      d,
+      kernel_size=(p, p),
+      strides=(p, p),
+      padding="VALID",
+      dtype=DTYPES[cfg.dtype],
+      param_dtype=pd,
+      kernel_init=shd.param(_xavier, ("patch", "patch", "channels", "embed")),
+      bias_init=shd.param(_zeros, ("embed",)),
+      rngs=rngs,
+    )
     self.text_proj = _linear(cfg, cfg.text_embed_dim, d, ("text_embed", "embed"), rngs)
     self.time_linear_1 = _linear(cfg, d, cfg.time_embed_dim, ("embed", "time_embed"), rngs)
     self.time_linear_2 = _linear(cfg, cfg.time_embed_dim, cfg.time_embed_dim, ("time_embed", None), rngs)
@@ -342,12 +429,17 @@ class LayerFlowDiT(nnx.Module):
       self.layer_embed_linear = _linear(cfg, 1, d, (None, "embed"), rngs)
       self.layer_embed_norm = LayerNorm(d, cfg.norm_eps, rngs)
     if cfg.layer_embed == "text+video":
-      self.clip_embed = nnx.Param(shd.param(_normal(0.02), ("clips", "embed"))(rngs.params(), (cfg.num_clips, d), pd))
+      self.clip_embed = nnx.Param(
+        shd.param(_normal(0.02), ("clips", "embed"))(rngs.params(), (cfg.num_clips, d), pd)
+      )
     if cfg.given_embed:
       self.given_embed = nnx.Param(shd.param(_normal(0.02), ("embed",))(rngs.params(), (d,), pd))
     if cfg.pos_embed == "learned":
-      self.pos_table = nnx.Param(shd.param(lambda *_: jnp.asarray(self._initial_pos_table(), pd), (None, "embed"))(
-          rngs.params(), None, pd))
+      self.pos_table = nnx.Param(
+        shd.param(lambda *_: jnp.asarray(self._initial_pos_table(), pd), (None, "embed"))(
+          rngs.params(), None, pd
+        )
+      )
 
     @nnx.split_rngs(splits=cfg.num_layers)
     @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -356,12 +448,14 @@ class LayerFlowDiT(nnx.Module):
 
     self.blocks = make_blocks(rngs)
     self.norm_final = LayerNorm(d, cfg.norm_eps, rngs)
-    self.norm_out_linear = _linear(cfg, cfg.time_embed_dim, 2 * d, ("time_embed", "modulation"), rngs,
-                                   kernel_init=_zeros)
+    self.norm_out_linear = _linear(
+      cfg, cfg.time_embed_dim, 2 * d, ("time_embed", "modulation"), rngs, kernel_init=_zeros
+    )
     self.norm_out = LayerNorm(d, cfg.final_norm_eps or cfg.norm_eps, rngs)
     self.proj_out = _linear(cfg, d, p * p * cfg.out_channels, ("embed", "channels"), rngs, kernel_init=_zeros)
-    self.adapters = nnx.Dict({a.name: lora_lib.Adapter(a, cfg.hidden, cfg.mlp_ratio * cfg.hidden, pd, rngs)
-                              for a in cfg.adapters})
+    self.adapters = nnx.Dict(
+      {a.name: lora_lib.Adapter(a, cfg.hidden, cfg.mlp_ratio * cfg.hidden, pd, rngs) for a in cfg.adapters}
+    )
 
   # -------------------------------------------------------------------------- pieces
 
@@ -371,8 +465,9 @@ class LayerFlowDiT(nnx.Module):
     frames, rows, cols = cfg.pos_grid
     if min(cfg.pos_grid) < 1 or cfg.pos_text_tokens < 0:
       raise ValueError(f"pos_embed 'learned' needs a positive pos_grid, got {cfg.pos_grid}")
-    video = emb.sincos_3d(cfg.hidden, frames, rows, cols, cfg.spatial_interpolation_scale,
-                          cfg.temporal_interpolation_scale)
+    video = emb.sincos_3d(
+      cfg.hidden, frames, rows, cols, cfg.spatial_interpolation_scale, cfg.temporal_interpolation_scale
+    )
     return np.concatenate([np.zeros((cfg.pos_text_tokens, cfg.hidden), np.float32), video], axis=0)
 
   def embed_text(self, text, fp8_meta: dict | None = None):
@@ -380,19 +475,26 @@ class LayerFlowDiT(nnx.Module):
     in FP8 with FP8 GEMMs, ``fp8_meta`` its scaling state; None: current scaling)."""
     cfg = self.cfg
     text = text.astype(DTYPES[cfg.dtype])
-    enc = fp8_lib.dense(self.text_proj, text, fp8_meta) if fp8_lib.gemm_fp8(cfg.precision) else self.text_proj(text)
+    enc = (
+      fp8_lib.dense(self.text_proj, text, fp8_meta)
+      if fp8_lib.gemm_fp8(cfg.precision)
+      else self.text_proj(text)
+    )
     if cfg.layer_embed in ("text", "text+video"):
       b, total, d = enc.shape
       if total % cfg.num_prompts:
         raise ValueError(f"{total} text tokens cannot be split into {cfg.num_prompts} prompts")
       index = jnp.arange(cfg.num_prompts, dtype=jnp.float32)[:, None]  # the prompt's scalar index
       layer = self.layer_embed_norm(self.layer_embed_linear(index.astype(enc.dtype)))  # [P, D]
-      enc = (enc.reshape(b, cfg.num_prompts, total // cfg.num_prompts, d) + layer[None, :, None]).reshape(b, total, d)
+      enc = (enc.reshape(b, cfg.num_prompts, total // cfg.num_prompts, d) + layer[None, :, None]).reshape(
+        b, total, d
+      )
     if cfg.pos_embed == "learned":
       if enc.shape[1] != cfg.pos_text_tokens:
-        raise ValueError(f"{enc.shape[1]} text tokens, the learned position table has {cfg.pos_text_tokens} "
-                         "text rows")
-      enc = enc + self.pos_table[...][:cfg.pos_text_tokens].astype(enc.dtype)[None]
+        raise ValueError(
+          f"{enc.shape[1]} text tokens, the learned position table has {cfg.pos_text_tokens} text rows"
+        )
+      enc = enc + self.pos_table[...][: cfg.pos_text_tokens].astype(enc.dtype)[None]
     return shd.constrain(enc, ("batch", "text_tokens", "act_embed"))
 
   def embed_video(self, latents, given_frames=None):
@@ -409,14 +511,20 @@ class LayerFlowDiT(nnx.Module):
     x = self.patch_proj(latents.reshape(b * f, h, w, c).astype(DTYPES[cfg.dtype]))
     x = x.reshape(b, f * (h // p) * (w // p), cfg.hidden)
     if cfg.pos_embed == "sincos":
-      table = emb.sincos_3d(cfg.hidden, self._position_frames(f), h // p, w // p, cfg.spatial_interpolation_scale,
-                            cfg.temporal_interpolation_scale)
+      table = emb.sincos_3d(
+        cfg.hidden,
+        self._position_frames(f),
+        h // p,
+        w // p,
+        cfg.spatial_interpolation_scale,
+        cfg.temporal_interpolation_scale,
+      )
       x = x + jnp.asarray(self._tile_positions(table, f), x.dtype)[None]
     if cfg.pos_embed == "learned":
       n, rows = x.shape[1], self.pos_table.shape[0] - cfg.pos_text_tokens
       if n > rows:
         raise ValueError(f"{n} video tokens, the learned position table has {rows} video rows")
-      x = x + self.pos_table[...][cfg.pos_text_tokens:cfg.pos_text_tokens + n].astype(x.dtype)[None]
+      x = x + self.pos_table[...][cfg.pos_text_tokens : cfg.pos_text_tokens + n].astype(x.dtype)[None]
     if cfg.layer_embed == "text+video":
       per_clip = (f // cfg.num_clips) * (h // p) * (w // p)
       x = x + jnp.repeat(self.clip_embed[...].astype(x.dtype), per_clip, axis=0)[None]
@@ -455,7 +563,7 @@ class LayerFlowDiT(nnx.Module):
 
     carry = (x, enc)
     for seg in lora_lib.segments(cfg.adapters, cfg.num_layers):
-      seg_state = jax.tree.map(lambda a, seg=seg: a[seg.start:seg.stop], stacked)
+      seg_state = jax.tree.map(lambda a, seg=seg: a[seg.start : seg.stop], stacked)
       seg_lora = lora_lib.segment_lora(seg, adapters, cfg.adapters)
       seg_fp8 = None if fp8 is None else fp8_lib.rows(fp8, seg.start, seg.stop)
       if cfg.scan_layers:
@@ -465,8 +573,15 @@ class LayerFlowDiT(nnx.Module):
           carry, _ = body(carry, jax.tree.map(lambda a, i=i: a[i], (seg_state, seg_lora, seg_fp8)))
     return carry
 
-  def __call__(self, latents, timesteps, text, adapter_scales: Mapping[str, Any] | None = None,
-               given_frames=None, fp8: dict | None = None):
+  def __call__(
+    self,
+    latents,
+    timesteps,
+    text,
+    adapter_scales: Mapping[str, Any] | None = None,
+    given_frames=None,
+    fp8: dict | None = None,
+  ):
     cfg = self.cfg
     b, f, h, w, c = latents.shape
     p = cfg.patch_size

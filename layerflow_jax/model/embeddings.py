@@ -13,8 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def timestep_embedding(t, dim: int, *, flip_sin_to_cos: bool = True, shift: float = 0.0,
-                       max_period: float = 10000.0):
+def timestep_embedding(
+  t, dim: int, *, flip_sin_to_cos: bool = True, shift: float = 0.0, max_period: float = 10000.0
+):
   """Sinusoidal embedding of (possibly fractional) timesteps [B] → [B, dim], computed in float32."""
   half = dim // 2
   exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - shift)
@@ -35,8 +36,14 @@ def _sincos_1d(dim: int, pos: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=32)
-def sincos_3d(dim: int, frames: int, height: int, width: int, spatial_interpolation_scale: float = 1.875,
-              temporal_interpolation_scale: float = 1.0) -> np.ndarray:
+def sincos_3d(
+  dim: int,
+  frames: int,
+  height: int,
+  width: int,
+  spatial_interpolation_scale: float = 1.875,
+  temporal_interpolation_scale: float = 1.0,
+) -> np.ndarray:
   """[frames * height * width, dim] table (¼ channels temporal, ¾ spatial), tokens ordered (frame, row, col)."""
   if dim % 4:
     raise ValueError(f"sin-cos position embedding needs a width divisible by 4, got {dim}")
@@ -61,8 +68,13 @@ def _rope_1d(dim: int, pos: np.ndarray, theta: float = 10000.0) -> tuple[np.ndar
 
 
 @functools.lru_cache(maxsize=32)
-def rope_3d(head_dim: int, frames: int, height: int, width: int,
-            crop: tuple[tuple[float, float], tuple[float, float]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def rope_3d(
+  head_dim: int,
+  frames: int,
+  height: int,
+  width: int,
+  crop: tuple[tuple[float, float], tuple[float, float]] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
   """(cos, sin) [frames * height * width, head_dim] of CogVideoX's 3D RoPE (t: ¼, h: ⅜, w: ⅜ of head_dim).
 
   ``crop`` = ((top, left), (bottom, right)) grid coordinates; default covers the grid at integer positions,

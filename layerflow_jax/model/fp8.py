@@ -78,9 +78,14 @@ def current_meta(x: jax.Array, kernel: jax.Array) -> dict:
   """State for a forward-only pass: each history holds the tensor's own amax, so the scale flax derives from
   it is current scaling (the gradient entries are never read without a backward pass)."""
   amax = lambda t: jnp.max(jnp.abs(t)).astype(jnp.float32)[None]  # noqa: E731
-  return {"input_scale": jnp.ones((1,), jnp.float32), "input_amax_history": amax(x),
-          "kernel_scale": jnp.ones((1,), jnp.float32), "kernel_amax_history": amax(kernel),
-          "grad_scale": jnp.ones((1,), jnp.float32), "grad_amax_history": jnp.zeros((1,), jnp.float32)}
+  return {
+    "input_scale": jnp.ones((1,), jnp.float32),
+    "input_amax_history": amax(x),
+    "kernel_scale": jnp.ones((1,), jnp.float32),
+    "kernel_amax_history": amax(kernel),
+    "grad_scale": jnp.ones((1,), jnp.float32),
+    "grad_amax_history": jnp.zeros((1,), jnp.float32),
+  }
 
 
 def updated(old: dict, new: dict) -> dict:
@@ -94,7 +99,7 @@ def updated(old: dict, new: dict) -> dict:
       continue
     if not key.endswith("_scale"):
       continue
-    name = key[:-len("_scale")]
+    name = key[: -len("_scale")]
     ran = new[key] != 0  # [..., 1]
     out[key] = jnp.where(ran, new[key], value)
     out[f"{name}_amax_history"] = jnp.where(ran, new[f"{name}_amax_history"], old[f"{name}_amax_history"])
@@ -116,7 +121,10 @@ def for_model(held: dict, differentiated: dict) -> dict:
   one, and the frozen blocks would run their backward pass after all)."""
   if not held:
     return differentiated
-  return {"blocks": {"held": held["blocks"], "rest": differentiated["blocks"]}, "text_proj": held["text_proj"]}
+  return {
+    "blocks": {"held": held["blocks"], "rest": differentiated["blocks"]},
+    "text_proj": held["text_proj"],
+  }
 
 
 def stacked(held: dict, differentiated: dict) -> dict:
@@ -134,9 +142,9 @@ def rows(blocks: dict, start: int, stop: int) -> dict:
   first = jax.tree.leaves(blocks["held"])[0].shape[0]
   parts = []
   if start < first:
-    parts.append(jax.tree.map(lambda a: a[start:min(stop, first)], blocks["held"]))
+    parts.append(jax.tree.map(lambda a: a[start : min(stop, first)], blocks["held"]))
   if stop > first:
-    parts.append(jax.tree.map(lambda a: a[max(start, first) - first:stop - first], blocks["rest"]))
+    parts.append(jax.tree.map(lambda a: a[max(start, first) - first : stop - first], blocks["rest"]))
   return parts[0] if len(parts) == 1 else jax.tree.map(lambda a, b: jnp.concatenate([a, b]), *parts)
 
 
@@ -149,10 +157,15 @@ def einsum(eq: str, x: jax.Array, kernel: jax.Array, meta: dict | None) -> jax.A
   kernel = kernel.astype(x.dtype)
   m = current_meta(x, kernel) if meta is None else meta
   dot = functools.partial(
-      fp8_ops.fp8_scaled_dot_general, lhs_scale=m["input_scale"], rhs_scale=m["kernel_scale"],
-      grad_scale=m["grad_scale"], lhs_amax_history=m["input_amax_history"],
-      rhs_amax_history=m["kernel_amax_history"], grad_amax_history=m["grad_amax_history"],
-      quantize_compute_type=x.dtype)
+    fp8_ops.fp8_scaled_dot_general,
+    lhs_scale=m["input_scale"],
+    rhs_scale=m["kernel_scale"],
+    grad_scale=m["grad_scale"],
+    lhs_amax_history=m["input_amax_history"],
+    rhs_amax_history=m["kernel_amax_history"],
+    grad_amax_history=m["grad_amax_history"],
+    quantize_compute_type=x.dtype,
+  )
   # einsum's _dot_general hook (as flax's Fp8Einsum uses it) is typed for plain callables, not custom_vjp partials.
   return jnp.einsum(eq, x, kernel, preferred_element_type=x.dtype, _dot_general=dot)  # pyright: ignore[reportCallIssue, reportArgumentType]
 
@@ -175,10 +188,30 @@ def attention_scales(q: jax.Array, k: jax.Array, v: jax.Array) -> dict:
   one = jnp.ones((1, 1, 1, 1), jnp.float32)
   amax = lambda t: jnp.maximum(jnp.max(jnp.abs(t)).astype(jnp.float32), 1e-12).reshape(1, 1, 1, 1)  # noqa: E731
   aq, ak, av = amax(q), amax(k), amax(v)
-  params = {key: one for key in ("amax_dQ", "amax_dK", "amax_dV", "amax_dP", "descale_dO", "descale_dP",
-                                 "scale_dQ", "scale_dK", "scale_dV", "scale_dP")}
-  params.update(descale_q=aq / top, descale_k=ak / top, descale_v=av / top, descale_s=one / top, scale_s=one * top,
-                scale_o=top / av, descale_o=av / top)
+  params = {
+    key: one
+    for key in (
+      "amax_dQ",
+      "amax_dK",
+      "amax_dV",
+      "amax_dP",
+      "descale_dO",
+      "descale_dP",
+      "scale_dQ",
+      "scale_dK",
+      "scale_dV",
+      "scale_dP",
+    )
+  }
+  params.update(
+    descale_q=aq / top,
+    descale_k=ak / top,
+    descale_v=av / top,
+    descale_s=one / top,
+    scale_s=one * top,
+    scale_o=top / av,
+    descale_o=av / top,
+  )
   return params
 
 
@@ -201,7 +234,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = 
   p = attention_scales(qs, ks, vs)
   # a private jax module (the only FP8 attention jax has): its annotations do not cover the FP8 path
   out, _, _ = cudnn.dot_product_attention(  # pyright: ignore[reportGeneralTypeIssues]
-      quantize(qs, p["descale_q"]), quantize(ks, p["descale_k"]), quantize(vs, p["descale_v"]), fp8_params=p,  # pyright: ignore[reportArgumentType]
-      scale=q.shape[-1] ** -0.5, use_fp8=True, qkv_layout="BTNH")
+    quantize(qs, p["descale_q"]),
+    quantize(ks, p["descale_k"]),
+    quantize(vs, p["descale_v"]),
+    fp8_params=p,  # pyright: ignore[reportArgumentType]
+    scale=q.shape[-1] ** -0.5,
+    use_fp8=True,
+    qkv_layout="BTNH",
+  )
   out = fp8_ops.dequantize(out, q.dtype, p["descale_o"].reshape(()).astype(q.dtype))
   return jnp.pad(out, ((0, 0), (0, n - end), (0, 0), (0, 0))) if end < n else out

@@ -58,7 +58,9 @@ def parse_blocks(spec: Any, num_layers: int, where: str = "blocks") -> tuple[int
       if k <= 0 or not 0 <= off < k:
         raise ValueError(f"{where}: {spec!r} needs K > 0 and 0 <= OFFSET < K")
       return tuple(i for i in range(num_layers) if i % k == off)
-    raise ValueError(f"{where}: {spec!r} unknown; expected 'all', 'every:K', 'every:K:OFFSET' or a list of ints")
+    raise ValueError(
+      f"{where}: {spec!r} unknown; expected 'all', 'every:K', 'every:K:OFFSET' or a list of ints"
+    )
   blocks = tuple(sorted(int(i) for i in spec))
   bad = [i for i in blocks if not 0 <= i < num_layers]
   if bad or len(set(blocks)) != len(blocks):
@@ -82,8 +84,11 @@ def specs_from_config(adapters_cfg: Mapping[str, Any], num_layers: int) -> tuple
     blocks = parse_blocks(a["blocks"], num_layers, f"{where}.blocks")
     if not blocks:
       raise ValueError(f"{where}.blocks: {a['blocks']!r} selects no block of {num_layers}")
-    specs.append(AdapterSpec(name, rank, float(a.get("alpha", rank)), targets, blocks,
-                             switch=bool(a.get("switch", True))))
+    specs.append(
+      AdapterSpec(
+        name, rank, float(a.get("alpha", rank)), targets, blocks, switch=bool(a.get("switch", True))
+      )
+    )
   return tuple(specs)
 
 
@@ -105,9 +110,12 @@ class Adapter(nnx.Module):
       din, dout = _dims(t, hidden, mlp)
       in_name = "mlp" if t == "ff_out" else "embed"
       out_name = "mlp" if t == "ff_in" else ("embed" if t == "ff_out" else "heads")
-      a = shd.param(_kaiming_uniform, ("layers", in_name, "lora_rank"))(rngs.params(), (n, din, r), param_dtype)
+      a = shd.param(_kaiming_uniform, ("layers", in_name, "lora_rank"))(
+        rngs.params(), (n, din, r), param_dtype
+      )
       b = shd.param(nnx.initializers.zeros_init(), ("layers", "lora_rank", out_name))(
-          rngs.params(), (n, r, dout), param_dtype)
+        rngs.params(), (n, r, dout), param_dtype
+      )
       setattr(self, f"{t}_a", LoraParam(a))
       setattr(self, f"{t}_b", LoraParam(b))
 
@@ -142,7 +150,9 @@ def resolve_scales(specs: Sequence[AdapterSpec], given: Mapping[str, Any] | None
     raise ValueError(f"adapter scale given for {unknown}, but the model's adapters are {sorted(names)}")
   fixed = sorted(s.name for s in specs if not s.switch and s.name in given)
   if fixed:
-    raise ValueError(f"adapter scale given for {fixed}, which are not switchable (adapters.<name>.switch False)")
+    raise ValueError(
+      f"adapter scale given for {fixed}, which are not switchable (adapters.<name>.switch False)"
+    )
   out = {}
   for s in specs:
     scale = jnp.broadcast_to(jnp.asarray(given.get(s.name, 1.0), jnp.float32), (batch,))
@@ -164,7 +174,9 @@ def segments(specs: Sequence[AdapterSpec], num_layers: int) -> list[Segment]:
   start = 0
   for i in range(1, num_layers + 1):
     if i == num_layers or members[i] != members[start]:
-      slots = tuple((name, next(s for s in specs if s.name == name).blocks.index(start)) for name in members[start])
+      slots = tuple(
+        (name, next(s for s in specs if s.name == name).blocks.index(start)) for name in members[start]
+      )
       out.append(Segment(start, i, slots))
       start = i
   return out
@@ -177,16 +189,24 @@ def segment_lora(seg: Segment, adapters: Mapping[str, Adapter], specs: Sequence[
   for name, slot in seg.slots:
     spec = next(s for s in specs if s.name == name)
     ad = adapters[name]
-    out[name] = {t: (getattr(ad, f"{t}_a")[...][slot:slot + n], getattr(ad, f"{t}_b")[...][slot:slot + n])
-                 for t in spec.targets}
+    out[name] = {
+      t: (getattr(ad, f"{t}_a")[...][slot : slot + n], getattr(ad, f"{t}_b")[...][slot : slot + n])
+      for t in spec.targets
+    }
   return out
 
 
 # ----------------------------------------------------------------------------- merge / remove
 
 
-_TARGET_LINEAR = {"q": ("attn1", "to_q"), "k": ("attn1", "to_k"), "v": ("attn1", "to_v"),
-                  "out": ("attn1", "to_out"), "ff_in": ("ff", "proj_in"), "ff_out": ("ff", "proj_out")}
+_TARGET_LINEAR = {
+  "q": ("attn1", "to_q"),
+  "k": ("attn1", "to_k"),
+  "v": ("attn1", "to_v"),
+  "out": ("attn1", "to_out"),
+  "ff_in": ("ff", "proj_in"),
+  "ff_out": ("ff", "proj_out"),
+}
 
 
 def _spec(model, name: str) -> AdapterSpec:

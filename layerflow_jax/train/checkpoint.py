@@ -67,21 +67,34 @@ class Checkpointer:
   left behind; readers (sampling, evaluation) must not, since a trainer may be writing one right now.
   """
 
-  def __init__(self, workdir: str | pathlib.Path, *, keep: int = 2, every_steps: int = 0,
-               every_seconds: float = 0.0, async_save: bool = False, writer: bool = False):
+  def __init__(
+    self,
+    workdir: str | pathlib.Path,
+    *,
+    keep: int = 2,
+    every_steps: int = 0,
+    every_seconds: float = 0.0,
+    async_save: bool = False,
+    writer: bool = False,
+  ):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     policies = []
     if every_steps > 0:
       policies.append(ocp.checkpoint_managers.FixedIntervalPolicy(int(every_steps)))
     if every_seconds > 0:
       # orbax annotates int; it only compares the (float) seconds elapsed against it
-      policies.append(ocp.checkpoint_managers.ContinuousCheckpointingPolicy(
-          minimum_interval_secs=every_seconds))  # pyright: ignore[reportArgumentType]
+      policy = ocp.checkpoint_managers.ContinuousCheckpointingPolicy
+      policies.append(policy(minimum_interval_secs=every_seconds))  # pyright: ignore[reportArgumentType]
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=writer,
-        save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies))
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data", "meta"))
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=writer,
+      save_decision_policy=ocp.checkpoint_managers.AnySavePolicy(policies),
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data", "meta")
+    )
 
   def steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -99,8 +112,9 @@ class Checkpointer:
       return False
     if not all_finite(state):
       raise NonFiniteStateError(
-          f"step {step}: the train state holds NaN/Inf; no checkpoint written (newest good one: "
-          f"{self.directory / str(latest) if latest is not None else 'none'})")
+        f"step {step}: the train state holds NaN/Inf; no checkpoint written (newest good one: "
+        f"{self.directory / str(latest) if latest is not None else 'none'})"
+      )
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
     if iterator is not None:
       args["data"] = grain.checkpoint.CheckpointSave(iterator)
@@ -114,8 +128,10 @@ class Checkpointer:
     self.manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state, shardings, *, iterator=None) -> tuple[Any, dict]:
-    args = {"state": ocp.args.StandardRestore(_abstract_with_shardings(abstract_state, shardings)),
-            "meta": ocp.args.JsonRestore()}
+    args = {
+      "state": ocp.args.StandardRestore(_abstract_with_shardings(abstract_state, shardings)),
+      "meta": ocp.args.JsonRestore(),
+    }
     other_topology = iterator is not None and self._iterator_file(step) is None
     if iterator is not None and not other_topology:
       args["data"] = grain.checkpoint.CheckpointRestore(iterator)
@@ -126,7 +142,9 @@ class Checkpointer:
 
   def _iterator_file(self, step: int) -> pathlib.Path | None:
     """This process's data-iterator file of ``step`` (Grain writes one per process), or None."""
-    path = self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    path = (
+      self.directory / str(step) / "data" / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    )
     return path if path.exists() else None
 
   def _restore_iterator_from_other_topology(self, step: int, iterator) -> None:
@@ -138,9 +156,13 @@ class Checkpointer:
     if not files:
       raise CheckpointError(f"{self.directory / str(step)}: no data-iterator state to resume from")
     iterator.set_state(json.loads(files[0].read_text()))
-    log.warning("checkpoint %s was written by %s; this run has %d process(es): the data iterator continues "
-                "from process 0's position", self.directory / str(step), files[0].stem.split("_", 1)[1],
-                jax.process_count())
+    log.warning(
+      "checkpoint %s was written by %s; this run has %d process(es): the data iterator continues "
+      "from process 0's position",
+      self.directory / str(step),
+      files[0].stem.split("_", 1)[1],
+      jax.process_count(),
+    )
 
   def restore_latest(self, abstract_state, shardings, *, iterator=None, quarantine: bool = False):
     """(state, meta, step) of the newest readable checkpoint, or (None, None, None) when there is none.
@@ -156,8 +178,11 @@ class Checkpointer:
         state, meta = self.restore(step, abstract_state, shardings, iterator=iterator)
       except Exception as e:  # a damaged checkpoint: fall back to the previous one
         failed.append((step, _first_line(e)))
-        log.warning("checkpoint %s is unreadable (%s); falling back to the previous one",
-                    self.directory / str(step), failed[-1][1])
+        log.warning(
+          "checkpoint %s is unreadable (%s); falling back to the previous one",
+          self.directory / str(step),
+          failed[-1][1],
+        )
         continue
       if failed:
         log.warning("resuming from step %d instead of the damaged step(s) %s", step, [s for s, _ in failed])
@@ -166,9 +191,10 @@ class Checkpointer:
       return state, meta, step
     if failed:
       raise CheckpointError(
-          f"{self.directory}: none of the checkpoints {steps} can be restored into this config (step "
-          f"{failed[0][0]}: {failed[0][1]}); expected checkpoints written with the same model and optimizer "
-          f"config (use a new work dir to start over)")
+        f"{self.directory}: none of the checkpoints {steps} can be restored into this config (step "
+        f"{failed[0][0]}: {failed[0][1]}); expected checkpoints written with the same model and optimizer "
+        f"config (use a new work dir to start over)"
+      )
     return None, None, None
 
   def _quarantine(self, steps: list[int]) -> None:
@@ -193,7 +219,7 @@ class Checkpointer:
     if not steps:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     errors = []
-    for s in ([step] if step is not None else reversed(steps)):
+    for s in [step] if step is not None else reversed(steps):
       try:
         return self.manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
       except Exception as e:

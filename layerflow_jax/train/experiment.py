@@ -57,11 +57,17 @@ def make_optimizer(train_cfg) -> tuple[optax.GradientTransformation, optax.Sched
   steps, warmup = int(train_cfg.steps), int(train_cfg.warmup_steps)
   if train_cfg.lr_schedule == "cosine":
     lr = optax.warmup_cosine_decay_schedule(
-        0.0, train_cfg.lr, warmup_steps=max(warmup, 1), decay_steps=max(steps, warmup + 1),
-        end_value=train_cfg.lr * train_cfg.min_lr_ratio)
+      0.0,
+      train_cfg.lr,
+      warmup_steps=max(warmup, 1),
+      decay_steps=max(steps, warmup + 1),
+      end_value=train_cfg.lr * train_cfg.min_lr_ratio,
+    )
   elif train_cfg.lr_schedule == "constant":
-    lr = optax.join_schedules([optax.linear_schedule(0.0, train_cfg.lr, max(warmup, 1)),
-                               optax.constant_schedule(train_cfg.lr)], [max(warmup, 1)])
+    lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, train_cfg.lr, max(warmup, 1)), optax.constant_schedule(train_cfg.lr)],
+      [max(warmup, 1)],
+    )
   else:
     raise ValueError(f"train.lr_schedule={train_cfg.lr_schedule!r}: unknown; expected one of {LR_SCHEDULES}")
   chain = []
@@ -88,19 +94,27 @@ class Experiment:
     self.model_cfg = dit.DiTConfig.from_config(config)
     p = self.model_cfg.patch_size
     if self.latent_shape[1] % p or self.latent_shape[2] % p:
-      raise ValueError(f"data.height/width {d.height}x{d.width}: latent size {self.latent_shape[1]}x"
-                       f"{self.latent_shape[2]} is not divisible by model.patch_size {p}")
+      raise ValueError(
+        f"data.height/width {d.height}x{d.width}: latent size {self.latent_shape[1]}x"
+        f"{self.latent_shape[2]} is not divisible by model.patch_size {p}"
+      )
     self.schedule = schedule_lib.make_schedule(config.diffusion)
     self.task_probs = layers.task_weights_vector(dict(config.diffusion.task_weights))
     # A curriculum: the first `curriculum_steps` steps draw tasks from `curriculum_weights` instead.
     self.curriculum_steps = int(config.diffusion.curriculum_steps)
-    self.curriculum_probs = (layers.task_weights_vector(dict(config.diffusion.curriculum_weights))
-                             if self.curriculum_steps > 0 else self.task_probs)
+    self.curriculum_probs = (
+      layers.task_weights_vector(dict(config.diffusion.curriculum_weights))
+      if self.curriculum_steps > 0
+      else self.task_probs
+    )
     self.given_table = layers.given_table(self.layout)
     # bool [num_tasks, packed latent frames]: what each task gives, frame by frame (lead frames, overrides)
     self.given_frame_table = layers.given_frame_table(
-        self.layout, self.latent_shape[0], self.model_cfg.lead_frames,
-        {k: list(v) for k, v in dict(config.diffusion.given_latent_frames).items()})
+      self.layout,
+      self.latent_shape[0],
+      self.model_cfg.lead_frames,
+      {k: list(v) for k, v in dict(config.diffusion.given_latent_frames).items()},
+    )
     self.mesh = mesh if mesh is not None else shd.make_mesh(config.mesh)
     self.optimizer, self.lr_schedule = make_optimizer(config.train)
 
@@ -114,8 +128,11 @@ class Experiment:
     logical = partition.flatten(nnx.get_partition_spec(abstract_state).to_pure_dict())
     self.param_specs = {k: shd.logical_to_spec(tuple(v), shd.LOGICAL_AXIS_RULES) for k, v in logical.items()}
     self.selection = partition.select(
-        self.abstract_params, self.config.train.trainable, num_layers=self.model_cfg.num_layers,
-        adapters=list(self.config.train.trainable_adapters))
+      self.abstract_params,
+      self.config.train.trainable,
+      num_layers=self.model_cfg.num_layers,
+      adapters=list(self.config.train.trainable_adapters),
+    )
 
   @property
   def first_backward_block(self) -> int:
@@ -156,12 +173,19 @@ class Experiment:
     ps = {k: self._sharding(v) for k, v in self.param_specs.items()}
     rep = self._sharding(P())
     trainable = {k: ps[k] for k in abstract_state.trainable}
-    opt = optax.tree_map_params(self.optimizer, lambda _, s: s, abstract_state.opt_state, trainable,
-                                transform_non_params=lambda _: rep)
+    opt = optax.tree_map_params(
+      self.optimizer, lambda _, s: s, abstract_state.opt_state, trainable, transform_non_params=lambda _: rep
+    )
     # The same tree with shardings for leaves (a TrainState is a pytree; its annotations name the arrays).
-    return TrainState(step=rep, frozen={k: ps[k] for k in abstract_state.frozen}, trainable=trainable,  # pyright: ignore[reportArgumentType]
-                      opt_state=opt, ema={k: ps[k] for k in abstract_state.ema}, rng=rep,  # pyright: ignore[reportArgumentType]
-                      fp8=jax.tree.map(lambda _: rep, abstract_state.fp8))
+    return TrainState(
+      step=rep,  # pyright: ignore[reportArgumentType]
+      frozen={k: ps[k] for k in abstract_state.frozen},
+      trainable=trainable,
+      opt_state=opt,
+      ema={k: ps[k] for k in abstract_state.ema},
+      rng=rep,  # pyright: ignore[reportArgumentType]
+      fp8=jax.tree.map(lambda _: rep, abstract_state.fp8),
+    )
 
   # ------------------------------------------------------------------ state
 
@@ -183,10 +207,15 @@ class Experiment:
 
   def state_from_params(self, flat_params: dict, rng: jax.Array) -> TrainState:
     frozen, trainable = self.split_params(flat_params)
-    return TrainState(step=jnp.zeros((), jnp.int32), frozen=frozen, trainable=trainable,
-                      opt_state=self.optimizer.init(trainable),
-                      ema=dict(trainable) if self.use_ema else {}, rng=rng,
-                      fp8=fp8_lib.init_state(self.model_cfg.precision, self.model_cfg.num_layers))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      frozen=frozen,
+      trainable=trainable,
+      opt_state=self.optimizer.init(trainable),
+      ema=dict(trainable) if self.use_ema else {},
+      rng=rng,
+      fp8=fp8_lib.init_state(self.model_cfg.precision, self.model_cfg.num_layers),
+    )
 
   def abstract_state(self) -> TrainState:
     return jax.eval_shape(lambda: self.state_from_params(self._init_params(0), jax.random.key(0)))
@@ -212,7 +241,9 @@ class Experiment:
       if tuple(v.shape) != tuple(want):
         raise ValueError(f"parameter {k}: shape {tuple(v.shape)} does not match the model's {tuple(want)}")
     with shd.use_mesh(self.mesh):
-      return jax.jit(lambda p: self.state_from_params(p, jax.random.key(seed)), out_shardings=shardings)(params)
+      return jax.jit(lambda p: self.state_from_params(p, jax.random.key(seed)), out_shardings=shardings)(
+        params
+      )
 
   def model(self, flat_params: dict) -> dit.LayerFlowDiT:
     """An NNX model view over (possibly traced) flat parameters."""
@@ -224,7 +255,9 @@ class Experiment:
     """Task probabilities at (possibly traced) ``step``: the curriculum's before ``curriculum_steps``."""
     if self.curriculum_steps <= 0:
       return jnp.asarray(self.task_probs)
-    return jnp.where(step < self.curriculum_steps, jnp.asarray(self.curriculum_probs), jnp.asarray(self.task_probs))
+    return jnp.where(
+      step < self.curriculum_steps, jnp.asarray(self.curriculum_probs), jnp.asarray(self.task_probs)
+    )
 
   def encode_text(self, tokens):
     """int32 [B, P, L] → [B, P·L, D] (each prompt encoded on its own, concatenated)."""
@@ -254,7 +287,7 @@ class Experiment:
 
   def decode_video(self, latents):
     """Packed latents [B, lead + n·t, …] → packed pixels [B, n·T, …] (lead frames dropped)."""
-    return codec_lib.decode_clips(self.codec, latents[:, self.model_cfg.lead_frames:], self.layout.num_clips)
+    return codec_lib.decode_clips(self.codec, latents[:, self.model_cfg.lead_frames :], self.layout.num_clips)
 
   def adapter_scales(self, batch: dict) -> dict:
     """Per-sample adapter scales from the batch, as ``config.train.adapter_scale_keys`` maps them."""

@@ -33,8 +33,14 @@ def unflatten(flat: Mapping) -> dict:
   return traversals.unflatten_mapping(dict(flat), sep=SEP)
 
 
-def select(flat_params: Mapping[str, jax.Array], mode: str, *, num_layers: int,
-           adapters: Sequence[str] | None = None, every: int = 6) -> Selection:
+def select(
+  flat_params: Mapping[str, jax.Array],
+  mode: str,
+  *,
+  num_layers: int,
+  adapters: Sequence[str] | None = None,
+  every: int = 6,
+) -> Selection:
   paths = list(flat_params)
   if mode == "all":
     return {p: None for p in paths}
@@ -68,11 +74,15 @@ def split(flat_params: Mapping[str, jax.Array], selection: Selection) -> dict:
   return out
 
 
-def combine(flat_params: Mapping[str, jax.Array], trainable: Mapping[str, jax.Array], selection: Selection) -> dict:
+def combine(
+  flat_params: Mapping[str, jax.Array], trainable: Mapping[str, jax.Array], selection: Selection
+) -> dict:
   """Full parameters with the trainable values written in."""
   out = dict(flat_params)
   for p, rows in selection.items():
-    out[p] = trainable[p] if rows is None else out[p].at[np.asarray(rows)].set(trainable[p].astype(out[p].dtype))
+    out[p] = (
+      trainable[p] if rows is None else out[p].at[np.asarray(rows)].set(trainable[p].astype(out[p].dtype))
+    )
   return out
 
 

@@ -72,8 +72,12 @@ class SampleHook:
     self._sampler: LayeredSampler | None = None
     self._clip: dict | None = None
     if self.every and jax.process_count() > 1:
-      log.warning("train.sample_every=%d: periodic samples are rendered by single-process runs only; "
-                  "this run has %d processes and renders none", self.every, jax.process_count())
+      log.warning(
+        "train.sample_every=%d: periodic samples are rendered by single-process runs only; "
+        "this run has %d processes and renders none",
+        self.every,
+        jax.process_count(),
+      )
       self.every = 0
 
   def due(self, step: int) -> bool:

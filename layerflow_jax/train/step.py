@@ -32,8 +32,17 @@ def _valid_frames(exp: Experiment, batch, frames_per_clip: int):
   return layers.clip_time_mask(valid.astype(bool), frames_per_clip)
 
 
-def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Array, *, train: bool,
-                   task_ids=None, step=None, fp8=None):
+def diffusion_loss(
+  exp: Experiment,
+  flat_params: dict,
+  batch: dict,
+  rng: jax.Array,
+  *,
+  train: bool,
+  task_ids=None,
+  step=None,
+  fp8=None,
+):
   """Loss and metrics for one (micro-)batch. ``task_ids`` [B] overrides the drawn tasks (evaluation); ``step``
   selects the task curriculum's weights while training; ``fp8`` is the FP8 GEMMs' delayed-scaling state (None:
   current scaling)."""
@@ -51,8 +60,9 @@ def diffusion_loss(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Arr
     task_ids = loss_lib.sample_tasks(rng_task, b, probs)
   given = jnp.asarray(exp.given_frame_table, bool)[task_ids]  # per frame: lead frames, frame overrides
   loss_frames = loss_lib.loss_frames_for(given, _valid_frames(exp, batch, exp.latent_frames))
-  x_t, t, eps = loss_lib.noisy_input(rng_noise, x0, given, exp.schedule,
-                                     timestep_power=float(cfg.diffusion.timestep_power) if train else 1.0)
+  x_t, t, eps = loss_lib.noisy_input(
+    rng_noise, x0, given, exp.schedule, timestep_power=float(cfg.diffusion.timestep_power) if train else 1.0
+  )
   model = exp.model(flat_params)
   v = model(x_t, t, text, adapter_scales=exp.adapter_scales(batch), given_frames=given, fp8=fp8)
   out = loss_lib.masked_v_loss(v, x0, eps, t, loss_frames, sched=exp.schedule, num_clips=exp.layout.num_clips)
@@ -78,7 +88,9 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
 
   def loss_fn(trainable, fp8, micro, r):
     params = partition.combine(state.frozen, trainable, exp.selection)
-    return diffusion_loss(exp, params, micro, r, train=True, step=state.step, fp8=fp8_lib.for_model(held, fp8))
+    return diffusion_loss(
+      exp, params, micro, r, train=True, step=state.step, fp8=fp8_lib.for_model(held, fp8)
+    )
 
   grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
   if k == 1:
@@ -91,14 +103,20 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
       g_sum, m_sum, fp8 = carry
       mb, r = xs
       (_, m), (g, fp8_new) = grad_fn(state.trainable, fp8, mb, r)
-      return (jax.tree.map(jnp.add, g_sum, g), jax.tree.map(jnp.add, m_sum, m), fp8_lib.updated(fp8, fp8_new)), None
+      return (
+        jax.tree.map(jnp.add, g_sum, g),
+        jax.tree.map(jnp.add, m_sum, m),
+        fp8_lib.updated(fp8, fp8_new),
+      ), None
 
     zeros_g = jax.tree.map(jnp.zeros_like, state.trainable)
     m_shape = jax.eval_shape(
-        lambda: grad_fn(state.trainable, fp8_state, jax.tree.map(lambda x: x[0], micro), step_rng)[0][1])
+      lambda: grad_fn(state.trainable, fp8_state, jax.tree.map(lambda x: x[0], micro), step_rng)[0][1]
+    )
     zeros_m = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m_shape)
-    (grads, metrics, fp8), _ = jax.lax.scan(acc, (zeros_g, zeros_m, fp8_state),
-                                            (micro, jax.random.split(step_rng, k)))
+    (grads, metrics, fp8), _ = jax.lax.scan(
+      acc, (zeros_g, zeros_m, fp8_state), (micro, jax.random.split(step_rng, k))
+    )
     grads = jax.tree.map(lambda g: g / k, grads)
     metrics = {n: (v / k if not n.startswith("count_") else v) for n, v in metrics.items()}
 
@@ -114,11 +132,14 @@ def train_step(exp: Experiment, state: TrainState, batch: dict) -> tuple[TrainSt
   fp8 = fp8_lib.stacked(held, fp8)
   metrics["param_norm"] = optax.tree_utils.tree_norm(trainable)
   metrics["lr"] = exp.lr_schedule(state.step)
-  finite_state = typing.cast(optax.ApplyIfFiniteState, opt_state)  # the optimizer is wrapped in apply_if_finite
+  finite_state = typing.cast(
+    optax.ApplyIfFiniteState, opt_state
+  )  # the optimizer is wrapped in apply_if_finite
   metrics["skipped_nonfinite"] = finite_state.total_notfinite
   metrics["nonfinite_in_a_row"] = finite_state.notfinite_count
-  new_state = dataclasses.replace(state, step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema, rng=rng,
-                            fp8=fp8)
+  new_state = dataclasses.replace(
+    state, step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema, rng=rng, fp8=fp8
+  )
   return new_state, metrics
 
 
@@ -137,8 +158,12 @@ def eval_losses(exp: Experiment, flat_params: dict, batch: dict, rng: jax.Array)
 
 
 def compile_train_step(exp: Experiment, state_shardings, batch_shardings):
-  return jax.jit(functools.partial(train_step, exp), in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+  return jax.jit(
+    functools.partial(train_step, exp),
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, None),
+    donate_argnums=(0,),
+  )
 
 
 def compile_eval(exp: Experiment):

@@ -39,6 +39,7 @@ from layerflow_jax.train.experiment import Experiment
 
 log = logging.getLogger(__name__)
 
+
 def global_batch(exp: Experiment, local: dict) -> dict:
   """This process's rows of a batch (NumPy) → the global batch of ``exp.batch_spec`` (jax.Arrays sharded over
   the batch axes of the mesh); a ``ValueError`` naming the key where a row does not fit the spec. (The rows
@@ -47,8 +48,10 @@ def global_batch(exp: Experiment, local: dict) -> dict:
   for k, s in exp.batch_spec.items():
     x = np.asarray(local[k])
     if x.shape[1:] != s.shape[1:] or x.dtype != s.dtype:
-      raise ValueError(f"batch key {k!r}: rows of {x.dtype}{list(x.shape[1:])}, the batch spec's are "
-                       f"{s.dtype}{list(s.shape[1:])}")
+      raise ValueError(
+        f"batch key {k!r}: rows of {x.dtype}{list(x.shape[1:])}, the batch spec's are "
+        f"{s.dtype}{list(s.shape[1:])}"
+      )
     out[k] = jax.make_array_from_process_local_data(s.sharding, x)
   return out
 
@@ -59,8 +62,9 @@ def load_params(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = N
   return params, config
 
 
-def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None
-                    ) -> tuple[dict, Any, dict]:
+def load_checkpoint(
+  path: str | pathlib.Path, mesh=None, *, use_ema: bool | None = None
+) -> tuple[dict, Any, dict]:
   """:func:`load_params` plus which step was used: ``{"step", "newest", "directory", "used"}`` where ``used``
   is a one-line description naming the step (and the newer steps skipped as unreadable, if any)."""
   workdir = ckpt_lib.find_checkpoint_dir(path)
@@ -68,8 +72,10 @@ def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None
   try:
     steps = ck.steps()
     if not steps:
-      raise InputError(f"{ck.directory}: holds no finished checkpoint; expected checkpoints/<step>/ written "
-                       f"by layerflow train")
+      raise InputError(
+        f"{ck.directory}: holds no finished checkpoint; expected checkpoints/<step>/ written "
+        f"by layerflow train"
+      )
     meta = ck.read_meta()
     config = ckpt_lib.config_from_meta(meta["config"])
     exp = Experiment(config, mesh)
@@ -79,7 +85,8 @@ def load_checkpoint(path: str | pathlib.Path, mesh=None, *, use_ema: bool | None
       raise InputError(f"{ck.directory}: none of the steps {steps} could be read")
     skipped = [s for s in steps if s > step]
     used = f"step {step} of {ck.directory}" + (
-        f" (the newer step(s) {skipped} are unreadable; fell back to step {step})" if skipped else "")
+      f" (the newer step(s) {skipped} are unreadable; fell back to step {step})" if skipped else ""
+    )
     info = {"step": int(step), "newest": int(steps[-1]), "directory": str(ck.directory), "used": used}
     return exp.full_params(state, use_ema), config, info
   finally:
@@ -109,7 +116,6 @@ class _StopFlag(stopping.StopSignals):
     log.warning("signal %d: finishing the current step, then saving and exiting", signum)
     self.signal = signum
 
-
   def check(self) -> None:
     """Raises the KeyboardInterrupt of a second SIGINT that an earlier raise could not deliver."""
     if self.forced:
@@ -135,8 +141,9 @@ def _meta(config_json: str, state_step: int) -> dict:
 
 
 def _validation_batches(exp: Experiment, num_batches: int) -> list[dict]:
-  ds = pipeline.make_dataset(exp.config, "validation", shard_index=jax.process_index(),
-                             shard_count=jax.process_count())
+  ds = pipeline.make_dataset(
+    exp.config, "validation", shard_index=jax.process_index(), shard_count=jax.process_count()
+  )
   out = []
   for i in range(min(num_batches, len(ds))):
     batch = ds[i]
@@ -154,8 +161,14 @@ def evaluate_loss(exp: Experiment, eval_fn, params: dict, batches: list[dict], s
   return totals
 
 
-def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, stop_after: int | None = None,
-          progress: bool = True) -> dict:
+def train(
+  config: mlc.ConfigDict,
+  workdir: str | pathlib.Path,
+  *,
+  mesh=None,
+  stop_after: int | None = None,
+  progress: bool = True,
+) -> dict:
   """Trains to ``config.train.steps`` (or ``stop_after`` more steps); returns a summary dict.
 
   The config is validated before anything is built (:mod:`layerflow_jax.validate`). SIGTERM/SIGINT at any time
@@ -173,8 +186,10 @@ def train(config: mlc.ConfigDict, workdir: str | pathlib.Path, *, mesh=None, sto
     except KeyboardInterrupt:  # the second Ctrl-C (see _StopFlag): say what is safe on disk, in one line
       if not stop.signal:
         raise
-      raise Interrupted(f"interrupted by a second signal {stop.signal} before the run could save and exit; "
-                        f"{safe_checkpoint(workdir)}") from None
+      raise Interrupted(
+        f"interrupted by a second signal {stop.signal} before the run could save and exit; "
+        f"{safe_checkpoint(workdir)}"
+      ) from None
 
 
 class Interrupted(RunError):
@@ -193,9 +208,16 @@ def safe_checkpoint(workdir: pathlib.Path) -> str:
 
 # Keys a resume may change (steps, logging, evaluation and checkpoint cadence); any other difference from the
 # checkpoint's config is refused unless train.allow_config_change.
-RESUME_MAY_CHANGE = ("train.steps", "train.log_every", "train.eval_every", "train.sample_every",
-                     "train.checkpoint_every", "train.checkpoint_every_seconds", "train.keep_checkpoints",
-                     "train.allow_config_change")
+RESUME_MAY_CHANGE = (
+  "train.steps",
+  "train.log_every",
+  "train.eval_every",
+  "train.sample_every",
+  "train.checkpoint_every",
+  "train.checkpoint_every_seconds",
+  "train.keep_checkpoints",
+  "train.allow_config_change",
+)
 
 
 def _flat(d, prefix: str = "") -> dict:
@@ -216,9 +238,11 @@ def config_changes(saved_json: str, config: mlc.ConfigDict) -> list[str]:
   new = _flat(json.loads(ckpt_lib.config_to_meta(config)))
   missing = "(absent)"
   show = lambda v: v if v is missing else json.dumps(v)[:60]
-  return [f"{k}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
-          for k in sorted(set(old) | set(new))
-          if k not in RESUME_MAY_CHANGE and old.get(k, missing) != new.get(k, missing)]
+  return [
+    f"{k}: {show(old.get(k, missing))} -> {show(new.get(k, missing))}"
+    for k in sorted(set(old) | set(new))
+    if k not in RESUME_MAY_CHANGE and old.get(k, missing) != new.get(k, missing)
+  ]
 
 
 def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path) -> None:
@@ -227,13 +251,16 @@ def check_resume_config(config: mlc.ConfigDict, meta: dict, where: pathlib.Path)
   if not changes:
     return
   if config.train.allow_config_change:
-    log.warning("resuming %s with a changed config (train.allow_config_change=True): %s", where,
-                "; ".join(changes))
+    log.warning(
+      "resuming %s with a changed config (train.allow_config_change=True): %s", where, "; ".join(changes)
+    )
     return
-  raise ConfigError(f"{where}: resuming step {meta.get('step', '?')} with a config that differs from the "
-                    f"checkpoint's in {len(changes)} key(s): {'; '.join(changes)}; only "
-                    f"{', '.join(RESUME_MAY_CHANGE[:-1])} may change on resume: use the same config, a new "
-                    f"--workdir, or --config.train.allow_config_change=True")
+  raise ConfigError(
+    f"{where}: resuming step {meta.get('step', '?')} with a config that differs from the "
+    f"checkpoint's in {len(changes)} key(s): {'; '.join(changes)}; only "
+    f"{', '.join(RESUME_MAY_CHANGE[:-1])} may change on resume: use the same config, a new "
+    f"--workdir, or --config.train.allow_config_change=True"
+  )
 
 
 def check_workdir(workdir: pathlib.Path) -> None:
@@ -251,8 +278,10 @@ def check_workdir(workdir: pathlib.Path) -> None:
       with tempfile.TemporaryFile(dir=d, prefix=".layerflow-write-probe-"):
         pass
     except OSError as e:
-      raise InputError(f"--workdir {workdir}: {d} is not writable ({e.strerror}); expected a folder this "
-                       f"user can write (checkpoints, metrics and the lock go there)") from None
+      raise InputError(
+        f"--workdir {workdir}: {d} is not writable ({e.strerror}); expected a folder this "
+        f"user can write (checkpoints, metrics and the lock go there)"
+      ) from None
 
 
 class NonFiniteError(FloatingPointError):
@@ -264,29 +293,58 @@ def _poison(local: dict) -> dict:
   return {**local, "video": np.full_like(np.asarray(local["video"]), np.nan)}
 
 
-def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", held: contextlib.ExitStack, *,
-           mesh, stop_after: int | None, progress: bool) -> dict:
+def _train(
+  config: mlc.ConfigDict,
+  workdir: pathlib.Path,
+  stop: "_StopFlag",
+  held: contextlib.ExitStack,
+  *,
+  mesh,
+  stop_after: int | None,
+  progress: bool,
+) -> dict:
   tc = config.train
   # Everything that can be refused is checked before the work dir is created or locked, and before compiling.
   resuming = ckpt_lib.has_checkpoints(workdir)
-  validate.validate(config, num_devices=jax.device_count(), process_count=jax.process_count(),
-                    mesh_shape=dict(mesh.shape) if mesh is not None else None, check_chain=not resuming)
+  validate.validate(
+    config,
+    num_devices=jax.device_count(),
+    process_count=jax.process_count(),
+    mesh_shape=dict(mesh.shape) if mesh is not None else None,
+    check_chain=not resuming,
+  )
   validate.check_backend(config, jax.default_backend())
-  validate.check_precision(config, jax.default_backend(), getattr(jax.devices()[0], "compute_capability", None),
-                           training=int(tc.steps) > 0)
+  validate.check_precision(
+    config,
+    jax.default_backend(),
+    getattr(jax.devices()[0], "compute_capability", None),
+    training=int(tc.steps) > 0,
+  )
   for warning in validate.ineffective_settings(config):
     log.warning("%s", warning)
   exp = Experiment(config, mesh)
-  validate.check_param_sharding({k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs,
-                                dict(exp.mesh.shape))
-  iterator = pipeline.make_iterator(config, shard_index=jax.process_index(),  # the dataset must be built
-                                    shard_count=jax.process_count())
+  validate.check_param_sharding(
+    {k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs, dict(exp.mesh.shape)
+  )
+  iterator = pipeline.make_iterator(
+    config,
+    shard_index=jax.process_index(),  # the dataset must be built
+    shard_count=jax.process_count(),
+  )
   check_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   held.enter_context(workdir_lock.hold(workdir, primary=distributed.is_primary()))
-  ck = held.enter_context(contextlib.closing(ckpt_lib.Checkpointer(
-      workdir, keep=int(tc.keep_checkpoints), every_steps=int(tc.checkpoint_every),
-      every_seconds=float(tc.checkpoint_every_seconds), writer=True)))
+  ck = held.enter_context(
+    contextlib.closing(
+      ckpt_lib.Checkpointer(
+        workdir,
+        keep=int(tc.keep_checkpoints),
+        every_steps=int(tc.checkpoint_every),
+        every_seconds=float(tc.checkpoint_every_seconds),
+        writer=True,
+      )
+    )
+  )
   if resuming:
     check_resume_config(config, ck.read_meta(), ck.directory)
   writer = log_lib.MetricWriter(workdir)
@@ -314,9 +372,14 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   eval_fn = step_lib.compile_eval(exp)
   stop.check()
   val_batches = _validation_batches(exp, int(config.eval.num_batches))
-  summary = {"workdir": str(workdir), "start_step": start, "trainable_params": n_trainable,
-             "total_params": n_total, "optimizer_state_values": n_opt,
-             "trainable_selection": partition.describe(exp.selection)}
+  summary = {
+    "workdir": str(workdir),
+    "start_step": start,
+    "trainable_params": n_trainable,
+    "total_params": n_total,
+    "optimizer_state_values": n_opt,
+    "trainable_selection": partition.describe(exp.selection),
+  }
 
   def run_eval(step):
     if not val_batches:
@@ -334,8 +397,13 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
   inject = {int(s) for s in tc.inject_nan_steps}
   last_metrics: dict = {}
   t0 = time.time()
-  bar = tqdm(total=total, initial=start, disable=not progress or jax.process_index() != 0, desc="train",
-             dynamic_ncols=True)
+  bar = tqdm(
+    total=total,
+    initial=start,
+    disable=not progress or jax.process_index() != 0,
+    desc="train",
+    dynamic_ncols=True,
+  )
   step = start
   config_json = ckpt_lib.config_to_meta(exp.config)  # once: the config does not change during the run
 
@@ -351,14 +419,19 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
       last_metrics = writer.write(n, m)
       bar.set_postfix(loss=f"{m['loss']:.4f}")
       if in_a_row:
-        log.warning("step %d: non-finite loss/gradients, update skipped (%d in a row, %d skipped in total)",
-                    n, in_a_row, int(m["skipped_nonfinite"]))
+        log.warning(
+          "step %d: non-finite loss/gradients, update skipped (%d in a row, %d skipped in total)",
+          n,
+          in_a_row,
+          int(m["skipped_nonfinite"]),
+        )
       if in_a_row >= max_bad:
         good = ck.manager.latest_step()
         raise NonFiniteError(
-            f"stopping at step {n}: {in_a_row} consecutive steps had non-finite loss/gradients "
-            f"(train.max_consecutive_nonfinite={max_bad}); their updates were skipped and no checkpoint was "
-            f"written from them (newest checkpoint: step {good}); expected finite data and a stable lr")
+          f"stopping at step {n}: {in_a_row} consecutive steps had non-finite loss/gradients "
+          f"(train.max_consecutive_nonfinite={max_bad}); their updates were skipped and no checkpoint was "
+          f"written from them (newest checkpoint: step {good}); expected finite data and a stable lr"
+        )
 
   # A step is reported while the next one runs (reading its scalars waits for it), so the host prepares and
   # dispatches batch n+1 while the device computes step n. Before an evaluation or a save it is reported at once:
@@ -393,7 +466,9 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
     stop.check()
     if total == 0 and start == 0 and not stop.signal:  # train.steps=0: the init_from parameters, as they are
       ck.save(0, state, iterator=iterator, meta=_meta(config_json, 0))
-    if stop.signal:  # also when the signal came after this step's save decision (a step on disk is not rewritten)
+    if (
+      stop.signal
+    ):  # also when the signal came after this step's save decision (a step on disk is not rewritten)
       ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
       log.warning("signal %d: saved step %d, exiting", stop.signal, step)
       summary["interrupted_by_signal"] = int(stop.signal)
@@ -406,6 +481,10 @@ def _train(config: mlc.ConfigDict, workdir: pathlib.Path, stop: "_StopFlag", hel
     writer.flush()
     writer.close()
     ck.close()
-  summary.update(end_step=step, seconds=time.time() - t0, steps_per_s=(step - start) / max(time.time() - t0, 1e-9),
-                 last=last_metrics)
+  summary.update(
+    end_step=step,
+    seconds=time.time() - t0,
+    steps_per_s=(step - start) / max(time.time() - t0, 1e-9),
+    last=last_metrics,
+  )
   return summary

@@ -76,24 +76,35 @@ class WorkdirLock:
     except BlockingIOError:
       holder = _read(fd)
       os.close(fd)
-      raise WorkdirLocked(f"work dir {self.workdir} is in use by another training job: {describe(holder)} "
-                          f"(lock {self.path}); wait for it to finish or stop it, or use another --workdir"
-                          ) from None
+      raise WorkdirLocked(
+        f"work dir {self.workdir} is in use by another training job: {describe(holder)} "
+        f"(lock {self.path}); wait for it to finish or stop it, or use another --workdir"
+      ) from None
     except OSError as e:
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         os.close(fd)
         raise
-      log.warning("%s: this file system does not support locks (%s); running without the work-dir lock",
-                  self.path, e.strerror)
+      log.warning(
+        "%s: this file system does not support locks (%s); running without the work-dir lock",
+        self.path,
+        e.strerror,
+      )
     previous = _read(fd)
     if previous:  # the lock is ours, so whoever it names no longer holds it: a job died without releasing
       host = socket.gethostname()
-      state = ("is no longer running" if previous.get("host") == host and "pid" in previous
-               and not _alive(int(previous["pid"])) else "no longer holds it")
-      log.warning("work dir %s: taking over the stale lock of %s, which %s", self.workdir, describe(previous),
-                  state)
-    me = {"pid": os.getpid(), "host": socket.gethostname(),
-          "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+      state = (
+        "is no longer running"
+        if previous.get("host") == host and "pid" in previous and not _alive(int(previous["pid"]))
+        else "no longer holds it"
+      )
+      log.warning(
+        "work dir %s: taking over the stale lock of %s, which %s", self.workdir, describe(previous), state
+      )
+    me = {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+      "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     os.ftruncate(fd, 0)
     os.pwrite(fd, (json.dumps(me) + "\n").encode(), 0)
     os.fsync(fd)
