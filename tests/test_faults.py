@@ -189,6 +189,27 @@ sys.exit(cli.main(sys.argv[1:]))
 """
 
 
+def test_closing_a_writer_waits_for_its_temporary_directory_cleanup(tmp_path, monkeypatch):
+  """A writer stopped before its first save (a second Ctrl-C during start-up) must not close the manager under
+  the background thread that deletes temporary directories: that thread then printed a traceback after the
+  run's one-line error (seen under load in a full-suite run)."""
+  import asyncio
+
+  from orbax.checkpoint._src.path import temporary_paths
+
+  done = []
+
+  async def slow_cleanup(directory, **_):
+    await asyncio.sleep(0.5)
+    await asyncio.to_thread(os.listdir, directory)
+    done.append(True)
+
+  monkeypatch.setattr(temporary_paths, "cleanup_temporary_paths", slow_cleanup)
+  ck = ckpt_lib.Checkpointer(tmp_path, writer=True)
+  ck.close()
+  assert done == [True]
+
+
 def test_second_ctrl_c_says_which_checkpoint_is_safe(data_dir, run_dir, tmp_path):
   work = _copy(run_dir, tmp_path)
   log = tmp_path / "train.log"

@@ -525,6 +525,24 @@ def test_second_signal_is_not_swallowed():
     signal.signal(signal.SIGINT, found)
 
 
+def test_second_signal_inside_a_deferred_block_waits_for_its_end():
+  """The checkpoint manager is built inside ``deferred()``: a second Ctrl-C there interrupts after the block,
+  so the manager exists and its close() waits for the thread it started (see ``_StopFlag.deferred``)."""
+  found = signal.signal(signal.SIGINT, signal.default_int_handler)
+  reached = []
+  try:
+    with trainer._StopFlag() as stop:
+      signal.raise_signal(signal.SIGINT)
+      with pytest.raises(KeyboardInterrupt):
+        with stop.deferred():
+          signal.raise_signal(signal.SIGINT)
+          reached.append("end of block")
+      assert reached == ["end of block"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  finally:
+    signal.signal(signal.SIGINT, found)
+
+
 def _same_rows(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
   """Equal steps and bit-identical losses (NaN where the other has NaN)."""
   return [s for s, _ in a] == [s for s, _ in b] and np.array_equal(

@@ -233,6 +233,13 @@ class Checkpointer:
       return
     self._closed = True
     self.manager.wait_until_finished()
+    # A writer's manager starts deleting temporary directories in a background thread when it is built, and
+    # only its save() waits for that; its close() does not (orbax 0.12.8). A run stopped before its first save
+    # (a second Ctrl-C during start-up) closed the manager under that thread, which then died with a
+    # "cannot schedule new futures after shutdown" traceback after the run's one-line error.
+    await_cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+    if await_cleanup is not None:
+      await_cleanup()
     self.manager.close()
 
 

@@ -104,8 +104,28 @@ class _StopFlag(stopping.StopSignals):
   """
 
   forced = None
+  _deferring = False
+  _deferred = None
+
+  @contextlib.contextmanager
+  def deferred(self):
+    """A second signal inside this block takes effect when it ends. Orbax's manager starts a background thread
+    in its constructor (the deletion of temporary directories) that only the finished manager can wait for: a
+    KeyboardInterrupt raised inside the constructor left that thread running into interpreter shutdown, where
+    it printed a traceback after the run's one-line error (seen under load)."""
+    self._deferring = True
+    try:
+      yield
+    finally:
+      self._deferring = False
+      signum, self._deferred = self._deferred, None
+      if signum is not None:
+        self.on_signal(signum)
 
   def on_signal(self, signum: int) -> None:
+    if self.signal == signum and self._deferring:
+      self._deferred = signum
+      return
     if self.signal == signum:
       previous = self.previous_handler(signum)
       if previous is signal.default_int_handler:
@@ -334,17 +354,18 @@ def _train(
   check_workdir(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   held.enter_context(workdir_lock.hold(workdir, primary=distributed.is_primary()))
-  ck = held.enter_context(
-    contextlib.closing(
-      ckpt_lib.Checkpointer(
-        workdir,
-        keep=int(tc.keep_checkpoints),
-        every_steps=int(tc.checkpoint_every),
-        every_seconds=float(tc.checkpoint_every_seconds),
-        writer=True,
+  with stop.deferred():  # see _StopFlag.deferred
+    ck = held.enter_context(
+      contextlib.closing(
+        ckpt_lib.Checkpointer(
+          workdir,
+          keep=int(tc.keep_checkpoints),
+          every_steps=int(tc.checkpoint_every),
+          every_seconds=float(tc.checkpoint_every_seconds),
+          writer=True,
+        )
       )
     )
-  )
   if resuming:
     check_resume_config(config, ck.read_meta(), ck.directory)
   writer = log_lib.MetricWriter(workdir)
