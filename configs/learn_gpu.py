@@ -3,9 +3,9 @@
   layerflow train --config configs/learn_gpu.py --workdir runs/learn_gpu
   layerflow evaluate --checkpoint runs/learn_gpu --out runs/learn_gpu/eval
 
-Defaults are the measured run of issue 11 (one H200, 10,000 steps in 342 s while a second run shared the GPU):
-decomposition alone for the first 3,000 steps, then all four tasks with decompose weighted 2 (others 1) — alpha
-IoU 0.87, bg PSNR 29.1 dB, fg PSNR 31.1 dB on 32 validation clips (docs/gallery/metrics.md).
+Defaults: decomposition alone for the first 3,000 steps, then all four tasks with decompose weighted 2 (others 1),
+10,000 steps. What they reach, run to run, is in docs/gallery/metrics.md and benchmarks/results.jsonl (kind
+``learning``; ``benchmarks/learning.py`` reruns them).
 
 Argument variants: ``decompose_weight=W`` (task weight of decompose after the curriculum; others 1), ``steps=N``,
 ``given_embed=0|1``, ``curriculum=N`` (the first N steps train decomposition alone: what lets small models learn to
