@@ -18,9 +18,11 @@ Work dir layout (``layerflow sweep --workdir DIR``)::
   DIR/<run>/run.json        what the run is (spec + overrides); a second call refuses a run dir made otherwise
   DIR/<run>/checkpoints/, metrics.jsonl, tb/   the trainer's work dir (it auto-resumes from here)
   DIR/<run>/attempts.jsonl  one line per start and per end of training (pid, steps, seconds)
-  DIR/<run>/result.json     final metrics; written last and atomically, so its presence means "finished"
+  DIR/<run>/result.json     final metrics; written last and atomically, once the run's training is finished
+                            (``layerflow_jax.chain.is_trained``) and measured: its presence means the run is done
   DIR/_shared/<stage>-<hash>/  earlier stages a run starts from (``train.init_from`` naming a stage of
-                            ``config.stages``), trained once per distinct config and shared between runs
+                            ``config.stages``: ``layerflow_jax.chain``), trained once per distinct config and
+                            shared between runs
   DIR/report.md, report.csv, loss_curves.png   ``layerflow sweep-report DIR``
 
 A second ``layerflow sweep`` call skips finished runs and resumes unfinished ones from their checkpoints.

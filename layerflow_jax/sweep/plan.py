@@ -51,6 +51,8 @@ def file_lock(path: pathlib.Path):
 
 
 def is_finished(run_dir: pathlib.Path) -> bool:
+  """Whether a sweep run is done: its result.json is recorded, which the runner writes only once the run's training
+  is finished (``chain.is_trained``, the one rule) and measured; a run trained but not measured yet is resumed."""
   return (run_dir / RESULT_FILE).exists()
 
 

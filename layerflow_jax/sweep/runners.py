@@ -17,7 +17,7 @@ import time
 import traceback
 from typing import Any, Sequence
 
-from layerflow_jax import stopping
+from layerflow_jax import chain, stages, stopping
 from layerflow_jax.config import ConfigError, load_config
 from layerflow_jax.sweep.plan import (
   ATTEMPTS_FILE,
@@ -126,12 +126,10 @@ def _resolve_stages(
   root: pathlib.Path, spec: str, config, overrides: Sequence[str], *, stop_after: int | None
 ) -> bool:
   """Points ``train.init_from`` naming an earlier stage at a shared, trained copy of it; False if it is unfinished."""
-  from layerflow_jax import stages as stages_lib  # imports orbax: here, not at CLI start-up
-
-  src = config.train.init_from
-  if not src or src not in tuple(config.stages):
+  src = chain.source_stage(config)
+  if src is None:
     return True
-  pspec = stages_lib.stage_spec(spec, src)
+  pspec = stages.stage_spec(spec, src)
   pover = _filtered_overrides(pspec, overrides)
   pconfig = load_config(pspec, pover)
   _build_data(root, pconfig)
@@ -142,16 +140,16 @@ def _resolve_stages(
   digest = hashlib.sha1(ckpt_lib.config_to_meta(pconfig).encode()).hexdigest()[:12]
   pdir = root / SHARED_DIR / f"{src}-{digest}"
   with file_lock(pdir / ".lock"):  # one trainer per shared stage; the other runs wait for it
-    if not is_finished(pdir):
+    if not chain.is_trained(pdir, int(pconfig.train.steps)):
       if not (pdir / RUN_FILE).exists():
         write_json(
           pdir / RUN_FILE, {"name": pdir.name, "spec": pspec, "overrides": list(pover), "shared": True}
         )
       print(f"  shared stage {pdir.name} ({pspec})", flush=True)
       summary = _train_to_end(pconfig, pdir, stop_after=stop_after)
-      if summary.get("end_step") != int(pconfig.train.steps) or summary.get("interrupted_by_signal"):
+      if summary.get("interrupted_by_signal") or not chain.is_trained(pdir, int(pconfig.train.steps)):
         return False
-      write_json(
+      write_json(  # a record of the stage (whether it is finished is chain.is_trained's)
         pdir / RESULT_FILE,
         {
           "status": "done",
@@ -159,7 +157,7 @@ def _resolve_stages(
           "val_loss": summary.get("final", {}).get("val_loss"),
         },
       )
-  config.train.init_from = str(pdir)
+  chain.start_from(config, pdir, int(pconfig.train.steps))
   return True
 
 
@@ -182,7 +180,7 @@ def run_one(workdir: str | pathlib.Path, name: str, *, stop_after: int | None = 
   if not _resolve_stages(root, run["spec"], config, run["overrides"], stop_after=stop_after):
     return "unfinished"
   summary = _train_to_end(config, run_dir, stop_after=stop_after)
-  if summary.get("end_step") != int(config.train.steps) or summary.get("interrupted_by_signal"):
+  if summary.get("interrupted_by_signal") or not chain.is_trained(run_dir, int(config.train.steps)):
     return "unfinished"
 
   train_rows, _ = read_run_metrics(run_dir)
