@@ -1,7 +1,9 @@
 """``layerflow train-stages``: run the stages of a stages config in order, each from the previous one.
 
 Each stage trains in ``WORKDIR/<stage>``; a stage's ``train.init_from`` names the previous stage, resolved
-inside ``WORKDIR``. Finished stages are skipped and an interrupted one resumes from its checkpoint.
+inside ``WORKDIR`` and required finished. Finished stages are skipped and an interrupted one resumes from its
+checkpoint; a stage stopped by a signal ends the chain (the next call resumes it). What "finished" and "names a
+stage" mean is :mod:`layerflow_jax.chain`'s, shared with sweeps.
 """
 
 from __future__ import annotations
@@ -11,9 +13,8 @@ import pathlib
 import time
 from typing import Sequence
 
-from layerflow_jax import distributed
+from layerflow_jax import chain, distributed
 from layerflow_jax.config import ConfigError, load_config, split_spec
-from layerflow_jax.train import checkpoint as ckpt_lib
 
 
 def stage_spec(spec: str, stage: str) -> str:
@@ -24,16 +25,6 @@ def stage_spec(spec: str, stage: str) -> str:
 
 def stage_names(spec: str) -> tuple[str, ...]:
   return tuple(load_config(spec).stages)
-
-
-def _finished(workdir: pathlib.Path, steps: int) -> bool:
-  try:
-    ck = ckpt_lib.Checkpointer(workdir)
-    done = bool(ck.steps()) and ck.steps()[-1] >= steps
-    ck.close()
-    return done
-  except FileNotFoundError:
-    return False
 
 
 def train_stages(
@@ -73,15 +64,11 @@ def train_stages(
       continue
     config = load_config(stage_spec(spec, name), overrides)
     stage_dir = root / name
-    if config.train.init_from and not pathlib.Path(config.train.init_from).is_absolute():
-      src = root / config.train.init_from
-      if not (src / "checkpoints").is_dir():
-        raise ConfigError(
-          f"stage {name}: train.init_from={config.train.init_from!r} has no checkpoint "
-          f"(expected {src}/checkpoints; run that stage first)"
-        )
-      config.train.init_from = str(src)
-    if _finished(stage_dir, int(config.train.steps)):
+    source = chain.source_stage(config)
+    if source is not None:
+      source_steps = int(load_config(stage_spec(spec, source), overrides).train.steps)
+      chain.start_from(config, root / source, source_steps)
+    if chain.is_trained(stage_dir, int(config.train.steps)):
       results[name] = {"skipped": "already finished"}
       continue
     t0 = time.time()
@@ -90,4 +77,6 @@ def train_stages(
     results[name] = {k: v for k, v in summary.items() if k != "last"}
     if distributed.is_primary():  # one writer per job
       (stage_dir / "summary.json").write_text(json.dumps(results[name], indent=2, default=str))
+    if summary.get("interrupted_by_signal"):  # saved; the later stages must not start from it
+      break
   return results

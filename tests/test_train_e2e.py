@@ -259,7 +259,9 @@ def test_three_stages_chain_and_freeze(data_dir, tmp_path):
       "optimizer values",
       s["optimizer_state_values"],
     )
-  # a second call skips finished stages
+  # a second call skips finished stages: nothing trains, logs or writes a summary again
+  stage_names = ("stage1_base", "stage2_motion_lora", "stage3_content_lora")
+  before = {s: [(work / s / f).read_bytes() for f in ("summary.json", "metrics.jsonl")] for s in stage_names}
   assert (
     cli.main(
       [
@@ -274,6 +276,9 @@ def test_three_stages_chain_and_freeze(data_dir, tmp_path):
     )
     == 0
   )
+  assert {
+    s: [(work / s / f).read_bytes() for f in ("summary.json", "metrics.jsonl")] for s in stage_names
+  } == before
 
 
 @pytest.mark.parametrize(

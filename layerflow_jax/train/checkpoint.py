@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import orbax.checkpoint as ocp
 
+from layerflow_jax import chain
 from layerflow_jax import config as config_lib
 
 log = logging.getLogger(__name__)
@@ -253,9 +254,8 @@ def config_from_meta(text: str) -> mlc.ConfigDict:
 
 
 def has_checkpoints(workdir: str | pathlib.Path) -> bool:
-  """Whether ``WORKDIR/checkpoints`` holds a finished step (without creating anything)."""
-  d = pathlib.Path(workdir) / "checkpoints"
-  return d.is_dir() and any(p.is_dir() and p.name.isdigit() for p in d.iterdir())
+  """Whether ``WORKDIR/checkpoints`` holds a complete step, so a run resumes (without creating anything)."""
+  return bool(chain.complete_steps(workdir))
 
 
 def find_checkpoint_dir(path: str | pathlib.Path) -> pathlib.Path:
