@@ -61,17 +61,11 @@ def build(size: str, stage: str, chips: int, remat: str | None):
   spec = f"configs/stages.py:stage={stage},size={size},tpu=1"
   base = load_config(spec)
   m = base.model
-  args = argparse.Namespace(
-    config=spec,
-    lora_config=spec,
-    dtype=m.dtype,
-    attention=m.attention,
-    remat=remat or m.remat,
-    scan=m.scan_layers,
-    fused_qkv=m.fused_qkv,
-    pad_tokens_to=m.pad_tokens_to,
-    override=[],
-  )
+  # train_step's own argument defaults (one declaration), with the stage config's model levers
+  args = ts.parse_args(["--config", spec, "--lora-config", spec])
+  args.dtype, args.attention, args.scan = m.dtype, m.attention, m.scan_layers
+  args.remat, args.fused_qkv, args.pad_tokens_to = remat or m.remat, m.fused_qkv, m.pad_tokens_to
+  args.precision = m.precision
   shape = bc.Shape(**{**shape.__dict__, "batch": chips})
   mode = "lora" if stage == "stage3_content_lora" else "train"
   _, config = ts.build_config(args, shape, mode)

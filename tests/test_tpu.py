@@ -328,3 +328,18 @@ def test_cpu_start_without_tpu_init_noise():
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.strip() == "cpu"
   assert "TPU_WORKER_HOSTNAMES" not in proc.stderr and "INVALID_ARGUMENT" not in proc.stderr
+
+
+@pytest.mark.parametrize("row", ["2b:stage1_base:v5p-8", "5b:stage3_content_lora:2x v5p-8"])
+def test_tpu_table_rows_build_their_configs(row):
+  """benchmarks/tpu_aot.py's rows build the stage config with tpu=1's levers and one clip per chip (no compile
+  here; a hand-built argument set once lacked a setting train_step had gained, and every row failed)."""
+  from benchmarks import tpu_aot
+
+  size, stage, slice_name = row.split(":")
+  topology, slices = tpu_aot.TOPOLOGIES[slice_name]
+  chips = 4 * slices  # both are v5p:2x2x1 slices: 4 chips each
+  spec, shape, config = tpu_aot.build(size, stage, chips, None)
+  assert spec == f"configs/stages.py:stage={stage},size={size},tpu=1" and topology == "v5p:2x2x1"
+  assert shape.batch == chips and config.data.batch_size == chips
+  assert config.model.attention == "splash" and config.model.precision == "bf16"
