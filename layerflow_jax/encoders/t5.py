@@ -25,18 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layerflow_jax.dtypes import dtype_of
 from layerflow_jax.encoders import weights as weights_lib
-from layerflow_jax.model.dit import DTYPES
 
 # transformers keys the module may carry besides ours: the encoder's copy of the tied embedding.
 _ALIASES = {"encoder.embed_tokens.weight": "shared.weight"}
-
-
-def dtype_of(name: str, what: str):
-  """A compute dtype by name (the model's table), with an error naming the config key."""
-  if name not in DTYPES:
-    raise ValueError(f"{what}: dtype {name!r} unknown; expected one of {sorted(DTYPES)}")
-  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
