@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece as spm
 from flax import nnx
 
 from layerflow_jax.dtypes import dtype_of
@@ -259,8 +260,6 @@ class SentencePieceTokenizer:
   ``T5Tokenizer(padding="max_length", truncation=True)``)."""
 
   def __init__(self, model_file: str | pathlib.Path, max_length: int = 226):
-    import sentencepiece as spm
-
     if max_length < 1:
       raise ValueError(f"tokenizer max_length must be >= 1, got {max_length}")
     self.model_file = str(model_file)
