@@ -22,7 +22,8 @@ blocks and the per-block cost (their difference) extrapolated to all blocks (:fu
 compiler estimates, not measurements.
 
 Fake CPU devices must exist before jax starts, so that path re-runs this command in a subprocess with
-``--xla_force_host_platform_device_count``. The output is one row per compile of a per-device memory table from
+``--xla_force_host_platform_device_count``; and the CLI imports this module for its parser on every command. So
+jax, and the project modules that import it, are imported inside the functions that use them. The output is one row per compile of a per-device memory table from
 ``compiled.memory_analysis()`` (arguments, outputs, aliased by donation, temporaries, peak = args + outputs −
 aliased + temps) next to the parameter and optimizer bytes per device computed from the shardings.
 """
@@ -30,12 +31,15 @@ aliased + temps) next to the parameter and optimizer bytes per device computed f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import subprocess
 import sys
 import time
+
+from layerflow_jax.config import load_config
 
 _CHILD = "LAYERFLOW_AOT_CHILD"
 GiB = 1024**3
@@ -74,12 +78,10 @@ def parse_topology(text: str) -> tuple[str, str, int]:
 def tpu_devices(name: str, num_slices: int = 1) -> list:
   """jax's compile-only TPU devices for topology ``name`` (``v5p:2x2x1``), ``num_slices`` slices of it; raises
   SystemExit naming the fix when libtpu is missing or the name is unknown (never a silent CPU stand-in)."""
-  import importlib.util
-
   # libtpu takes a host-wide lock file when it loads; compile-only devices use no chip, so a second compiling
   # process (a test next to a benchmark, a command next to training) need not wait for it.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
+  from jax.experimental import topologies  # jax inside functions (module docstring)
 
   try:
     return list(topologies.get_topology_desc(name, "tpu", num_slices=num_slices).devices)
@@ -97,7 +99,7 @@ def tpu_devices(name: str, num_slices: int = 1) -> list:
 
 def _compile_only_devices(platform: str, name: str):
   """jax's compile-only GPU devices for ``name``, or None when this installation cannot make them."""
-  from jax.experimental import topologies
+  from jax.experimental import topologies  # jax inside functions (module docstring)
 
   try:
     if platform == "gpu":
@@ -111,6 +113,7 @@ def _compile_only_devices(platform: str, name: str):
 
 
 def _bytes_per_device(tree, shardings) -> int:
+  # jax inside functions (module docstring)
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -151,6 +154,7 @@ def splash_kernel_flops(model_cfg, tokens: int, batch_per_chip: float) -> float:
 
 def _compile(config, devices):
   """(compiled, seconds, experiment, mesh) of the train step of ``config`` on ``devices``."""
+  # jax and the modules that import it inside functions (module docstring)
   import jax
 
   from layerflow_jax import sharding as shd
@@ -356,8 +360,6 @@ def _child_env(count: int) -> dict:
 
 
 def run(args, overrides) -> int:
-  from layerflow_jax.config import load_config
-
   platform, name, count = parse_topology(args.topology)
   if args.num_slices < 1 or (args.num_slices > 1 and platform != "tpu"):
     raise SystemExit(f"error: --num-slices {args.num_slices}: expected 1, or more with a tpu:NAME topology")
@@ -378,7 +380,7 @@ def run(args, overrides) -> int:
   if platform == "gpu" and not os.environ.get(_CHILD):
     devices = _compile_only_devices(platform, name)
   if devices is None:
-    import jax
+    import jax  # after the subprocess's device count is set (module docstring)
 
     have = jax.devices("cpu") if os.environ.get(_CHILD) else []
     if len(have) < count:
@@ -405,7 +407,7 @@ def run(args, overrides) -> int:
   rows = []
   for spec, config in configs:
     if args.num_slices > 1:
-      from layerflow_jax import sharding as shd
+      from layerflow_jax import sharding as shd  # jax (module docstring)
 
       config = shd.multislice_config(config, len(devices) // args.num_slices, args.num_slices)
     rows.append(compile_train_step(config, devices, label=spec))

@@ -6,12 +6,19 @@ Config overrides follow ml_collections style: ``--config configs/default.py:size
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
 import pathlib
 import sys
 from typing import Sequence
+
+# Light modules only (the standard library and ml_collections): ``layerflow --help`` and the parser import no jax,
+# TensorFlow or numpy; each command imports what it runs inside its function.
+from data_pipelines import registry
+from layerflow_jax import cliargs, errors, outputs, platform
+from layerflow_jax.config import apply_overrides, load_config
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -39,8 +46,6 @@ def _split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 
 def _load(spec: str, overrides: Sequence[str]):
-  from layerflow_jax.config import load_config
-
   return load_config(spec, overrides)
 
 
@@ -52,7 +57,7 @@ def _print(obj) -> None:
 
 
 def cmd_train(args, overrides) -> int:
-  from layerflow_jax.train import trainer
+  from layerflow_jax.train import trainer  # jax: commands import what they run (CLI start-up)
 
   config = _load(args.config, overrides)
   summary = trainer.train(config, args.workdir, stop_after=args.stop_after, progress=not args.no_progress)
@@ -61,7 +66,7 @@ def cmd_train(args, overrides) -> int:
 
 
 def cmd_train_stages(args, overrides) -> int:
-  from layerflow_jax import stages
+  from layerflow_jax import stages  # jax (CLI start-up)
 
   results = stages.train_stages(
     args.config, args.workdir, overrides, progress=not args.no_progress, only=args.only
@@ -71,8 +76,6 @@ def cmd_train_stages(args, overrides) -> int:
 
 
 def cmd_data_build(args, overrides) -> int:
-  from data_pipelines import registry
-
   config = _load(args.config, overrides)
   if args.data_dir:
     config.data.data_dir = args.data_dir
@@ -91,10 +94,10 @@ def _prompts_required(args, num_prompts: int = 3):
 
 
 def cmd_sample(args, overrides) -> int:
+  # numpy and jax (CLI start-up)
   import numpy as np
 
-  from layerflow_jax import layers, media, outputs
-  from layerflow_jax.config import apply_overrides
+  from layerflow_jax import layers, media
   from layerflow_jax.sampling import LayeredSampler
   from layerflow_jax.train import trainer
 
@@ -117,7 +120,7 @@ def cmd_sample(args, overrides) -> int:
     given[0, i * t : (i + 1) * t] = video
 
   if args.from_validation is not None:
-    from data_pipelines import pipeline
+    from data_pipelines import pipeline  # Grain, TFDS and jax (CLI start-up)
 
     ds = pipeline.layer_dataset(config, "validation")
     ds = pipeline.to_model_inputs(ds, config)
@@ -168,9 +171,8 @@ def cmd_sample(args, overrides) -> int:
 
 
 def cmd_evaluate(args, overrides) -> int:
+  # jax (CLI start-up)
   from layerflow_jax import evaluate as eval_lib
-  from layerflow_jax import outputs
-  from layerflow_jax.config import apply_overrides
   from layerflow_jax.sampling import LayeredSampler
   from layerflow_jax.train import trainer
 
@@ -197,8 +199,6 @@ def cmd_evaluate(args, overrides) -> int:
   except ValueError as e:
     raise SystemExit(f"error: {e}") from None
   if config.eval.multistage:
-    from data_pipelines import registry
-
     registry.build_eval(config)
     result.update(
       eval_lib.multistage_metrics(
@@ -221,7 +221,7 @@ def cmd_evaluate(args, overrides) -> int:
 
 
 def cmd_demo(args, overrides) -> int:
-  from layerflow_jax import demo
+  from layerflow_jax import demo  # jax (CLI start-up)
 
   return demo.run(args.workdir, overrides, config_spec=args.config)
 
@@ -240,8 +240,6 @@ COMMAND_MODULES = (
 
 
 def _command_modules():
-  import importlib
-
   for name in COMMAND_MODULES:
     yield importlib.import_module(name)
 
@@ -265,8 +263,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from layerflow_jax import cliargs
-
   doc = __doc__ or "layerflow"  # python -OO strips docstrings
   p = _Parser(prog="layerflow", description=doc.splitlines()[0])
   sub = p.add_subparsers(dest="command", required=True)
@@ -352,14 +348,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs one command. Errors a user can cause print one line ``error: …`` (exit 2: bad input, 1: a failed
   run; see :mod:`layerflow_jax.errors`); ``LAYERFLOW_DEBUG=1`` lets them raise with the full traceback
   instead."""
-  from layerflow_jax import errors
-
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     rest, overrides = _split_overrides(argv)
     args = build_parser().parse_args(rest)
-    from layerflow_jax import platform
-
     platform.skip_absent_tpu()  # libtpu installed on a host without TPU chips: no TPU init error at start-up
     logging.basicConfig(
       level=logging.INFO if os.environ.get("LAYERFLOW_VERBOSE") else logging.WARNING,

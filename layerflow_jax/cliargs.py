@@ -45,7 +45,7 @@ index = in_range(int, 0, 1_000_000_000)
 
 
 def task(text: str) -> str:
-  from layerflow_jax import layers
+  from layerflow_jax import layers  # jax: the CLI parser imports this module, --help stays without jax
 
   if text not in layers.TASK_NAMES:
     raise argparse.ArgumentTypeError(f"unknown task {text!r}; expected one of {', '.join(layers.TASK_NAMES)}")
@@ -68,7 +68,7 @@ def existing(text: str) -> str:
 
 def checkpoint(text: str) -> str:
   """A training work dir (or its ``checkpoints/``) holding at least one finished step."""
-  from layerflow_jax.train import checkpoint as ckpt_lib
+  from layerflow_jax.train import checkpoint as ckpt_lib  # orbax and jax: as layers above
 
   path = pathlib.Path(text)
   if not path.exists():

@@ -12,14 +12,13 @@ time axis again.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import einops
+import jax
 
 from layerflow_jax import layers
-
-if TYPE_CHECKING:  # annotations only: this module imports jax lazily
-  import jax
+from layerflow_jax.encoders import vae, weights
 
 
 @runtime_checkable
@@ -150,8 +149,6 @@ def make_codec(cfg) -> Autoencoder:
   if cfg.kind == "pixel":
     return PixelCodec(spatial=cfg.spatial, temporal=cfg.temporal, scaling_factor=cfg.scaling_factor)
   if cfg.kind == "cogvideox":
-    from layerflow_jax.encoders import vae, weights
-
     if not cfg.path:
       raise ValueError(
         "autoencoder.path: required for kind 'cogvideox' (an AutoencoderKLCogVideoX directory)"

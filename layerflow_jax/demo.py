@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
 from typing import Sequence
+
+import jax
+
+from data_pipelines import registry
+from layerflow_jax import distributed, evaluate, media, stages
+from layerflow_jax.config import load_config
+from layerflow_jax.sampling import LayeredSampler
+from layerflow_jax.train import trainer
+from layerflow_jax.train.experiment import Experiment
 
 DEMO_SPEC = "configs/stages.py:demo"
 
@@ -23,23 +33,12 @@ def _table(rows: list[tuple[str, ...]]) -> str:
 
 def trained_is_better(untrained: float, trained: float, higher_is_better: bool | None) -> bool:
   """Whether the trained value beats the untrained one; ``None`` = a ratio whose ideal is 1 (|log| smaller)."""
-  import math
-
   if higher_is_better is None:
     return abs(math.log(max(trained, 1e-12))) < abs(math.log(max(untrained, 1e-12)))
   return trained > untrained if higher_is_better else trained < untrained
 
 
 def run(workdir: str | pathlib.Path, overrides: Sequence[str] = (), *, config_spec: str = DEMO_SPEC) -> int:
-  import jax
-
-  from data_pipelines import registry
-  from layerflow_jax import distributed, evaluate, media, stages
-  from layerflow_jax.config import load_config
-  from layerflow_jax.sampling import LayeredSampler
-  from layerflow_jax.train import trainer
-  from layerflow_jax.train.experiment import Experiment
-
   t_start = time.time()
   root = pathlib.Path(workdir)
   root.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,8 @@ import time
 from types import TracebackType
 from typing import Any, NoReturn
 
+import jax
+
 log = logging.getLogger(__name__)
 
 EXIT_PEER_LOST = 75  # EX_TEMPFAIL: the job may be retried (the scheduler's requeue can key on it)
@@ -130,8 +132,6 @@ def detect(env=None) -> Launch:
 
 
 def _use_gloo_on_cpu() -> None:
-  import jax
-
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if not platforms:
     platforms = str(jax.config.jax_platforms or "")  # pyright: ignore[reportAttributeAccessIssue]  # not in stub
@@ -153,8 +153,6 @@ def initialize(env=None) -> Launch:
   Returns what was detected. Exits the process with :data:`EXIT_PEER_LOST` and a clear message when the job does
   not assemble within ``LAYERFLOW_INIT_TIMEOUT_S``.
   """
-  import jax
-
   env = os.environ if env is None else env
   launch = detect(env)
   if launch.method == "single" or jax.distributed.is_initialized():
@@ -226,8 +224,6 @@ def _install_excepthook() -> None:
 
 
 def peer_lost_message(error: BaseException) -> str:
-  import jax
-
   first = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
   return (
     f"process {jax.process_index()} of {jax.process_count()}: another process of the job stopped "
@@ -237,15 +233,11 @@ def peer_lost_message(error: BaseException) -> str:
 
 def is_primary() -> bool:
   """True on process 0 (the one that logs and writes files shared by the job)."""
-  import jax
-
   return jax.process_index() == 0
 
 
 def is_peer_failure(error: BaseException) -> bool:
   """Whether ``error`` looks like a collective or coordination failure caused by another process."""
-  import jax
-
   if jax.process_count() == 1:
     return False
   text = f"{type(error).__name__}: {error}"

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+from layerflow_jax.config import ConfigError
+
 DEBUG_ENV = "LAYERFLOW_DEBUG"
 BAD_INPUT, FAILED = 2, 1
 
@@ -42,8 +44,9 @@ def _os_error(e: OSError) -> str:
 
 def describe(e: BaseException) -> tuple[int, str] | None:
   """(exit code, one-line message) of an error the CLI reports without a traceback; None for SystemExit."""
-  from layerflow_jax.config import ConfigError
-  from layerflow_jax.train.checkpoint import CheckpointError
+  from layerflow_jax.train.checkpoint import (
+    CheckpointError,  # orbax and jax: the CLI imports this module on --help
+  )
 
   if isinstance(e, SystemExit):
     return None

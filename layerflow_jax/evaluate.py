@@ -35,7 +35,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from layerflow_jax import layers, metrics
+from data_pipelines import pipeline, synthetic
+from layerflow_jax import layers, media, metrics
 from layerflow_jax.sampling import LayeredSampler
 
 # (metric key, label, higher is better) for tables; keys are "task/metric".
@@ -64,8 +65,6 @@ def eval_batches(
 ) -> list[dict]:
   """Fixed, unshuffled batches of ``split`` in the model-input contract plus the foreground prompts
   (``fg_prompt``: list of str) for the attribute check."""
-  from data_pipelines import pipeline
-
   decoded = pipeline.layer_dataset(config, split, shuffle=False)
   inputs = pipeline.to_model_inputs(decoded, config)
   bs = int(batch_size or config.data.batch_size)
@@ -178,8 +177,6 @@ def markdown_table(columns: dict[str, dict], keys=TABLE_METRICS) -> str:
 
 def contact_sheet(path, previews: dict[str, list[dict]], *, clips: int = 2) -> str:
   """One PNG: a row per (task, clip) with the middle frame of fg over a checkerboard, alpha, bg and blend."""
-  from layerflow_jax import media
-
   rows, labels = [], None
   for samples in previews.values():
     for s in samples[:clips]:
@@ -276,8 +273,6 @@ def motion_adapter_effect(config, params: dict, batches: Sequence[dict], **kwarg
 def edge_band(true_alpha: np.ndarray, radius: int = 1) -> np.ndarray:
   """bool [..., H, W]: pixels within ``radius`` of the 0.5 contour of ``true_alpha`` [..., H, W] in [0, 1],
   plus every pixel with a fractional true alpha (0.02 < α < 0.98)."""
-  from data_pipelines import synthetic
-
   m = true_alpha >= 0.5
   return (synthetic.morph(m, radius) & ~synthetic.morph(m, -radius)) | (
     (true_alpha > 0.02) & (true_alpha < 0.98)
@@ -302,8 +297,6 @@ def matte_scores(gen_alpha: np.ndarray, true_alpha: np.ndarray) -> dict:
 
 
 def _source_batches(config, name: str, num_batches: int | None) -> tuple:
-  from data_pipelines import pipeline
-
   c = pipeline.source_config(config, name)
   c.data.mixture = []
   return c, eval_batches(c, "validation", num_batches=num_batches)
@@ -320,8 +313,6 @@ def multistage_metrics(
 ) -> dict:
   """The metrics of the multi-stage mechanism (module docstring) on held-out clips of ``config.eval.image_data``
   and ``config.eval.video_data``, sampled as ``config`` samples (its ``sampling.remove_adapters``)."""
-  from data_pipelines import synthetic
-
   kw: dict[str, Any] = dict(num_steps=num_steps, guidance_scale=guidance_scale)
   palette = {**metrics.PALETTE, **synthetic.IMAGE_ONLY_COLORS}
   sums: dict[str, list[float]] = {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 # Clip names.
@@ -139,8 +140,6 @@ def task_weights_vector(weights: Mapping[str, float], tasks: Sequence[str] = TAS
 def _xp(x):
   if isinstance(x, np.ndarray):
     return np
-  import jax.numpy as jnp
-
   return jnp
 
 

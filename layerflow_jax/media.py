@@ -21,7 +21,9 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
+import imageio.v3 as iio
 import numpy as np
+from PIL import Image, ImageDraw, features
 
 from layerflow_jax import layers as L
 
@@ -83,8 +85,6 @@ def save_grid_png(
   mattes first). Cells are upscaled ``scale``× nearest-neighbour, placed top-left in a cell of the largest
   size and separated by ``pad`` pixels of ``pad_value``. ``labels`` optionally names the columns in a header.
   """
-  from PIL import Image, ImageDraw
-
   cells = [[_cell_uint8(c) for c in row] for row in rows]
   if not cells or not any(cells):
     raise ValueError("save_grid_png needs at least one image")
@@ -120,7 +120,7 @@ def save_grid_png(
 def have_ffmpeg() -> bool:
   """True when ``imageio-ffmpeg`` is importable and has an ffmpeg binary (MP4 output possible)."""
   try:
-    import imageio_ffmpeg
+    import imageio_ffmpeg  # optional (the video extra): its absence means no MP4
 
     imageio_ffmpeg.get_ffmpeg_exe()
     return True
@@ -132,8 +132,6 @@ def have_ffmpeg() -> bool:
 def have_webp() -> bool:
   """True when Pillow was built with WebP support (animated WebP with alpha)."""
   try:
-    from PIL import features
-
     return bool(features.check("webp"))
   except Exception:  # noqa: BLE001
     return False
@@ -145,8 +143,6 @@ def _gif_kwargs(fps: float) -> dict:
 
 def _write_video(base: str, frames_u8: np.ndarray, fps: float, video_format: str) -> str:
   """uint8 [T, H, W, 3] → ``base.mp4`` (ffmpeg, even sizes) or ``base.gif``; returns the path."""
-  import imageio.v3 as iio
-
   t, h, w = frames_u8.shape[:3]
   use_mp4 = video_format == "mp4" or (video_format == "auto" and have_ffmpeg())
   if use_mp4 and (h % 2 or w % 2):
@@ -218,8 +214,6 @@ def write_layers(
 
   if straight is not None:
     assert alpha is not None  # straight is None without it
-    import imageio.v3 as iio
-
     rgba = np.concatenate([to_uint8(straight), alpha_to_uint8(alpha)], axis=-1)
     frame_dir = out / f"{prefix}fg_rgba"
     frame_dir.mkdir(parents=True, exist_ok=True)
@@ -326,8 +320,6 @@ def _read_animated(path: str, mode: str = "RGB") -> list[np.ndarray]:
   The frame period is taken from a ``layerflow fps=N`` GIF comment when present, else the shortest frame
   duration; each stored frame is repeated round(duration / period) times.
   """
-  from PIL import Image
-
   frames, durations, comment = [], [], None
   with Image.open(path) as im:
     for i in range(getattr(im, "n_frames", 1)):
@@ -356,8 +348,6 @@ def _read_animated_rgba(path: str) -> list[np.ndarray]:
 
 
 def _read_frames(path: str) -> list[np.ndarray]:
-  import imageio.v3 as iio
-
   if os.path.isdir(path):
     names = sorted((n for n in os.listdir(path) if n.lower().endswith(FRAME_EXTS)), key=_natural_key)
     if not names:

@@ -26,7 +26,7 @@ def skip_absent_tpu() -> bool:
   """
   if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
     return False
-  from jax._src import hardware_utils, xla_bridge
+  from jax._src import hardware_utils, xla_bridge  # only with libtpu: the CLI calls this before importing jax
 
   if hardware_utils.num_available_tpu_chips_and_device_id()[0] > 0 or xla_bridge.backends_are_initialized():
     return False

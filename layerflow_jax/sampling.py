@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 
-from layerflow_jax import layers
+from layerflow_jax import layers, validate
 from layerflow_jax import sharding as shd
 from layerflow_jax.diffusion import samplers
 from layerflow_jax.train.experiment import Experiment
@@ -41,8 +41,6 @@ def drop_adapters(config: mlc.ConfigDict, params: dict, names: Sequence[str]) ->
 
 class LayeredSampler:
   def __init__(self, config: mlc.ConfigDict, params: dict, *, mesh=None, keep_adapters: Sequence[str] = ()):
-    from layerflow_jax import validate
-
     validate.check_backend(
       config, jax.default_backend()
     )  # e.g. a cuDNN-attention checkpoint sampled on a CPU

@@ -25,6 +25,7 @@ from typing import Any, Iterator, Sequence
 import jax
 from flax import nnx
 from flax.core import spmd as core_spmd
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -108,8 +109,6 @@ def make_mesh(mesh_cfg, devices: Sequence[Any] | None = None) -> Mesh:
   dcn = dcn_shape(mesh_cfg, shape)
   if math.prod(dcn.values()) == 1:
     return jax.make_mesh(dims, MESH_AXES, axis_types=axis_types, devices=devices)
-  from jax.experimental import mesh_utils
-
   ici = tuple(shape[a] // dcn[a] for a in MESH_AXES)
   # Granules are TPU slices when there are several, else processes (GPU/CPU hosts report one slice or none).
   by_process = len({getattr(d, "slice_index", None) for d in devices}) == 1

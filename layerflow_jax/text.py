@@ -12,12 +12,13 @@ Any encoder implementing :class:`TextEncoder` plugs in: ``kind = "t5"`` selects 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-if TYPE_CHECKING:  # annotations only: this module imports jax lazily
-  import jax
+from layerflow_jax.encoders import t5, weights
 
 
 @runtime_checkable
@@ -86,8 +87,6 @@ class ByteTextEncoder:
     return sum(xpad[..., k : k + length, :] @ w[k] for k in range(self.width))
 
   def encode(self, tokens):
-    import jax.numpy as jnp
-
     tokens = jnp.asarray(tokens)
     if tokens.shape[-1] != self.max_length:
       raise ValueError(f"expected {self.max_length} tokens per prompt, got shape {tokens.shape}")
@@ -110,8 +109,6 @@ def make_text_encoder(cfg) -> TextEncoder:
   if cfg.kind == "byte":
     return ByteTextEncoder(max_length=cfg.max_length, dim=cfg.dim, seed=cfg.seed)
   if cfg.kind == "t5":
-    from layerflow_jax.encoders import t5, weights
-
     if not cfg.path:
       raise ValueError("text_encoder.path: required for kind 't5' (a T5EncoderModel checkpoint directory)")
     enc = t5.T5TextEncoder.from_pretrained(

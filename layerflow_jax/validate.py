@@ -22,9 +22,12 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 import ml_collections as mlc
 
-from layerflow_jax import layers
+from data_pipelines import pipeline
+from data_pipelines.spec import BATCH_KEYS
+from layerflow_jax import layers, sharding
 from layerflow_jax.config import SCHEMA, ConfigError
 from layerflow_jax.diffusion.samplers import SAMPLERS
+from layerflow_jax.model import attention
 from layerflow_jax.model import fp8 as fp8_lib
 from layerflow_jax.model import lora as lora_lib
 from layerflow_jax.model.dit import REMAT_POLICIES
@@ -200,8 +203,6 @@ def check_tasks(config: mlc.ConfigDict) -> None:
 
 def check_mixture(config: mlc.ConfigDict) -> None:
   """Entry keys, transforms and weights of ``data.mixture`` (keys and transforms as the data pipeline defines)."""
-  from data_pipelines import pipeline
-
   keys, transforms = tuple(pipeline.ENTRY_KEYS), tuple(pipeline.TRANSFORMS)
   mixture = _get(config, "data.mixture") or []
   if not isinstance(mixture, (list, tuple)):
@@ -289,8 +290,6 @@ def joint_tokens(config: mlc.ConfigDict) -> int | None:
 def check_splash(config: mlc.ConfigDict, sequence: int) -> None:
   """``model.attention='splash'`` tiles the joint sequence in blocks of 128 tokens: without sequence parallelism
   (where each shard pads to the tiles itself) ``model.pad_tokens_to`` must make the length a multiple of 128."""
-  from layerflow_jax.model import attention
-
   if _get(config, "model.attention") != "splash" or sequence != 1:  # (-1: unknown before the devices are)
     return
   tile, pad = attention.SPLASH_TILE, int(_get(config, "model.pad_tokens_to"))
@@ -373,8 +372,6 @@ def check_adapters(config: mlc.ConfigDict) -> None:
           f"names adapter {name!r}, which model.adapters does not define",
           f"names among {present}",
         )
-  from data_pipelines.spec import BATCH_KEYS
-
   for name, batch_key in dict(_get(config, "train.adapter_scale_keys") or {}).items():
     if name not in present:
       fail(
@@ -438,8 +435,6 @@ def check_mesh(config: mlc.ConfigDict, num_devices: int) -> dict[str, int]:
       f"axis sizes whose product is {num_devices} (or one axis of -1)",
     )
   if dcn:
-    from layerflow_jax import sharding
-
     try:
       sharding.dcn_shape({"dcn": dcn}, shape)
     except ValueError as e:

@@ -1,5 +1,6 @@
-"""The library's import graph (read from the source, nothing imported): no cycle among module-level imports, and
-none on the data path even counting imports inside functions (which would hide one)."""
+"""The library's import graph (read from the source, nothing imported): no cycle among module-level imports, none
+even counting imports inside functions (which would hide one), and no project module imported inside a function
+except the few listed in ``LAZY`` with their reason."""
 
 from __future__ import annotations
 
@@ -10,10 +11,49 @@ import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("data_pipelines", "layerflow_jax")
-# From a config to the batches the train step reads.
-DATA_PATH = ("data_pipelines", "layerflow_jax.train.trainer", "layerflow_jax.train.experiment")
-# Imported inside functions on purpose, with the reason at the import.
-LAZY = {"data_pipelines.commands": 2}  # the CLI parser module: TFDS/jax only in the commands that need them
+# Project modules imported inside a function on purpose: (importer, imported) → the reason, also written at the
+# import. Anything else moves to the top of its module, where a cycle shows.
+_CLI = "the CLI imports this module on every command, --help included: no jax, numpy or TensorFlow there"
+_AOT = "the CLI parser imports it, and fake CPU devices must be set before jax starts (aot's docstring)"
+LAZY = {
+  ("data_pipelines.commands", "data_pipelines.importing"): _CLI,
+  ("data_pipelines.commands", "data_pipelines.layerflow_latents"): _CLI,
+  ("layerflow_jax.aot", "data_pipelines.spec"): _AOT,
+  ("layerflow_jax.aot", "layerflow_jax.sharding"): _AOT,
+  ("layerflow_jax.aot", "layerflow_jax.train.experiment"): _AOT,
+  ("layerflow_jax.aot", "layerflow_jax.train.step"): _AOT,
+  **{
+    ("layerflow_jax.cli", m): _CLI
+    for m in (
+      "data_pipelines.pipeline",
+      "layerflow_jax.demo",
+      "layerflow_jax.evaluate",
+      "layerflow_jax.layers",
+      "layerflow_jax.media",
+      "layerflow_jax.sampling",
+      "layerflow_jax.stages",
+      "layerflow_jax.train.trainer",
+    )
+  },
+  ("layerflow_jax.cliargs", "layerflow_jax.layers"): _CLI + " (the parser's types)",
+  ("layerflow_jax.cliargs", "layerflow_jax.train.checkpoint"): _CLI + " (the parser's types)",
+  ("layerflow_jax.errors", "layerflow_jax.train.checkpoint"): _CLI + " (cli.main reports errors)",
+  ("layerflow_jax.export.commands", "layerflow_jax.export.convert"): _CLI,
+  ("layerflow_jax.export.commands", "layerflow_jax.export.diffusers_folder"): _CLI,
+  ("layerflow_jax.export.commands", "layerflow_jax.export.official"): _CLI,
+}
+# Not reviewed yet: these files were being edited on other branches when the rest moved (issue 19).
+PENDING = {
+  ("layerflow_jax.stages", "layerflow_jax.train.trainer"),
+  ("layerflow_jax.stages", "layerflow_jax.validate"),
+  ("layerflow_jax.sweep", "data_pipelines.registry"),
+  ("layerflow_jax.sweep", "layerflow_jax.evaluate"),
+  ("layerflow_jax.sweep", "layerflow_jax.sampling"),
+  ("layerflow_jax.sweep", "layerflow_jax.stages"),
+  ("layerflow_jax.sweep", "layerflow_jax.train.checkpoint"),
+  ("layerflow_jax.sweep", "layerflow_jax.train.logging"),
+  ("layerflow_jax.sweep", "layerflow_jax.train.trainer"),
+}
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -69,26 +109,42 @@ def _cycle(graph: dict[str, set[str]], within) -> list[str] | None:
   return None
 
 
-def _on_data_path(name: str) -> bool:
-  return any(name == p or name.startswith(p + ".") for p in DATA_PATH)
+def _function_level(tree: ast.Module) -> set[str]:
+  """The project modules a module imports inside its functions."""
+  return {
+    t
+    for fn in ast.walk(tree)
+    if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+    for n in ast.walk(fn)
+    for t in _targets(n)
+  }
 
 
 def test_no_cycle_among_module_level_imports():
   assert _cycle(_graph(nested=False), lambda m: True) is None
 
 
-def test_data_path_has_no_cycle_even_through_function_level_imports():
-  assert _cycle(_graph(nested=True), _on_data_path) is None
+def test_no_cycle_even_through_function_level_imports():
+  assert _cycle(_graph(nested=True), lambda m: True) is None
 
 
-@pytest.mark.parametrize("name", sorted(m for m in MODULES if m.startswith("data_pipelines")))
-def test_data_modules_import_at_the_top(name):
-  nested = [
-    n
-    for n in ast.walk(MODULES[name])
-    if isinstance(n, (ast.Import, ast.ImportFrom)) and n not in MODULES[name].body
-  ]
-  assert len(nested) == LAZY.get(name, 0), [ast.unparse(n) for n in nested]
+def test_the_model_is_in_the_graph():
+  """The model, the encoders and the codec import at the top, so the cycle checks above see them (a cycle
+  codec → vae → t5 → dit → codec once hid behind imports inside functions)."""
+  graph = _graph(nested=False)
+  assert {"layerflow_jax.codec", "layerflow_jax.dtypes"} <= graph["layerflow_jax.model.dit"]
+  assert "layerflow_jax.encoders.vae" in graph["layerflow_jax.codec"]
+  assert "layerflow_jax.dtypes" in graph["layerflow_jax.encoders.t5"]
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_project_modules_import_at_the_top(name):
+  lazy = {t for (m, t) in (*LAZY, *PENDING) if m == name}
+  assert _function_level(MODULES[name]) == lazy, "move these to the top of the module, or list them in LAZY"
+
+
+def test_every_lazy_import_has_a_reason():
+  assert all(m in MODULES and t in MODULES and len(reason) > 10 for (m, t), reason in LAZY.items())
 
 
 def test_the_cycle_check_finds_a_cycle():

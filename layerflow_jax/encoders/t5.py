@@ -23,20 +23,14 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import sentencepiece as spm
 from flax import nnx
 
+from layerflow_jax.dtypes import dtype_of
 from layerflow_jax.encoders import weights as weights_lib
-from layerflow_jax.model.dit import DTYPES
 
 # transformers keys the module may carry besides ours: the encoder's copy of the tied embedding.
 _ALIASES = {"encoder.embed_tokens.weight": "shared.weight"}
-
-
-def dtype_of(name: str, what: str):
-  """A compute dtype by name (the model's table), with an error naming the config key."""
-  if name not in DTYPES:
-    raise ValueError(f"{what}: dtype {name!r} unknown; expected one of {sorted(DTYPES)}")
-  return DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,8 +260,6 @@ class SentencePieceTokenizer:
   ``T5Tokenizer(padding="max_length", truncation=True)``)."""
 
   def __init__(self, model_file: str | pathlib.Path, max_length: int = 226):
-    import sentencepiece as spm
-
     if max_length < 1:
       raise ValueError(f"tokenizer max_length must be >= 1, got {max_length}")
     self.model_file = str(model_file)

@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from layerflow_jax.dtypes import dtype_of
 from layerflow_jax.encoders import weights as weights_lib
-from layerflow_jax.encoders.t5 import dtype_of
 
 SAMPLE_FRAMES_PER_BATCH = 8  # diffusers' num_sample_frames_batch_size
 LATENT_FRAMES_PER_BATCH = 2  # diffusers' num_latent_frames_batch_size

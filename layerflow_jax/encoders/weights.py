@@ -19,10 +19,12 @@ from typing import Any, Callable, Mapping, TypeVar
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # also registers bfloat16 for safetensors.numpy
 import numpy as np
 from flax import nnx, traverse_util
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file
 
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 M = TypeVar("M", bound=nnx.Module)
@@ -33,8 +35,7 @@ def to_numpy(x: Any) -> np.ndarray:
   if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch here
     t = x.detach().cpu()
     if str(t.dtype) == "torch.bfloat16":
-      import ml_dtypes
-      import torch
+      import torch  # optional (the torch extra): only here when a torch tensor came in
 
       return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -64,9 +65,6 @@ def safetensors_files(path: str | pathlib.Path) -> list[pathlib.Path]:
 
 def read_safetensors(path: str | pathlib.Path) -> dict[str, np.ndarray]:
   """All tensors of a checkpoint as NumPy arrays (bfloat16 via ml_dtypes)."""
-  import ml_dtypes  # noqa: F401  # pylint: disable=unused-import  (registers bfloat16 for safetensors.numpy)
-  from safetensors.numpy import load_file
-
   out: dict[str, np.ndarray] = {}
   for f in safetensors_files(path):
     out.update(load_file(str(f)))
@@ -160,7 +158,7 @@ def _active_mesh():
     return jax.sharding.get_mesh()
   except ValueError:  # inside a trace: the encoders load on their first (usually jitted) use
     try:
-      from jax._src import mesh as mesh_lib
+      from jax._src import mesh as mesh_lib  # private: guarded here, as a jax release may move it
 
       return mesh_lib.get_concrete_mesh()
     except (ImportError, AttributeError):

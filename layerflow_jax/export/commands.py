@@ -1,6 +1,7 @@
 """``layerflow import-diffusers`` and ``layerflow export`` (PyTorch interop; see :mod:`.convert`).
 
-Nothing heavy is imported here at module level (the CLI imports this module for every command).
+Nothing heavy is imported here at module level (the CLI imports this module for every command): the converters,
+which import jax, are imported inside the commands.
 """
 
 from __future__ import annotations
@@ -8,6 +9,9 @@ from __future__ import annotations
 import json
 import pathlib
 import sys
+
+from layerflow_jax import cliargs, outputs
+from layerflow_jax.config import load_config, split_spec
 
 DEFAULT_BASE_CONFIG = "configs/default.py"
 
@@ -23,8 +27,6 @@ def _fail(e: Exception | str) -> int:
 
 def _config_spec(spec: str) -> str:
   """A config spec relative to the current directory, else to the repository root of this package."""
-  from layerflow_jax.config import split_spec
-
   path, arg = split_spec(spec)
   if not pathlib.Path(path).is_file():
     repo = pathlib.Path(__file__).resolve().parents[2] / path
@@ -53,9 +55,7 @@ def add_import_arguments(p) -> None:
 
 
 def run_import(args, overrides) -> int:
-  from layerflow_jax import outputs
-  from layerflow_jax.config import load_config
-  from layerflow_jax.export import convert, diffusers_folder
+  from layerflow_jax.export import convert, diffusers_folder  # jax: the CLI imports this module on --help
 
   base = load_config(_config_spec(args.config), overrides)
   out = pathlib.Path(args.out).absolute()
@@ -99,9 +99,7 @@ def add_import_official_arguments(p) -> None:
 
 
 def run_import_official(args, overrides) -> int:
-  from layerflow_jax import outputs
-  from layerflow_jax.config import load_config
-  from layerflow_jax.export import official
+  from layerflow_jax.export import official  # jax (CLI start-up)
 
   base = load_config(_config_spec(args.config), overrides)
   out = pathlib.Path(args.out).absolute()
@@ -123,8 +121,6 @@ def run_import_official(args, overrides) -> int:
 
 
 def add_export_arguments(p) -> None:
-  from layerflow_jax import cliargs
-
   p.add_argument(
     "--checkpoint",
     required=True,
@@ -153,8 +149,7 @@ def add_export_arguments(p) -> None:
 
 
 def run_export(args, overrides) -> int:
-  from layerflow_jax import outputs
-  from layerflow_jax.export import convert
+  from layerflow_jax.export import convert  # jax (CLI start-up)
 
   size = int(args.max_shard_size) if str(args.max_shard_size).isdigit() else args.max_shard_size
   out = pathlib.Path(args.out).absolute()

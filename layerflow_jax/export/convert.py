@@ -33,16 +33,19 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
+from safetensors.numpy import save_file
 
+from configs import common
 from layerflow_jax import codec as codec_lib
 from layerflow_jax import layers
+from layerflow_jax.config import apply_overrides
 from layerflow_jax.export import diffusers_folder as folder_lib
 from layerflow_jax.export import diffusers_weights as dw
 from layerflow_jax.export import peft_lora
 from layerflow_jax.model import dit
 from layerflow_jax.model import lora as lora_lib
 from layerflow_jax.train import checkpoint as ckpt_lib
-from layerflow_jax.train import partition
+from layerflow_jax.train import partition, trainer
 from layerflow_jax.train.experiment import Experiment
 
 EXTRAS_NAME = "layerflow_extras.safetensors"
@@ -126,12 +129,7 @@ def import_config(
   m = config.model
   for key, value in fields.items():
     m[key] = value
-  try:
-    from configs import common  # the size table (importable from the repo root)
-
-    sizes = common.MODEL_SIZES
-  except ImportError:
-    sizes = {}
+  sizes = common.MODEL_SIZES
   m.size = next(
     (name for name, s in sizes.items() if all(fields.get(k) == v for k, v in s.items())), "imported"
   )
@@ -364,8 +362,6 @@ def export_params(
       entry["file"] = str(path.relative_to(out))
       written.append(path)
 
-  from safetensors.numpy import save_file
-
   extras = {k: v for k, v in dw.extras_state_dict(model).items() if not k.startswith("adapters.")}
   if dtype is not None:
     extras = {k: v.astype(dw._np_dtype(dtype)) for k, v in extras.items()}
@@ -417,9 +413,6 @@ def export_checkpoint(
 ) -> dict:
   """``export_params`` of the newest readable checkpoint in a work dir (EMA parameters when the run kept
   them); the summary's ``checkpoint`` says which step that was (an older one when the newest is damaged)."""
-  from layerflow_jax.config import apply_overrides
-  from layerflow_jax.train import trainer
-
   params, config, used = trainer.load_checkpoint(checkpoint)
   apply_overrides(config, overrides)
   params = jax.device_get(params)

@@ -19,6 +19,8 @@ import pathlib
 from typing import Any, Mapping
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -149,8 +151,6 @@ def weight_files(folder: str | pathlib.Path) -> list[pathlib.Path]:
 
 def read_state_dict(folder: str | pathlib.Path) -> dict[str, np.ndarray]:
   """All tensors of a diffusers folder as NumPy arrays (sharded or not); the index is checked against the shards."""
-  from safetensors import safe_open
-
   folder = pathlib.Path(folder)
   out: dict[str, np.ndarray] = {}
   where: dict[str, str] = {}
@@ -185,8 +185,7 @@ def write_folder(
   Stale weight files of an earlier export in the same folder are removed first, so ``from_pretrained`` can
   never pick up a single file next to a newer index (or the reverse).
   """
-  from huggingface_hub import split_state_dict_into_shards_factory
-  from safetensors.numpy import save_file
+  from huggingface_hub import split_state_dict_into_shards_factory  # optional (the torch extra)
 
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)

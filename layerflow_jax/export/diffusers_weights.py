@@ -22,6 +22,7 @@ from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -97,8 +98,7 @@ def _to_numpy(x: Any) -> np.ndarray:
   if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch.Tensor, without importing torch here
     t = x.detach().cpu()
     if str(t.dtype) == "torch.bfloat16":
-      import ml_dtypes
-      import torch
+      import torch  # optional (the torch extra): only here when a torch tensor came in
 
       return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
@@ -149,8 +149,6 @@ def _entries(num_layers: int):
 
 def _np_dtype(dtype) -> np.dtype:
   if str(dtype) in ("bfloat16", "torch.bfloat16"):
-    import ml_dtypes
-
     return np.dtype(ml_dtypes.bfloat16)
   return np.dtype(str(dtype).replace("torch.", ""))
 

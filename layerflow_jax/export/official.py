@@ -28,12 +28,25 @@ torch is needed only to read the pickle (``torch.load(weights_only=True)``).
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import re
 from typing import Mapping
 
+import jax
 import ml_collections as mlc
+import ml_dtypes
 import numpy as np
+from flax import nnx
+
+from configs import common
+from layerflow_jax.export import convert
+from layerflow_jax.export import diffusers_weights as dw
+from layerflow_jax.model import dit
+from layerflow_jax.model import embeddings as emb
+from layerflow_jax.train import checkpoint as ckpt_lib
+from layerflow_jax.train import partition
+from layerflow_jax.train.experiment import Experiment
 
 PREFIX = "model.diffusion_model."
 TEXT_TOKENS_PER_PROMPT = 226  # hard-coded in the official code
@@ -113,12 +126,10 @@ def checkpoint_file(src: str | pathlib.Path) -> pathlib.Path:
 
 
 def _to_numpy(t) -> np.ndarray:
-  import torch
+  import torch  # optional (the torch extra): reading the official pickle
 
   t = t.detach().cpu().contiguous()
   if t.dtype == torch.bfloat16:
-    import ml_dtypes
-
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
@@ -126,7 +137,7 @@ def _to_numpy(t) -> np.ndarray:
 def read_network(path: pathlib.Path) -> tuple[dict[str, np.ndarray], int]:
   """(network tensors by name after ``model.diffusion_model.``, number of other keys ignored)."""
   try:
-    import torch
+    import torch  # optional (the torch extra), refused in one line below
   except ImportError:
     raise OfficialImportError(
       "reading an official .pt needs PyTorch: pip install 'layerflow-jax[torch]'"
@@ -320,8 +331,6 @@ def _grids(tokens: int) -> list[tuple[int, int]]:
 
 def _sincos_grid(table: np.ndarray, text: int, frames: int, hidden: int) -> tuple[int, int] | None:
   """The (rows, cols) token grid whose 3D sin-cos table the video rows hold (a never-trained table), or None."""
-  from layerflow_jax.model import embeddings as emb
-
   tokens = (table.shape[0] - text) // frames
   if tokens < 1 or np.any(np.asarray(table[:text], np.float32) != 0):
     return None
@@ -528,8 +537,6 @@ def make_config(
   pipeline: str = "",
 ) -> mlc.ConfigDict:
   """``base`` with the variant's model, layout, task and sampling (a copy)."""
-  from layerflow_jax.export import convert
-
   v, dims = det.variant, det.dims
   config = mlc.ConfigDict(base.to_dict())
   config.layout = v.layout
@@ -555,12 +562,7 @@ def make_config(
     given_embed=False,
     param_dtype="bfloat16" if _all_bf16(net) else "float32",
   )
-  try:
-    from configs import common
-
-    sizes = common.MODEL_SIZES
-  except ImportError:
-    sizes = {}
+  sizes = common.MODEL_SIZES
   m.size = next(
     (name for name, s in sizes.items() if all(m.get(k) == val for k, val in s.items() if k != "pos_embed")),
     "imported",
@@ -587,8 +589,6 @@ def make_config(
   rows, cols = det.grid
   spatial = 8  # CogVideoX's VAE; a pipeline's own VAE says (2 ** downsampling blocks)
   if has("vae"):
-    import json
-
     spatial = 2 ** (
       len(
         json.loads((pathlib.Path(root) / "vae" / "config.json").read_text()).get(
@@ -636,15 +636,6 @@ def import_official(
   pipeline: str = "",
 ) -> dict:
   """Writes ``out/checkpoints/0`` from an official checkpoint; returns a summary (nothing written on error)."""
-  import jax
-  from flax import nnx
-
-  from layerflow_jax.export import diffusers_weights as dw
-  from layerflow_jax.model import dit
-  from layerflow_jax.train import checkpoint as ckpt_lib
-  from layerflow_jax.train import partition
-  from layerflow_jax.train.experiment import Experiment
-
   out = pathlib.Path(out)
   if (out / "checkpoints").is_dir() and any((out / "checkpoints").iterdir()):
     raise OfficialImportError(f"{out} already holds checkpoints; import into a new directory")

@@ -23,6 +23,8 @@ import pathlib
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from layerflow_jax.export import diffusers_weights as dw
 
@@ -70,8 +72,6 @@ def adapter_state_dict(model, name: str, *, dtype=None) -> dict[str, np.ndarray]
 
 def save_adapter(folder: str | pathlib.Path, model, name: str, *, dtype=None) -> pathlib.Path:
   """Writes ``folder/pytorch_lora_weights.safetensors`` for adapter ``name``; returns its path."""
-  from safetensors.numpy import save_file
-
   spec = _spec(model, name)
   folder = pathlib.Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
@@ -87,8 +87,6 @@ def save_adapter(folder: str | pathlib.Path, model, name: str, *, dtype=None) ->
 
 def read_adapter(path: str | pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """(state dict, unprefixed LoraConfig fields) of a PEFT LoRA file (a file or a folder holding one)."""
-  from safetensors import safe_open
-
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / WEIGHT_NAME

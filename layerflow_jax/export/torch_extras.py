@@ -30,6 +30,8 @@ import pathlib
 from typing import Any, Sequence
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 EXTRAS_NAME = "layerflow_extras.safetensors"
 EXTRAS_METADATA_KEY = "layerflow"
@@ -37,8 +39,6 @@ EXTRAS_METADATA_KEY = "layerflow"
 
 def read_info(path: str | pathlib.Path) -> dict:
   """The JSON metadata of an extras file (a file or the export folder holding it)."""
-  from safetensors import safe_open
-
   path = pathlib.Path(path)
   if path.is_dir():
     path = path / EXTRAS_NAME
@@ -74,8 +74,6 @@ class LayerFlowExtras(torch.nn.Module):
 
   @classmethod
   def from_file(cls, path: str | pathlib.Path) -> "LayerFlowExtras":
-    from safetensors.torch import load_file
-
     path = pathlib.Path(path)
     if path.is_dir():
       path = path / EXTRAS_NAME
@@ -157,7 +155,7 @@ def rotary_embedding(transformer, frames: int, height: int, width: int, device=N
   conf = transformer.config
   if not conf.use_rotary_positional_embeddings:
     return None
-  from diffusers.models.embeddings import get_3d_rotary_pos_embed
+  from diffusers.models.embeddings import get_3d_rotary_pos_embed  # LayerFlowExtras alone needs no diffusers
 
   p = conf.patch_size
   gh, gw = height // p, width // p
@@ -200,7 +198,7 @@ class LayerFlowTransformer(torch.nn.Module):
     ``adapters``: ``"inference"`` (the adapters sampling keeps, at their sampling scale; the default),
     ``"all"`` (every exported adapter, scale 1 unless its sampling scale says otherwise), or a list of names.
     """
-    from diffusers import CogVideoXTransformer3DModel  # pyright: ignore[reportPrivateImportUsage]  # lazy
+    from diffusers import CogVideoXTransformer3DModel  # pyright: ignore[reportPrivateImportUsage]  # as above
 
     folder = pathlib.Path(folder)
     transformer = CogVideoXTransformer3DModel.from_pretrained(folder, torch_dtype=torch_dtype)

@@ -24,13 +24,14 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from layerflow_jax import codec as codec_lib
+from layerflow_jax import layers
 from layerflow_jax import sharding as shd
+from layerflow_jax.dtypes import DTYPES
 from layerflow_jax.model import attention as attention_lib
 from layerflow_jax.model import embeddings as emb
 from layerflow_jax.model import fp8 as fp8_lib
 from layerflow_jax.model import lora as lora_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +91,6 @@ class DiTConfig:
   @classmethod
   def from_config(cls, config) -> "DiTConfig":
     """Builds the model description from the full experiment config (model, layout, encoders)."""
-    from layerflow_jax import codec as codec_lib
-    from layerflow_jax import layers
-
     m = config.model
     layout = layers.get_layout(config.layout)
     latent_c = codec_lib.make_codec(config.autoencoder).latent_channels

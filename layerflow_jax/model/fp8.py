@@ -37,6 +37,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax.linen import fp8_ops
+from jax._src.cudnn import fused_attention_stablehlo as cudnn
 
 PRECISIONS = ("bf16", "fp8_attention", "fp8_gemm", "fp8")
 AMAX_HISTORY = 16  # steps of amax each delayed scale looks back over
@@ -226,8 +227,6 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, num_valid: int | None = 
 
   The FP8 kernel takes no padding mask, so keys (and queries) from ``num_valid`` on are sliced off and the
   output rows of padded queries are zero."""
-  from jax._src.cudnn import fused_attention_stablehlo as cudnn
-
   n = q.shape[1]
   end = n if num_valid is None else num_valid
   qs, ks, vs = q[:, :end], k[:, :end], v[:, :end]

@@ -7,6 +7,7 @@ import pathlib
 import time
 from typing import Mapping
 
+import imageio.v3 as iio
 import jax
 import numpy as np
 
@@ -24,6 +25,7 @@ class MetricWriter:
     if self.enabled:
       self.path.parent.mkdir(parents=True, exist_ok=True)
       if tensorboard:
+        # tensorboardX imports torch where it is installed (2.5 s): only with TensorBoard on
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / "tb"))
@@ -47,8 +49,7 @@ class MetricWriter:
     """An animation in TensorBoard's image dashboard (an animated GIF, as ``add_video`` writes, without moviepy)."""
     if not (self.enabled and self._tb is not None):
       return
-    import imageio.v3 as iio
-    from tensorboardX.proto.summary_pb2 import Summary  # pyright: ignore[reportAttributeAccessIssue]  (generated protobuf)
+    from tensorboardX.proto.summary_pb2 import Summary  # as SummaryWriter above  # pyright: ignore[reportAttributeAccessIssue]  (generated protobuf)
 
     frames = np.asarray(frames_thwc_uint8, np.uint8)
     gif = iio.imwrite("<bytes>", frames, extension=".gif", plugin="pillow", duration=1000.0 / fps, loop=0)
