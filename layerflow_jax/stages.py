@@ -13,8 +13,11 @@ import pathlib
 import time
 from typing import Sequence
 
-from layerflow_jax import chain, distributed
+import jax
+
+from layerflow_jax import chain, distributed, validate
 from layerflow_jax.config import ConfigError, load_config, split_spec
+from layerflow_jax.train import trainer
 
 
 def stage_spec(spec: str, stage: str) -> str:
@@ -35,8 +38,6 @@ def train_stages(
   progress: bool = True,
   only: str | None = None,
 ) -> dict:
-  from layerflow_jax.train import trainer
-
   root = pathlib.Path(workdir)
   names = stage_names(spec)
   if not names:
@@ -45,10 +46,6 @@ def train_stages(
   unknown = [s for s in wanted if s not in names]
   if unknown:
     raise ConfigError(f"--only: unknown stage(s) {unknown}; stages: {list(names)}")
-  import jax
-
-  from layerflow_jax import validate
-
   for name in wanted:  # every stage's config is checked before the first compiles (chain sources come later)
     validate.validate(
       load_config(stage_spec(spec, name), overrides),

@@ -42,18 +42,27 @@ LAZY = {
   ("layerflow_jax.export.commands", "layerflow_jax.export.diffusers_folder"): _CLI,
   ("layerflow_jax.export.commands", "layerflow_jax.export.official"): _CLI,
 }
-# Not reviewed yet: these files were being edited on other branches when the rest moved (issue 19).
-PENDING = {
-  ("layerflow_jax.stages", "layerflow_jax.train.trainer"),
-  ("layerflow_jax.stages", "layerflow_jax.validate"),
-  ("layerflow_jax.sweep", "data_pipelines.registry"),
-  ("layerflow_jax.sweep", "layerflow_jax.evaluate"),
-  ("layerflow_jax.sweep", "layerflow_jax.sampling"),
-  ("layerflow_jax.sweep", "layerflow_jax.stages"),
-  ("layerflow_jax.sweep", "layerflow_jax.train.checkpoint"),
-  ("layerflow_jax.sweep", "layerflow_jax.train.logging"),
-  ("layerflow_jax.sweep", "layerflow_jax.train.trainer"),
-}
+# The sweep package is what `layerflow sweep`'s parser is built from: jax, orbax, TFDS and matplotlib are imported
+# where a run or a report needs them.
+_SWEEP = "the CLI builds `layerflow sweep`'s parser from this package: no jax, orbax or TFDS at start-up"
+LAZY.update(
+  {
+    ("layerflow_jax.sweep.plan", "layerflow_jax.train.logging"): _SWEEP,
+    ("layerflow_jax.sweep.report", "layerflow_jax.evaluate"): _SWEEP,
+    **{
+      ("layerflow_jax.sweep.runners", m): _SWEEP
+      for m in (
+        "layerflow_jax.train.logging",
+        "layerflow_jax.evaluate",
+        "layerflow_jax.sampling",
+        "layerflow_jax.train.trainer",
+        "data_pipelines.registry",
+        "layerflow_jax.train.checkpoint",
+      )
+    },
+  }
+)
+PENDING: set[tuple[str, str]] = set()
 
 
 def _modules() -> dict[str, ast.Module]:
