@@ -6,7 +6,8 @@ otherwise. Checkpoints every ``train.checkpoint_every`` steps and/or ``train.che
 SIGINT finish the current step, save and return. Non-finite updates are skipped inside the compiled step and
 counted; ``train.max_consecutive_nonfinite`` in a row stop the run. ``train.inject_nan_steps`` (tests) poisons the
 batches of those steps. Every ``train.sample_every`` steps the current weights sample every trained task
-(:mod:`layerflow_jax.train.previews`).
+(:mod:`layerflow_jax.train.previews`). What runs after a step (metric rows, the non-finite guard, evaluation,
+checkpoints, previews) are the hooks of :mod:`layerflow_jax.train.hooks`, each at its setting's cadence.
 """
 
 from __future__ import annotations
