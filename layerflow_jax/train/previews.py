@@ -27,6 +27,7 @@ import numpy as np
 from layerflow_jax import evaluate, layers, media
 from layerflow_jax.sampling import LayeredSampler
 from layerflow_jax.train.experiment import Experiment
+from layerflow_jax.train.hooks import Hook
 from layerflow_jax.train.logging import MetricWriter
 
 log = logging.getLogger(__name__)
@@ -61,9 +62,8 @@ def strip(sample: dict) -> np.ndarray:
   return media.to_uint8(frames.repeat(scale, axis=1).repeat(scale, axis=2))
 
 
-class SampleHook:
-  """``hook(step, state)`` after a training step: renders previews when ``step`` is a multiple of
-  ``train.sample_every``."""
+class SampleHook(Hook):
+  """Renders previews after the steps that are multiples of ``train.sample_every``."""
 
   def __init__(self, exp: Experiment, writer: MetricWriter, workdir: str | pathlib.Path):
     self.exp, self.writer, self.root = exp, writer, pathlib.Path(workdir) / "samples"
@@ -80,12 +80,8 @@ class SampleHook:
       )
       self.every = 0
 
-  def due(self, step: int) -> bool:
-    return bool(self.every) and step % self.every == 0
-
-  def __call__(self, step: int, state) -> None:
-    if self.due(step):
-      self.render(step, self.exp.full_params(state))
+  def after_step(self, step: int, state) -> None:
+    self.render(step, self.exp.full_params(state))
 
   def render(self, step: int, params: dict) -> dict[str, dict]:
     """Samples every trained task with ``params``; returns task → the files written."""

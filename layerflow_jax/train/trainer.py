@@ -6,7 +6,8 @@ otherwise. Checkpoints every ``train.checkpoint_every`` steps and/or ``train.che
 SIGINT finish the current step, save and return. Non-finite updates are skipped inside the compiled step and
 counted; ``train.max_consecutive_nonfinite`` in a row stop the run. ``train.inject_nan_steps`` (tests) poisons the
 batches of those steps. Every ``train.sample_every`` steps the current weights sample every trained task
-(:mod:`layerflow_jax.train.previews`).
+(:mod:`layerflow_jax.train.previews`). What runs after a step (metric rows, the non-finite guard, evaluation,
+checkpoints, previews) are the hooks of :mod:`layerflow_jax.train.hooks`, each at its setting's cadence.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from layerflow_jax import sharding as shd
 from layerflow_jax.config import ConfigError
 from layerflow_jax.errors import InputError, RunError
 from layerflow_jax.train import checkpoint as ckpt_lib
+from layerflow_jax.train import hooks, partition, previews, workdir_lock
 from layerflow_jax.train import logging as log_lib
-from layerflow_jax.train import partition, previews, workdir_lock
 from layerflow_jax.train import step as step_lib
 from layerflow_jax.train.experiment import Experiment
 
@@ -154,10 +155,6 @@ class _StopFlag(stopping.StopSignals):
   def __exit__(self, *exc):
     sys.unraisablehook = self._unraisable
     return super().__exit__(*exc)
-
-
-def _meta(config_json: str, state_step: int) -> dict:
-  return {"config": config_json, "step": int(state_step)}
 
 
 def _validation_batches(exp: Experiment, num_batches: int) -> list[dict]:
@@ -304,13 +301,65 @@ def check_workdir(workdir: pathlib.Path) -> None:
       ) from None
 
 
-class NonFiniteError(FloatingPointError):
-  """Too many consecutive steps with non-finite gradients (``train.max_consecutive_nonfinite``)."""
+NonFiniteError = hooks.NonFiniteError  # raised by the guard hook; callers catch trainer.NonFiniteError
 
 
 def _poison(local: dict) -> dict:
   """Fault injection (``train.inject_nan_steps``): the batch's video becomes NaN."""
   return {**local, "video": np.full_like(np.asarray(local["video"]), np.nan)}
+
+
+def _check(config: mlc.ConfigDict, mesh, *, resuming: bool) -> Experiment:
+  """Everything about the config that can be refused, before the work dir is created or locked and before
+  compiling; the run's :class:`Experiment`."""
+  validate.validate(
+    config,
+    num_devices=jax.device_count(),
+    process_count=jax.process_count(),
+    mesh_shape=dict(mesh.shape) if mesh is not None else None,
+    check_chain=not resuming,
+  )
+  validate.check_backend(config, jax.default_backend())
+  validate.check_precision(
+    config,
+    jax.default_backend(),
+    getattr(jax.devices()[0], "compute_capability", None),
+    training=int(config.train.steps) > 0,
+  )
+  for warning in validate.ineffective_settings(config):
+    log.warning("%s", warning)
+  exp = Experiment(config, mesh)
+  validate.check_param_sharding(
+    {k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs, dict(exp.mesh.shape)
+  )
+  return exp
+
+
+def _start_state(exp: Experiment, ck: ckpt_lib.Checkpointer, iterator, init_from: str):
+  """The train state (resumed with the iterator's position, chained from ``init_from``, or initialised) and
+  its shardings."""
+  abstract = exp.abstract_state()
+  shardings = exp.state_shardings(abstract)
+  restored, _, resumed = ck.restore_latest(abstract, shardings, iterator=iterator, quarantine=True)
+  if restored is not None:
+    log.info("resumed from %s at step %d", ck.directory, resumed)
+    return restored, shardings
+  if init_from:
+    params, _ = load_params(init_from, exp.mesh)
+    log.info("initialised parameters from %s", init_from)
+    return exp.init_state(params=params), shardings
+  return exp.init_state(), shardings
+
+
+def _sizes(exp: Experiment, state) -> dict:
+  return {
+    "trainable_params": partition.count(state.trainable),
+    "total_params": sum(int(np.prod(v.shape)) for v in exp.abstract_params.values()),
+    "optimizer_state_values": sum(
+      int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0
+    ),
+    "trainable_selection": partition.describe(exp.selection),
+  }
 
 
 def _train(
@@ -324,28 +373,8 @@ def _train(
   progress: bool,
 ) -> dict:
   tc = config.train
-  # Everything that can be refused is checked before the work dir is created or locked, and before compiling.
   resuming = ckpt_lib.has_checkpoints(workdir)
-  validate.validate(
-    config,
-    num_devices=jax.device_count(),
-    process_count=jax.process_count(),
-    mesh_shape=dict(mesh.shape) if mesh is not None else None,
-    check_chain=not resuming,
-  )
-  validate.check_backend(config, jax.default_backend())
-  validate.check_precision(
-    config,
-    jax.default_backend(),
-    getattr(jax.devices()[0], "compute_capability", None),
-    training=int(tc.steps) > 0,
-  )
-  for warning in validate.ineffective_settings(config):
-    log.warning("%s", warning)
-  exp = Experiment(config, mesh)
-  validate.check_param_sharding(
-    {k: v.shape for k, v in exp.abstract_params.items()}, exp.param_specs, dict(exp.mesh.shape)
-  )
+  exp = _check(config, mesh, resuming=resuming)
   iterator = pipeline.make_iterator(
     config,
     shard_index=jax.process_index(),  # the dataset must be built
@@ -369,54 +398,28 @@ def _train(
   if resuming:
     check_resume_config(config, ck.read_meta(), ck.directory)
   writer = log_lib.MetricWriter(workdir)
-
-  # ------------------------------------------------------------------ state: resume, chain or init
-  abstract = exp.abstract_state()
-  shardings = exp.state_shardings(abstract)
-  restored, meta, resumed = ck.restore_latest(abstract, shardings, iterator=iterator, quarantine=True)
-  if restored is not None:
-    state = restored
-    log.info("resumed from %s at step %d", ck.directory, resumed)
-  elif tc.init_from:
-    params, _ = load_params(tc.init_from, exp.mesh)
-    state = exp.init_state(params=params)
-    log.info("initialised parameters from %s", tc.init_from)
-  else:
-    state = exp.init_state()
+  state, shardings = _start_state(exp, ck, iterator, tc.init_from)
   start = int(state.step)
   stop.check()
-  n_trainable = partition.count(state.trainable)
-  n_total = sum(int(np.prod(v.shape)) for v in exp.abstract_params.values())
-  n_opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0)
-
+  summary = {"workdir": str(workdir), "start_step": start, **_sizes(exp, state)}
   train_fn = step_lib.compile_train_step(exp, shardings, None)
   eval_fn = step_lib.compile_eval(exp)
   stop.check()
   val_batches = _validation_batches(exp, int(config.eval.num_batches))
-  summary = {
-    "workdir": str(workdir),
-    "start_step": start,
-    "trainable_params": n_trainable,
-    "total_params": n_total,
-    "optimizer_state_values": n_opt,
-    "trainable_selection": partition.describe(exp.selection),
-  }
 
-  def run_eval(step):
+  def validation_losses(state) -> dict | None:
     if not val_batches:
-      return {}
+      return None
     with shd.use_mesh(exp.mesh):
-      m = evaluate_loss(exp, eval_fn, exp.full_params(state), val_batches)
-    writer.write(step, m)
-    return m
+      return evaluate_loss(exp, eval_fn, exp.full_params(state), val_batches)
 
-  if start == 0 and not stop.signal:
-    summary["initial"] = run_eval(0)
-  samples = previews.SampleHook(exp, writer, workdir)  # train.sample_every (0 = off)
   total = int(tc.steps) if stop_after is None else min(int(tc.steps), start + int(stop_after))
-  max_bad = int(tc.max_consecutive_nonfinite)
-  inject = {int(s) for s in tc.inject_nan_steps}
-  last_metrics: dict = {}
+  evaluation = hooks.EvalHook(
+    validation_losses, writer, every=int(tc.eval_every), total=total, steps=int(tc.steps)
+  )
+  if start == 0 and not stop.signal:
+    summary["initial"] = evaluation.run(0, state)
+  samples = previews.SampleHook(exp, writer, workdir)  # train.sample_every (0 = off)
   t0 = time.time()
   bar = tqdm(
     total=total,
@@ -425,39 +428,16 @@ def _train(
     desc="train",
     dynamic_ncols=True,
   )
+  metrics_log = hooks.MetricsLog(writer, bar, every=int(tc.log_every), start=start, total=total, t0=t0)
+  checkpoints = hooks.CheckpointHook(
+    ck, stop, iterator, ckpt_lib.config_to_meta(exp.config), start=start, total=total
+  )
+  schedule = hooks.Schedule(
+    [metrics_log, hooks.NonFiniteGuard(ck, int(tc.max_consecutive_nonfinite))],
+    [evaluation, checkpoints, samples],  # in this order after a step; the other way round at the end
+  )
+  inject = {int(s) for s in tc.inject_nan_steps}
   step = start
-  config_json = ckpt_lib.config_to_meta(exp.config)  # once: the config does not change during the run
-
-  def report(n: int, metrics) -> None:
-    """The non-finite guard and the log line of step ``n`` (waits for that step to finish). The compiled step
-    already skipped a non-finite update (optax.apply_if_finite); here it is reported and, K in a row, stops the
-    run. Every step is seen, not only logged ones."""
-    nonlocal last_metrics
-    in_a_row = int(metrics["nonfinite_in_a_row"])
-    if in_a_row or n % int(tc.log_every) == 0 or n == total:
-      m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      m["steps_per_s"] = (n - start) / max(time.time() - t0, 1e-9)
-      last_metrics = writer.write(n, m)
-      bar.set_postfix(loss=f"{m['loss']:.4f}")
-      if in_a_row:
-        log.warning(
-          "step %d: non-finite loss/gradients, update skipped (%d in a row, %d skipped in total)",
-          n,
-          in_a_row,
-          int(m["skipped_nonfinite"]),
-        )
-      if in_a_row >= max_bad:
-        good = ck.manager.latest_step()
-        raise NonFiniteError(
-          f"stopping at step {n}: {in_a_row} consecutive steps had non-finite loss/gradients "
-          f"(train.max_consecutive_nonfinite={max_bad}); their updates were skipped and no checkpoint was "
-          f"written from them (newest checkpoint: step {good}); expected finite data and a stable lr"
-        )
-
-  # A step is reported while the next one runs (reading its scalars waits for it), so the host prepares and
-  # dispatches batch n+1 while the device computes step n. Before an evaluation or a save it is reported at once:
-  # nothing is evaluated or written after a step the guard has not seen.
-  pending = None
   try:
     while step < total and not stop.signal:
       stop.check()
@@ -469,34 +449,11 @@ def _train(
         state, metrics = train_fn(state, batch)
       step += 1
       bar.update(1)
-      if pending is not None:
-        report(*pending)
-      evaluate_now = bool(int(tc.eval_every)) and step % int(tc.eval_every) == 0 and step != total
-      save_now = step == total or bool(stop.signal) or ck.due(step)
-      pending = (step, metrics)
-      if evaluate_now or save_now or samples.due(step):
-        report(*pending)
-        pending = None
-      if evaluate_now:
-        run_eval(step)
-      if save_now:
-        ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
-      samples(step, state)
-    if pending is not None:
-      report(*pending)
+      schedule.after_step(step, state, metrics)
+    schedule.flush()
     stop.check()
-    if total == 0 and start == 0 and not stop.signal:  # train.steps=0: the init_from parameters, as they are
-      ck.save(0, state, iterator=iterator, meta=_meta(config_json, 0))
-    if (
-      stop.signal
-    ):  # also when the signal came after this step's save decision (a step on disk is not rewritten)
-      ck.save(step, state, iterator=iterator, meta=_meta(config_json, step))
-      log.warning("signal %d: saved step %d, exiting", stop.signal, step)
-      summary["interrupted_by_signal"] = int(stop.signal)
     bar.close()
-    ck.wait()
-    if step == int(tc.steps):
-      summary["final"] = run_eval(step)
+    summary.update(schedule.at_end(step, state))
   finally:
     bar.close()
     writer.flush()
@@ -506,6 +463,6 @@ def _train(
     end_step=step,
     seconds=time.time() - t0,
     steps_per_s=(step - start) / max(time.time() - t0, 1e-9),
-    last=last_metrics,
+    last=metrics_log.last,
   )
   return summary
